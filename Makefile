@@ -1,0 +1,18 @@
+# The README's commands. Each sets up .venv first (quick when it is already there).
+PY := .venv/bin/python
+
+.PHONY: setup demo test test-fast sweep
+setup:
+	@bash scripts/setup.sh
+
+demo: setup  ## train + evaluate the demo on a local Ray, log to MLflow (mlflow.db)
+	$(PY) -m jobs.train
+
+test: setup  ## the whole suite (what CI runs)
+	$(PY) -m pytest tests
+
+test-fast: setup  ## the fast subset, under 2 minutes
+	$(PY) -m pytest tests -m "not slow"
+
+sweep: setup  ## a small Ray Tune sweep over the demo
+	$(PY) -m tuning.sweep

@@ -1,0 +1,57 @@
+"""What the data layer is configured by: where the logs are and how they become batches."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from interestformer import ConfigError
+from interestformer.datasets.demo import DemoDataConfig
+
+
+@dataclass
+class DataConfig:
+    """Input logs and how they are turned into training batches."""
+
+    source: Literal["demo", "parquet"] = "demo"
+    """`demo` generates a synthetic dataset into `prepared_dir`/raw; `parquet` reads your logs."""
+    events_path: str = ""
+    """Behaviour events: a Parquet file, a folder of shards, or an object-store URI (s3://, gs://).
+    Required when source is `parquet`. Schema in docs/data.md."""
+    items_path: str = ""
+    """Item catalogue: Parquet file, folder or URI. Required when source is `parquet`."""
+    prepared_dir: str = "data/prepared/demo"
+    """Where the prepared sequences, item table and quarantine are written (local path or URI).
+    Relative paths are taken from the project folder."""
+    text_columns: list[str] = field(default_factory=lambda: ["title", "description"])
+    """Catalogue columns joined (in this order) into an item's text."""
+    sequence_shards: int = 8
+    """Files the prepared user sequences are written to: the parallelism of every later read."""
+    max_seq_len: int = 50
+    """Longest behaviour history the user model reads; older events are cut off."""
+    text_max_tokens: int = 24
+    """Tokens kept per item text."""
+    image_size: int = 32
+    """Images are decoded and resized to this square size (pixels)."""
+    num_negatives: int = 128
+    """Uniformly sampled negative items shared by each training batch (on top of in-batch ones)."""
+    vocab_size: int = 2000
+    """Size of the word-piece vocabulary trained on the catalogue when no pretrained tokenizer is
+    given (model.text.pretrained_path)."""
+    max_bad_fraction: float = 0.2
+    """The job stops with an error when more than this fraction of events or items is unusable."""
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    """Size of the generated dataset when source is `demo`."""
+
+    def __post_init__(self):
+        if self.source == "parquet":
+            for key in ("events_path", "items_path"):
+                if not getattr(self, key):
+                    raise ConfigError(key, "is required when data.source is 'parquet'")
+        for key in ("max_seq_len", "text_max_tokens", "image_size", "vocab_size"):
+            if getattr(self, key) < 2:
+                raise ConfigError(key, f"must be >= 2, got {getattr(self, key)}")
+        if self.sequence_shards < 1:
+            raise ConfigError("sequence_shards", f"must be >= 1, got {self.sequence_shards}")
+        if self.num_negatives < 0:
+            raise ConfigError("num_negatives", "must be >= 0")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError("max_bad_fraction", "must be within [0, 1]")

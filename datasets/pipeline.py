@@ -1,0 +1,174 @@
+"""Prepared data -> Ray Datasets of ready-to-train batches, streamed into Ray Train workers.
+
+Each output row of a dataset here is one whole micro-batch ("packed batch"), because what a
+batch needs is a property of the batch, not of its rows: its candidates are the unique items it
+holds plus sampled negatives, and each unique item's text tokens and decoded image travel once.
+The packing (windowing, negative sampling, image decoding) runs in Ray Data's CPU actors in
+parallel with training; a worker only moves arrays to its device.
+
+Packed training batch (B users, T = max_seq_len, U unique items, L tokens, S pixels):
+    history      (B, T) int64   item indices, left-padded with 0, oldest first
+    event_types  (B, T) int64   event-type indices aligned with history
+    targets      (B, T) int64   the next item after each history position, 0 where none
+    unique_items (U,)   int64   sorted; includes 0 (padding), every history item and target,
+                                and the uniformly sampled negatives
+    text_tokens  (U, L) int64, text_mask (U, L) int64         when the model reads text
+    pixels       (U, 3, S, S) uint8, has_image (U,) bool      when the model reads images
+Packed evaluation batch: the same, with targets (B,): the held-out item after each history.
+
+Splits by time, per user with n events (oldest first): test target = event n, validation target =
+event n-1, training = events 1..n-2. Users with 2 events train on both; users with 1 event
+cannot form a pair and are counted in the prepare report (users_too_short).
+"""
+
+import zlib
+from typing import Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from interestformer.datasets.prepare import PreparedData, absolute
+from interestformer.datasets.schema import load_image
+
+Split = Literal["train", "validation", "test"]
+
+
+def _read_item_table(items_path: str) -> "pyarrow.Table":
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(absolute(items_path))
+    return pq.read_table(path, filesystem=fs)
+
+
+class ItemContent:
+    """Text tokens and prepared images of the catalogue, looked up by item index."""
+
+    def __init__(self, prepared: PreparedData, text: bool, image: bool):
+        n, L, S = prepared.num_items, prepared.meta["text_max_tokens"], prepared.meta["image_size"]
+        self.text, self.image, self.image_size = text, image, S
+        table = _read_item_table(prepared.items_path).to_pydict()
+        index = np.asarray(table["item_index"], dtype=np.int64)
+        if text:
+            self.tokens = np.zeros((n + 1, L), dtype=np.int64)
+            self.mask = np.zeros((n + 1, L), dtype=np.int64)
+            self.tokens[index] = np.stack(table["text_tokens"]) if len(index) else 0
+            self.mask[index] = np.stack(table["text_mask"]) if len(index) else 0
+        if image:
+            self.images = [None] * (n + 1)
+            for i, data in zip(index, table["image"]):
+                self.images[i] = data
+
+    def __call__(self, items: np.ndarray) -> dict[str, np.ndarray]:
+        """Content of the unique items (U,), in the same order."""
+        content = {}
+        if self.text:
+            content["text_tokens"] = self.tokens[items]
+            content["text_mask"] = self.mask[items]
+        if self.image:
+            S = self.image_size
+            pixels = np.zeros((len(items), 3, S, S), dtype=np.uint8)
+            has_image = np.zeros(len(items), dtype=bool)
+            for j, i in enumerate(items):
+                decoded = load_image(self.images[i], S) if self.images[i] is not None else None
+                if decoded is not None:
+                    pixels[j], has_image[j] = decoded, True
+            content["pixels"], content["has_image"] = pixels, has_image
+        return content
+
+
+def left_pad(rows: list[np.ndarray], length: int) -> np.ndarray:
+    out = np.zeros((len(rows), length), dtype=np.int64)
+    for r, row in enumerate(rows):
+        if len(row):
+            out[r, -len(row):] = row
+    return out
+
+
+class PackBatches:
+    """A batch of stored sequences -> one packed batch (see the module docstring)."""
+
+    def __init__(self, prepared: PreparedData, split: Split, max_seq_len: int, num_negatives: int,
+                 text: bool, image: bool, seed: int):
+        self.split, self.T = split, max_seq_len
+        self.num_items, self.num_negatives, self.seed = prepared.num_items, num_negatives, seed
+        self.event_type_index = {t: i + 1 for i, t in enumerate(prepared.meta["event_types"])}
+        self.content = ItemContent(prepared, text, image)
+        self.calls = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        histories, types, targets = [], [], []
+        for items, event_types in zip(batch["items"], batch["event_types"]):
+            types_idx = np.array([self.event_type_index.get(t, 0) for t in event_types], dtype=np.int64)
+            items = np.asarray(items, dtype=np.int64)
+            if self.split == "train":
+                part = slice(0, len(items) - 2 if len(items) >= 3 else len(items))
+                window_items, window_types = items[part][-(self.T + 1):], types_idx[part][-(self.T + 1):]
+                histories.append(window_items[:-1])
+                types.append(window_types[:-1])
+                targets.append(window_items[1:])
+            else:
+                end = len(items) - (2 if self.split == "validation" else 1)
+                histories.append(items[:end][-self.T:])
+                types.append(types_idx[:end][-self.T:])
+                targets.append(items[end])
+        history = left_pad(histories, self.T)
+        packed = {"history": history, "event_types": left_pad(types, self.T)}
+        candidates = [history.ravel(), [0]]
+        if self.split == "train":
+            packed["targets"] = left_pad(targets, self.T)
+            rng = np.random.default_rng([self.seed, zlib.crc32(str(batch["user_id"][0]).encode()), self.calls])
+            candidates += [packed["targets"].ravel(), rng.integers(1, self.num_items + 1, self.num_negatives)]
+        else:
+            packed["targets"] = np.asarray(targets, dtype=np.int64)
+        self.calls += 1
+        packed["unique_items"] = np.unique(np.concatenate(candidates)).astype(np.int64)
+        packed.update(self.content(packed["unique_items"]))
+        return {name: value[None] for name, value in packed.items()}  # one row holds the batch
+
+
+class PackItems:
+    """A chunk of the item table -> one packed batch of items (for encoding the catalogue)."""
+
+    def __init__(self, prepared: PreparedData, text: bool, image: bool):
+        self.content = ItemContent(prepared, text, image)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        items = np.sort(batch["item_index"].astype(np.int64))
+        packed = {"unique_items": items, **self.content(items)}
+        return {name: value[None] for name, value in packed.items()}
+
+
+def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_seq_len: int,
+                     num_negatives: int = 0, text: bool = True, image: bool = True, seed: int = 0,
+                     pipeline_workers: int = 1) -> ray.data.Dataset:
+    """A dataset whose rows are packed batches of `batch_size` users for `split`."""
+    ds = ray.data.read_parquet(prepared.sequences_path, columns=["user_id", "items", "event_types", "num_events"])
+    # Training needs a pair of events; evaluation a history and a target beyond the validation one.
+    ds = ds.filter(expr=f"num_events >= {2 if split == 'train' else 3}")
+    if split == "train":
+        ds = ds.randomize_block_order()
+    return ds.map_batches(
+        PackBatches,
+        fn_constructor_kwargs=dict(prepared=prepared, split=split, max_seq_len=max_seq_len,
+                                   num_negatives=num_negatives, text=text, image=image, seed=seed),
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=(1, pipeline_workers),
+    )
+
+
+def item_batches(prepared: PreparedData, batch_size: int, text: bool = True, image: bool = True) -> ray.data.Dataset:
+    """A dataset whose rows are packed batches of catalogue items (every item exactly once)."""
+    return ray.data.read_parquet(prepared.items_path, columns=["item_index"]).map_batches(
+        PackItems,
+        fn_constructor_kwargs=dict(prepared=prepared, text=text, image=image),
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=1,
+    )
+
+
+def unpack(row: dict) -> dict:
+    """A packed row as read by iter_torch_batches(batch_size=1) -> the batch itself."""
+    return {name: value[0] for name, value in row.items()}

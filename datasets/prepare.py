@@ -1,0 +1,395 @@
+"""Raw logs -> prepared data: an item table, one chronological sequence per user, a quarantine.
+
+Runs once per input (the result is cached under data.prepared_dir and reused while the inputs
+and the data config are unchanged), as Ray Data jobs that stream the shards: no step collects
+the event log in one process. Building sequences is a group-by over users, which is too slow to
+repeat every epoch, so it is stored and the training pipeline streams the stored sequences.
+
+Layout of data.prepared_dir:
+    raw/                generated demo input (source: demo only)
+    items/              item_index, item_id, text_tokens, text_mask, image (PNG), has_image
+    sequences/          user_id, items, event_types, timestamps, num_events, num_duplicates
+    quarantine/events/  unusable events with their reason
+    quarantine/items/   unusable catalogue rows (or images) with their reason
+    tokenizer/          the tokenizer items were tokenised with
+    meta.json           sizes, vocabularies, counts per reason, popularity; written last
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+import ray
+
+from interestformer.datasets.config import DataConfig
+from interestformer.datasets.demo import generate_demo
+from interestformer.datasets.schema import REASONS, load_image, png_bytes, tag_events
+
+META_VERSION = 1
+
+
+class DataQualityError(RuntimeError):
+    """More of the input is unusable than data.max_bad_fraction allows."""
+
+
+@dataclass
+class PreparedData:
+    path: str
+    meta: dict
+
+    @classmethod
+    def load(cls, path: str) -> "PreparedData":
+        meta = read_json(join(path, "meta.json"))
+        if meta is None:
+            raise FileNotFoundError(f"no prepared data at {path} (meta.json missing)")
+        return cls(path, meta)
+
+    @property
+    def items_path(self) -> str:
+        return join(self.path, "items")
+
+    @property
+    def sequences_path(self) -> str:
+        return join(self.path, "sequences")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return join(self.path, "tokenizer")
+
+    @property
+    def num_items(self) -> int:
+        return self.meta["num_items"]
+
+    def report(self) -> dict[str, int]:
+        """Row counts: input, used, and set aside per reason (what the job logs)."""
+        return self.meta["report"]
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def absolute(path: str) -> str:
+    """URIs stay as they are; local paths become absolute, so every Ray worker finds them."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
+    """Prepares cfg's input (generating the demo data first if asked) or reuses a cached result.
+
+    tokenizer_path: a local Hugging Face tokenizer folder (a pretrained text encoder's); empty
+    trains a word-piece vocabulary of cfg.vocab_size on the catalogue's text.
+    """
+    out = absolute(cfg.prepared_dir)
+    if cfg.source == "demo":
+        summary = generate_demo(join(out, "raw"), cfg.demo)
+        events_path, items_path = join(summary["path"], "events"), join(summary["path"], "items")
+    else:
+        events_path, items_path = absolute(cfg.events_path), absolute(cfg.items_path)
+    fingerprint = _fingerprint(cfg, tokenizer_path, events_path, items_path)
+    cached = read_json(join(out, "meta.json"))
+    if cached and cached.get("fingerprint") == fingerprint:
+        return PreparedData(out, cached)
+
+    items = ray.data.read_parquet(items_path)
+    item_ids, duplicated = _catalogue_ids(items)
+    tokenizer_dir = tokenizer_path or _train_tokenizer(items, cfg, join(out, "tokenizer"))
+    if tokenizer_path:
+        _save_tokenizer(tokenizer_path, join(out, "tokenizer"))
+    if duplicated:
+        items = items.groupby("item_id").map_groups(_mark_duplicate_items, batch_format="pandas")
+    processed = items.map_batches(
+        ItemRows,
+        fn_constructor_kwargs=dict(
+            item_ids=item_ids, tokenizer_dir=tokenizer_dir, cfg=cfg, duplicated=bool(duplicated)
+        ),
+        batch_format="pandas",
+        batch_size=256,
+        concurrency=(1, max(1, int(ray.available_resources().get("CPU", 1)))),
+    )
+    _write_split(processed, join(out, "items"), join(out, "quarantine", "items"), keep_reason="image_undecodable")
+
+    item_index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
+    tagged = ray.data.read_parquet(events_path).map_batches(
+        tag_events, fn_kwargs={"item_index": item_index}, batch_format="pandas"
+    )
+    _write_split(tagged, None, join(out, "quarantine", "events"))
+    good = tagged.map_batches(_usable_rows, batch_format="pandas")
+    sequences = good.groupby("user_id", num_partitions=cfg.sequence_shards).map_groups(_user_sequence, batch_format="pandas")
+    sequences.write_parquet(join(out, "sequences"), mode="overwrite")
+
+    meta = _summarise(out, len(item_ids), cfg, fingerprint)
+    _check_quality(meta["report"], cfg.max_bad_fraction)
+    write_json(join(out, "meta.json"), meta)
+    return PreparedData(out, meta)
+
+
+class ItemRows:
+    """Catalogue rows -> item table rows: index, tokens, a validated and resized image."""
+
+    def __init__(self, item_ids: list[str], tokenizer_dir: str, cfg: DataConfig, duplicated: bool):
+        from transformers import AutoTokenizer
+
+        self.index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.cfg = cfg
+        self.duplicated = duplicated
+        self.filesystems = {}
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from interestformer.datasets.schema import as_id_strings
+
+        ids = as_id_strings(batch["item_id"])
+        reason = batch["reason"] if self.duplicated else pd.Series(None, index=batch.index, dtype=object)
+        reason = reason.where(reason.notna() | ids.notna(), "null_item_id")
+        texts = [self._text(row) for _, row in batch.iterrows()]
+        tokens = self.tokenizer(
+            texts, max_length=self.cfg.text_max_tokens, truncation=True, padding="max_length"
+        )
+        images, has_image = [], []
+        for _, row in batch.iterrows():
+            pixels = load_image(self._image_bytes(row), self.cfg.image_size)
+            images.append(png_bytes(pixels) if pixels is not None else None)
+            has_image.append(pixels is not None)
+        had_image = self._declares_image(batch)
+        no_image = ~pd.Series(has_image, index=batch.index)
+        reason = reason.where(reason.notna() | ~(had_image & no_image), "image_undecodable")
+        return pd.DataFrame(
+            {
+                "item_index": ids.map(self.index).fillna(0).astype("int32"),
+                "item_id": ids,
+                "text_tokens": [np.asarray(t, dtype=np.int32) for t in tokens["input_ids"]],
+                "text_mask": [np.asarray(m, dtype=np.int8) for m in tokens["attention_mask"]],
+                "image": images,
+                "has_image": has_image,
+                "reason": reason,
+            }
+        )
+
+    def _text(self, row) -> str:
+        parts = [row.get(c) for c in self.cfg.text_columns]
+        return ". ".join(str(p) for p in parts if isinstance(p, str) and p.strip())
+
+    def _declares_image(self, batch: pd.DataFrame) -> pd.Series:
+        declared = pd.Series(False, index=batch.index)
+        for column in ("image", "image_uri"):
+            if column in batch.columns:
+                declared |= batch[column].notna()
+        return declared
+
+    def _image_bytes(self, row) -> bytes | None:
+        data = row.get("image")
+        if isinstance(data, (bytes, bytearray)) and data:
+            return bytes(data)
+        uri = row.get("image_uri")
+        if not isinstance(uri, str) or not uri:
+            return None
+        try:
+            fs, path = pafs.FileSystem.from_uri(absolute(uri))
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except (OSError, ValueError):
+            return None
+
+
+def _mark_duplicate_items(group: pd.DataFrame) -> pd.DataFrame:
+    group = group.copy()
+    group["reason"] = [None] + ["duplicate_item_id"] * (len(group) - 1)
+    return group
+
+
+def _usable_rows(batch: pd.DataFrame) -> pd.DataFrame:
+    return batch[batch["reason"].isna()].drop(columns=["reason", "item_id"])
+
+
+def _set_aside_rows(batch: pd.DataFrame) -> pd.DataFrame:
+    rows = batch[batch["reason"].notna()]
+    # Quarantined rows keep every column as text, so any broken value can be written and read back.
+    return rows.astype({c: "string" for c in rows.columns if rows[c].dtype == object})
+
+
+def _write_split(ds: ray.data.Dataset, keep_path: str | None, quarantine_path: str, keep_reason: str = ""):
+    """Writes rows without a reason (and those whose reason is `keep_reason`, e.g. an item whose
+    image failed is still usable) to keep_path, and rows with a reason to quarantine_path."""
+    ds.map_batches(_set_aside_rows, batch_format="pandas").write_parquet(quarantine_path, mode="overwrite")
+    if keep_path:
+        kept = ds.map_batches(
+            lambda b: b[b["reason"].isna() | (b["reason"] == keep_reason)].drop(columns=["reason"]),
+            batch_format="pandas",
+        )
+        kept.write_parquet(keep_path, mode="overwrite")
+
+
+def _user_sequence(events: pd.DataFrame) -> pd.DataFrame:
+    """One user's events -> one row with the chronological sequence.
+
+    Order: timestamp, then item index, then event type, so the result never depends on how the
+    log was sharded. Exact duplicates (same item, timestamp and event type) are counted and
+    collapsed into one event; repeated consumption at other times is kept.
+    """
+    events = events.sort_values(["timestamp", "item_index", "event_type"], kind="stable")
+    unique = events.drop_duplicates(["item_index", "timestamp", "event_type"])
+    return pd.DataFrame(
+        {
+            "user_id": [events["user_id"].iloc[0]],
+            "items": [unique["item_index"].to_numpy(np.int32)],
+            "event_types": [[str(t) for t in unique["event_type"]]],
+            "timestamps": [unique["timestamp"].to_numpy(np.int64)],
+            "num_events": [len(unique)],
+            "num_duplicates": [len(events) - len(unique)],
+        }
+    )
+
+
+def _catalogue_ids(items: ray.data.Dataset) -> tuple[list[str], list[str]]:
+    """Sorted distinct item ids (their index is position + 1) and the ids given more than once."""
+    from interestformer.datasets.schema import as_id_strings
+
+    ids = as_id_strings(items.select_columns(["item_id"]).to_pandas()["item_id"]).dropna()
+    counts = ids.value_counts()
+    return sorted(counts.index), sorted(counts.index[counts > 1])
+
+
+def _train_tokenizer(items: ray.data.Dataset, cfg: DataConfig, out: str) -> str:
+    """Trains a lower-casing word-piece vocabulary on the catalogue text; returns its local folder."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    columns = [c for c in cfg.text_columns if c in items.schema().names]
+    texts = (
+        " ".join(str(v) for v in row.values() if isinstance(v, str))
+        for row in items.select_columns(columns).iter_rows()
+    ) if columns else iter([""])
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=cfg.vocab_size, special_tokens=specials))
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]",
+    )
+    local = tempfile.mkdtemp(prefix="tokenizer-") if "://" in out else out
+    wrapped.save_pretrained(local)
+    if local != out:
+        _save_tokenizer(local, out)
+    return local
+
+
+def _save_tokenizer(local_dir: str, out: str):
+    """Copies a tokenizer folder into the prepared data, so checkpoints name one place for it."""
+    if os.path.abspath(local_dir) == out:
+        return
+    fs, path = pafs.FileSystem.from_uri(out)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(os.path.abspath(local_dir), out)
+
+
+def _sequence_stats(batch: pd.DataFrame, num_items: int) -> pd.DataFrame:
+    """Per batch of sequences: item counts before validation and before test (for most-popular),
+    the event types seen, and user counts by length."""
+    train, pretest = np.zeros(num_items + 1, np.int64), np.zeros(num_items + 1, np.int64)
+    types = set()
+    for items, n, event_types in zip(batch["items"], batch["num_events"], batch["event_types"]):
+        if n >= 2:
+            np.add.at(train, items[:-2] if n >= 3 else items, 1)
+            np.add.at(pretest, items[:-1] if n >= 3 else items, 1)
+        types.update(event_types)
+    n = batch["num_events"]
+    return pd.DataFrame(
+        {
+            "train_counts": [train],
+            "pretest_counts": [pretest],
+            "event_types": [np.array(sorted(types), dtype=object)],
+            "users": [len(batch)],
+            "users_too_short": [int((n < 2).sum())],
+            "users_train_only": [int((n == 2).sum())],
+            "events_used": [int(n.sum())],
+            "duplicates": [int(batch["num_duplicates"].sum())],
+        }
+    )
+
+
+def _summarise(out: str, num_items: int, cfg: DataConfig, fingerprint: str) -> dict:
+    stats = (
+        ray.data.read_parquet(join(out, "sequences"))
+        .map_batches(_sequence_stats, fn_kwargs={"num_items": num_items}, batch_format="pandas")
+        .to_pandas()
+    )
+    event_quarantine = _reason_counts(join(out, "quarantine", "events"))
+    item_quarantine = _reason_counts(join(out, "quarantine", "items"))
+    event_types = sorted(set().union(*[set(t) for t in stats["event_types"]]))
+    report = {
+        "events_used": int(stats["events_used"].sum()),
+        "events_duplicate": int(stats["duplicates"].sum()),
+        **{f"events_{reason}": n for reason, n in event_quarantine.items()},
+        "items": num_items,
+        **{f"items_{reason}": n for reason, n in item_quarantine.items()},
+        "users": int(stats["users"].sum()),
+        "users_too_short": int(stats["users_too_short"].sum()),
+        "users_train_only": int(stats["users_train_only"].sum()),
+    }
+    report["events_in"] = report["events_used"] + report["events_duplicate"] + sum(event_quarantine.values())
+    return {
+        "version": META_VERSION,
+        "fingerprint": fingerprint,
+        "num_items": num_items,
+        "event_types": event_types,
+        "text_max_tokens": cfg.text_max_tokens,
+        "image_size": cfg.image_size,
+        "report": report,
+        "popularity_train": np.sum(np.stack(stats["train_counts"]), axis=0).tolist(),
+        "popularity_pretest": np.sum(np.stack(stats["pretest_counts"]), axis=0).tolist(),
+    }
+
+
+def _reason_counts(path: str) -> dict[str, int]:
+    try:
+        reasons = ray.data.read_parquet(path, columns=["reason"]).to_pandas()["reason"]
+    except (ValueError, OSError, KeyError):  # an empty quarantine has no files to read
+        return {}
+    return {str(k): int(v) for k, v in reasons.value_counts().items()}
+
+
+def _check_quality(report: dict, max_bad_fraction: float):
+    events_bad = report["events_in"] - report["events_used"] - report["events_duplicate"]
+    items_bad = sum(v for k, v in report.items() if k.startswith("items_") and k != "items_image_undecodable")
+    for what, bad, total in (("events", events_bad, report["events_in"]), ("items", items_bad, report["items"] + items_bad)):
+        if total and bad / total > max_bad_fraction:
+            raise DataQualityError(
+                f"{bad} of {total} {what} are unusable ({bad / total:.1%} > data.max_bad_fraction="
+                f"{max_bad_fraction}); see the quarantine folder for each row's reason. Counts: {report}"
+            )
+
+
+def _fingerprint(cfg: DataConfig, tokenizer_path: str, *inputs: str) -> str:
+    """Changes when the inputs or anything in the config that shapes the prepared data change."""
+    shaping = {k: v for k, v in asdict(cfg).items() if k not in ("max_seq_len", "num_negatives", "max_bad_fraction")}
+    listing = []
+    for uri in inputs:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+        infos = [fs.get_file_info(path)] if fs.get_file_info(path).is_file else fs.get_file_info(selector)
+        listing += sorted((i.path, i.size, str(i.mtime)) for i in infos if i.is_file)
+    payload = json.dumps([META_VERSION, shaping, tokenizer_path, listing], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_json(uri: str) -> dict | None:
+    fs, path = pafs.FileSystem.from_uri(absolute(uri))
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def write_json(uri: str, payload: dict):
+    fs, path = pafs.FileSystem.from_uri(absolute(uri))
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(payload, indent=1).encode())

@@ -1,0 +1,122 @@
+"""The input schema, and the checks that set unusable rows aside with a reason.
+
+Behaviour events (sharded Parquet, one row per event):
+
+| column     | type                                        | required | meaning                       |
+|------------|---------------------------------------------|----------|-------------------------------|
+| user_id    | string or integer                           | yes      | who acted                     |
+| item_id    | string or integer                           | yes      | on what; must be in catalogue |
+| timestamp  | integer (epoch seconds) or Arrow timestamp  | yes      | when; orders each user's log  |
+| event_type | string                                      | no       | view, click, purchase, ...    |
+| value      | float                                       | no       | rating, dwell time, price ... |
+
+Item catalogue (Parquet, one row per item):
+
+| column      | type              | required | meaning                                        |
+|-------------|-------------------|----------|------------------------------------------------|
+| item_id     | string or integer | yes      | matches events.item_id                         |
+| title, ...  | string            | no       | text columns named in data.text_columns        |
+| image       | binary            | no       | encoded image bytes (JPEG, PNG, WebP, ...)     |
+| image_uri   | string            | no       | local path or object-store URI of the image    |
+
+A row that cannot be used is never dropped silently: it gets a reason from REASONS, is written to
+the quarantine folder with it, and is counted in the prepare report.
+"""
+
+import io
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+EVENT_REQUIRED = ("user_id", "item_id", "timestamp")
+DEFAULT_EVENT_TYPE = "interaction"
+
+REASONS = {
+    "null_user_id": "user_id is null or empty",
+    "null_item_id": "item_id is null or empty",
+    "unknown_item": "item_id is not in the catalogue",
+    "bad_timestamp": "timestamp is null, not a number or negative",
+    "duplicate_event": "same user, item, timestamp and event type as a kept event",
+    "duplicate_item_id": "catalogue row whose item_id an earlier row already has",
+    "image_undecodable": "image bytes or URI could not be read and decoded (item kept without image)",
+}
+
+# Images whose header declares more pixels than this are refused before decoding (decompression
+# bombs); ample for any catalogue picture.
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+def as_id_strings(column: pd.Series) -> pd.Series:
+    """User and item ids become strings, nulls and empty strings become None."""
+    ids = column.astype("string").str.strip()
+    return ids.where(ids.notna() & (ids != ""), None).astype(object)
+
+
+def as_epoch_seconds(column: pd.Series) -> pd.Series:
+    """Integer seconds, from integers, floats or datetimes; unusable values become NaN."""
+    if pd.api.types.is_datetime64_any_dtype(column):
+        if column.dt.tz is not None:
+            column = column.dt.tz_convert("UTC").dt.tz_localize(None)
+        numbers = ((column - pd.Timestamp(0)) // pd.Timedelta(seconds=1)).astype("float64")
+    else:
+        numbers = pd.to_numeric(column, errors="coerce").astype("float64")
+    return numbers.where(np.isfinite(numbers) & (numbers >= 0))
+
+
+def tag_events(batch: pd.DataFrame, item_index: dict[str, int]) -> pd.DataFrame:
+    """Normalises an event batch and gives every unusable row its reason (None when usable)."""
+    missing = [c for c in EVENT_REQUIRED if c not in batch.columns]
+    if missing:
+        raise ValueError(f"events are missing required column(s) {missing}; found {list(batch.columns)}")
+    users = as_id_strings(batch["user_id"])
+    items = as_id_strings(batch["item_id"])
+    seconds = as_epoch_seconds(batch["timestamp"])
+    event_type = (
+        batch["event_type"].astype("string").fillna(DEFAULT_EVENT_TYPE).astype(object)
+        if "event_type" in batch.columns
+        else pd.Series(DEFAULT_EVENT_TYPE, index=batch.index, dtype=object)
+    )
+    value = pd.to_numeric(batch["value"], errors="coerce") if "value" in batch.columns else np.nan
+    index = items.map(item_index)
+
+    reason = pd.Series(None, index=batch.index, dtype=object)
+    # Later checks overwrite earlier ones only where no reason is set yet: the first problem wins.
+    for name, bad in (
+        ("null_user_id", users.isna()),
+        ("null_item_id", items.isna()),
+        ("unknown_item", items.notna() & index.isna()),
+        ("bad_timestamp", seconds.isna()),
+    ):
+        reason = reason.where(reason.notna() | ~bad, name)
+    return pd.DataFrame(
+        {
+            "user_id": users,
+            "item_id": items,
+            "item_index": index.fillna(0).astype("int32"),
+            "timestamp": seconds.fillna(-1).astype("int64"),
+            "event_type": event_type,
+            "value": pd.Series(value, index=batch.index, dtype="float64"),
+            "reason": reason,
+        }
+    )
+
+
+def load_image(data: bytes | None, size: int) -> np.ndarray | None:
+    """Encoded image bytes -> (3, size, size) uint8 RGB, or None when they cannot be decoded."""
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft("RGB", (size, size))  # lets JPEG decode at reduced scale: much faster
+            pixels = image.convert("RGB").resize((size, size), Image.BILINEAR)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return np.asarray(pixels, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """(3, S, S) uint8 -> lossless PNG bytes, the form prepared images are stored in."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.transpose(1, 2, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()

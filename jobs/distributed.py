@@ -1,0 +1,111 @@
+"""The distributed wiring, in one place: the DeepSpeed config, the engine, checkpoints.
+
+Every Ray Train worker builds the same model and hands it to deepspeed.initialize; Ray Train has
+already set up the process group (gloo on CPU, NCCL on GPU), which DeepSpeed picks up.
+
+A checkpoint folder holds two things:
+    deepspeed/          DeepSpeed's own sharded model and optimizer state (exact resume)
+    model.safetensors   the whole model's weights, gathered from every ZeRO stage (evaluation,
+                        serving; loads without unpickling anything)
+    checkpoint.json     epoch and step reached, the config and the data spec
+"""
+
+import json
+import os
+import tempfile
+
+import ray.train
+import torch
+from safetensors.torch import load_file, save_file
+
+from interestformer.models.interest_former import DataSpec, InterestFormer
+
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "checkpoint.json"
+DEEPSPEED_TAG = "deepspeed"
+
+
+def deepspeed_config(train) -> dict:
+    """The DeepSpeed config of a TrainConfig; the only place one is built."""
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW: DeepSpeed's fused Adam is a C++ op compiled on first use.
+            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.98], "torch_adam": True},
+        },
+        "scheduler": {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr, "warmup_num_steps": train.warmup_steps,
+                       "warmup_type": "linear"},
+        },
+        "zero_optimization": {"stage": train.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def setup_engine(model: torch.nn.Module, train):
+    """Wraps the model in a DeepSpeed engine on this worker's device."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=deepspeed_config(train))
+    return engine
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on CPU. Under ZeRO-3 every rank must call this (it gathers the
+    partitions); rank 0 gets the weights, other ranks may get None."""
+    if engine.zero_optimization_partition_weights():
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    if state is None:
+        return None
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+
+
+def save_and_report(engine, weights: dict | None, metrics: dict, state: dict):
+    """Saves a checkpoint on every rank (weights: rank 0's gathered ones) and reports it with the
+    metrics to Ray Train."""
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
+        if ray.train.get_context().get_world_rank() == 0:
+            save_file(weights, os.path.join(folder, WEIGHTS_FILE))
+            with open(os.path.join(folder, STATE_FILE), "w") as f:
+                json.dump(state, f, indent=1)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def restore_engine(engine) -> dict | None:
+    """Loads the latest reported checkpoint into the engine, if the run has one; returns its
+    state (epoch, step) or None for a fresh start."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
+        with open(os.path.join(folder, STATE_FILE)) as f:
+            return json.load(f)
+
+
+def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[InterestFormer, dict]:
+    """A plain fp32 model from a checkpoint folder's gathered weights, and its saved state."""
+    from interestformer.jobs.config import JobConfig
+
+    with open(os.path.join(folder, STATE_FILE)) as f:
+        state = json.load(f)
+    model = model_from_weights(load_file(os.path.join(folder, WEIGHTS_FILE)),
+                               JobConfig.from_dict(state["config"]), DataSpec(**state["spec"]), device)
+    return model, state
+
+
+def model_from_weights(weights: dict, cfg, spec: DataSpec, device) -> InterestFormer:
+    """An fp32 evaluation copy of the model with the given weights."""
+    model = InterestFormer(cfg.model, spec)
+    model.load_state_dict({name: tensor.float() for name, tensor in weights.items()})
+    return model.to(device).eval()

@@ -1,0 +1,86 @@
+"""Full-ranking evaluation of a checkpoint: HR@K, NDCG@K and MRR, every item a candidate.
+
+    python -m jobs.evaluate --checkpoint runs/<run>/checkpoint_<...> [--split test] [--run-id ID]
+
+Reads the checkpoint's gathered weights (model.safetensors) and its config, streams the split's
+users and the catalogue through Ray Data, and prints (and with --run-id logs to MLflow) the
+metrics. The training job evaluates through the same `evaluate` function, so a checkpoint
+evaluated here gives the metrics its run logged.
+"""
+
+import argparse
+import json
+
+import ray
+import torch
+
+from interestformer.datasets.pipeline import item_batches, sequence_batches, unpack
+from interestformer.datasets.prepare import PreparedData
+from interestformer.jobs.config import JobConfig
+from interestformer.models.ranking import evaluate_model, evaluate_popularity, item_vectors, mean_metrics
+
+
+def _batches(rows, device):
+    for row in rows:
+        yield {name: value.to(device) for name, value in unpack(row).items()}
+
+
+def evaluate(model, item_rows, eval_rows, cfg: JobConfig, device) -> dict[str, float]:
+    """Metrics of `model` over an iterable of packed evaluation rows (any Ray Data iterator's
+    iter_torch_batches(batch_size=1)), with the catalogue from packed item rows."""
+    items = item_vectors(model, _batches(item_rows, device), model.spec.num_items)
+    sums, users = evaluate_model(model, items, _batches(eval_rows, device), cfg.eval.ks, cfg.eval.exclude_history)
+    return {**mean_metrics(sums, users), "users": users}
+
+
+def evaluate_most_popular(prepared: PreparedData, eval_rows, cfg: JobConfig, split: str) -> dict[str, float]:
+    """The most-popular baseline: items ranked by how often they occur before the split's target."""
+    counts = prepared.meta["popularity_pretest" if split == "test" else "popularity_train"]
+    sums, users = evaluate_popularity(torch.tensor(counts), _batches(eval_rows, "cpu"), cfg.eval.ks,
+                                      cfg.eval.exclude_history)
+    return {**mean_metrics(sums, users), "users": users}
+
+
+def eval_datasets(prepared: PreparedData, cfg: JobConfig, split: str):
+    """The packed item rows and the split's packed user rows, as the model's inputs need them."""
+    text, image = cfg.model.text.enabled, cfg.model.image.enabled
+    items = item_batches(prepared, cfg.eval.batch_size, text=text, image=image)
+    users = sequence_batches(prepared, split, cfg.eval.batch_size, cfg.data.max_seq_len, text=text, image=image,
+                             pipeline_workers=cfg.train.pipeline_workers)
+    return items, users
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.evaluate",
+        description="Full-ranking evaluation (HR@K, NDCG@K, MRR over every item) of a training checkpoint.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder written by jobs.train")
+    parser.add_argument("--split", choices=["validation", "test"], default="test",
+                        help="users' held-out item to rank (model selection uses validation)")
+    parser.add_argument("--run-id", default="", help="also log the metrics into this MLflow run")
+    parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default as in jobs.train)")
+    args = parser.parse_args(argv)
+
+    from interestformer.jobs.distributed import load_model
+    from interestformer.jobs import tracking
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, state = load_model(args.checkpoint, device)
+    cfg = JobConfig.from_dict(state["config"])
+    prepared = PreparedData.load(state["prepared_path"])
+    ray.init(ignore_reinit_error=True)
+    items, users = eval_datasets(prepared, cfg, args.split)
+    metrics = evaluate(model, items.iter_torch_batches(batch_size=1), users.iter_torch_batches(batch_size=1),
+                       cfg, device)
+    print(json.dumps({f"{args.split}_{k}": v for k, v in metrics.items()}, indent=1))
+    if args.run_id:
+        if args.tracking_uri:
+            cfg.experiment.tracking_uri = args.tracking_uri
+        tracking.log_metrics(tracking.tracking_uri(cfg), args.run_id,
+                             {f"eval_{args.split}_{k}": v for k, v in metrics.items()}, step=state["step"])
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

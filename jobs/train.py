@@ -1,0 +1,266 @@
+"""Train the multimodal interest Transformer with Ray Train + DeepSpeed, logged to MLflow.
+
+    python -m jobs.train                                  # the demo, on a local Ray
+    python -m jobs.train --config configs/x.yaml --set train.epochs=3
+    ray job submit --working-dir . -- python -m jobs.train --config configs/x.yaml
+
+The job: validate the config (before Ray starts), prepare the data (cached), open the MLflow
+run, fit on Ray Train workers, evaluate the most-popular baseline on the same split, close the
+run and print the headline metrics with the command that browses them.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+from datetime import datetime
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+
+from interestformer.datasets.pipeline import item_batches, sequence_batches, unpack
+from interestformer.datasets.prepare import PreparedData, prepare
+from interestformer.jobs import tracking
+from interestformer.jobs.config import JobConfig, field_docs, load_config
+from interestformer.jobs.distributed import (
+    deepspeed_config,
+    full_state_dict,
+    model_from_weights,
+    restore_engine,
+    save_and_report,
+    setup_engine,
+)
+from interestformer.jobs.evaluate import eval_datasets, evaluate, evaluate_most_popular
+from interestformer.models.interest_former import DataSpec, InterestFormer
+
+HEADLINE = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
+
+
+def train_loop_per_worker(loop_config: dict):
+    """Runs in every Ray Train worker: set up, train, evaluate, checkpoint, log (rank 0)."""
+    cfg = JobConfig.from_dict(loop_config["config"])
+    spec = DataSpec(**loop_config["spec"])
+    uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
+    rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    engine = setup_engine(InterestFormer(cfg.model, spec), cfg.train)
+    state = restore_engine(engine) or {"epoch": 0, "step": 0}
+    state.update(config=loop_config["config"], spec=loop_config["spec"], prepared_path=loop_config["prepared_path"])
+    train_rows = ray.train.get_dataset_shard("train")
+    steps_per_epoch = math.ceil(loop_config["train_users"] / (cfg.train.micro_batch_size * world))
+    progress = _progress(rank, cfg.train.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch)
+
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        engine.train()
+        window = {"loss": 0.0, "batches": 0, "users": 0, "events": 0, "start": time.perf_counter()}
+        for row in train_rows.iter_torch_batches(batch_size=1, prefetch_batches=4):
+            batch = {name: value.to(device, non_blocking=True) for name, value in unpack(row).items()}
+            loss = engine(batch)
+            engine.backward(loss)
+            engine.step()
+            window["loss"] += loss.item()
+            window["batches"] += 1
+            window["users"] += len(batch["history"])
+            window["events"] += int((batch["targets"] > 0).sum())
+            progress.update(1)
+            if engine.is_gradient_accumulation_boundary():
+                state["step"] += 1
+                if rank == 0 and state["step"] % cfg.train.log_every_steps == 0:
+                    _log_window(uri, run_id, window, world, engine, state["step"])
+        weights = full_state_dict(engine)  # every rank takes part (ZeRO-3 gathers)
+        metrics = {"epoch": epoch}
+        if rank == 0:
+            model = model_from_weights(weights, cfg, spec, device)
+            val = evaluate(model, *_eval_rows("validation"), cfg, device)
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+            tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=state["step"])
+            progress.set_description(f"epoch {epoch + 1}/{cfg.train.epochs} val ndcg@10 {val['ndcg@10']:.4f}")
+        state["epoch"] = epoch + 1
+        save_and_report(engine, weights, metrics, state)
+
+    weights = full_state_dict(engine)
+    progress.close()
+    if rank == 0:
+        test = evaluate(model_from_weights(weights, cfg, spec, device), *_eval_rows("test"), cfg, device)
+        tracking.log_metrics(uri, run_id, {f"test_{k}": v for k, v in test.items()}, step=state["step"])
+        return {"test": test, "step": state["step"]}
+
+
+def _eval_rows(split: str):
+    return (ray.train.get_dataset_shard("items").iter_torch_batches(batch_size=1),
+            ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=1))
+
+
+def _log_window(uri, run_id, window, world, engine, step):
+    seconds = time.perf_counter() - window["start"]
+    tracking.log_metrics(uri, run_id, {
+        "train_loss": window["loss"] / max(window["batches"], 1),
+        # Every worker runs as many batches as rank 0 (equal split), so rank 0's rate times the
+        # world size is the job's rate.
+        "samples_per_s": window["users"] * world / seconds,
+        "events_per_s": window["events"] * world / seconds,
+        "lr": engine.get_lr()[0],
+    }, step=step)
+    window.update(loss=0.0, batches=0, users=0, events=0, start=time.perf_counter())
+
+
+class _NoProgress:
+    def update(self, n): ...
+    def set_description(self, text): ...
+    def close(self): ...
+
+
+def _progress(rank: int, total: int, done: int):
+    if rank != 0:
+        return _NoProgress()
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=total, desc="training", unit="batch")
+    bar.update(done)  # a resumed run starts where its checkpoint left off
+    return bar
+
+
+def ensure_ray(cfg: JobConfig):
+    """Joins the cluster this job was submitted to, or starts a local Ray in this process.
+
+    Locally, Ray is told of enough logical CPUs for the training workers AND the Ray Data
+    actors that feed them: on a 2-core machine the workers would otherwise take every CPU and
+    the pipeline would wait forever for one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    needed = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.train.pipeline_workers + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False,
+             runtime_env={"env_vars": _worker_env(cfg)})
+
+
+def _worker_env(cfg: JobConfig) -> dict:
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if not cfg.train.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator with gloo, without the warning
+    return env
+
+
+def data_spec(prepared: PreparedData, cfg: JobConfig) -> DataSpec:
+    from transformers import AutoTokenizer
+
+    return DataSpec(
+        num_items=prepared.num_items,
+        num_event_types=len(prepared.meta["event_types"]),
+        max_seq_len=cfg.data.max_seq_len,
+        text_vocab_size=len(AutoTokenizer.from_pretrained(prepared.tokenizer_path)),
+        text_max_tokens=prepared.meta["text_max_tokens"],
+        image_size=prepared.meta["image_size"],
+    )
+
+
+def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict:
+    """Prepare, fit, evaluate, log. Returns the run's id, test metrics, baseline and checkpoint."""
+    ensure_ray(cfg)
+    prepared = prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)
+    spec = data_spec(prepared, cfg)
+    run_name = cfg.experiment.name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
+    uri = tracking.tracking_uri(cfg)
+    run_id = tracking.start_run(cfg, deepspeed_config(cfg.train), prepared.report(), run_name, parent_run_id)
+    print(f"MLflow run {run_id} in {uri}; data: {prepared.report()}", flush=True)
+
+    text, image = cfg.model.text.enabled, cfg.model.image.enabled
+    items, validation = eval_datasets(prepared, cfg, "validation")
+    _, test = eval_datasets(prepared, cfg, "test")
+    datasets = {
+        "train": sequence_batches(prepared, "train", cfg.train.micro_batch_size, cfg.data.max_seq_len,
+                                  cfg.data.num_negatives, text, image, cfg.train.seed, cfg.train.pipeline_workers),
+        "validation": validation,
+        "test": test,
+        "items": items,
+    }
+    report = prepared.report()
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "spec": vars(spec),
+            "prepared_path": prepared.path,
+            "tracking_uri": uri,
+            "run_id": run_id,
+            "train_users": report["users"] - report["users_too_short"],
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=cfg.experiment.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.experiment.keep_checkpoints),
+            worker_runtime_env={"env_vars": _worker_env(cfg)},
+            callbacks=list(callbacks),
+        ),
+        datasets=datasets,
+        # Only training batches are split across workers; evaluation runs on rank 0 over all users.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    test_metrics = result.return_value["test"]
+    baseline = evaluate_most_popular(prepared, test.iter_torch_batches(batch_size=1), cfg, "test")
+    tracking.log_metrics(uri, run_id, {f"most_popular_test_{k}": v for k, v in baseline.items()},
+                         step=result.return_value["step"])
+    tracking.log_text(uri, run_id, result.checkpoint.path, "checkpoint_path.txt")
+    tracking.end_run(uri, run_id)
+    return {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "test": test_metrics,
+            "most_popular": baseline, "checkpoint": result.checkpoint.path, "data": report}
+
+
+def parse_args(argv=None):
+    keys = "\n".join(f"  {key} (default {default}): {doc}" for key, default, doc in field_docs())
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.train",
+        description=__doc__,
+        epilog=f"config keys (YAML sections, or --set section.key=value):\n{keys}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file; without it, the demo config (all defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set train.zero_stage=3 (repeatable)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (same as --set experiment.tracking_uri=...)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    overrides = args.set + ([f"experiment.tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
+    cfg = load_config(args.config, overrides)  # every config mistake stops here, before Ray starts
+    started = time.perf_counter()
+    summary = train(cfg)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"\nFinished in {minutes:.1f} min. Test split, full ranking over {summary['data']['items']} items "
+          f"({summary['test']['users']} users):")
+    print(f"  {'':14}" + "".join(f"{k:>10}" for k in HEADLINE))
+    for name, metrics in (("InterestFormer", summary["test"]), ("most popular", summary["most_popular"])):
+        print(f"  {name:14}" + "".join(f"{metrics[k]:>10.4f}" for k in HEADLINE))
+    print(f"Checkpoint: {summary['checkpoint']}")
+    print(f"Browse the run: {tracking.ui_command(summary['tracking_uri'])}")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:  # config and data errors end the job with their message, not a trace
+        from interestformer import ConfigError
+        from interestformer.datasets.prepare import DataQualityError
+
+        if isinstance(e, (ConfigError, DataQualityError)):
+            sys.exit(f"error: {e}")
+        raise
