@@ -143,7 +143,8 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
                      num_negatives: int = 0, text: bool = True, image: bool = True, seed: int = 0,
                      pipeline_workers: int = 1) -> ray.data.Dataset:
     """A dataset whose rows are packed batches of `batch_size` users for `split`."""
-    ds = ray.data.read_parquet(prepared.sequences_path, columns=["user_id", "items", "event_types", "num_events"])
+    ds = ray.data.read_parquet(prepared.sequences_path).select_columns(
+        ["user_id", "items", "event_types", "num_events"])
     # Training needs a pair of events; evaluation a history and a target beyond the validation one.
     ds = ds.filter(expr=f"num_events >= {2 if split == 'train' else 3}")
     if split == "train":
@@ -160,7 +161,7 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
 
 def item_batches(prepared: PreparedData, batch_size: int, text: bool = True, image: bool = True) -> ray.data.Dataset:
     """A dataset whose rows are packed batches of catalogue items (every item exactly once)."""
-    return ray.data.read_parquet(prepared.items_path, columns=["item_index"]).map_batches(
+    return ray.data.read_parquet(prepared.items_path).select_columns(["item_index"]).map_batches(
         PackItems,
         fn_constructor_kwargs=dict(prepared=prepared, text=text, image=image),
         batch_size=batch_size,

@@ -23,12 +23,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 
 from interestformer.datasets.config import DataConfig
 from interestformer.datasets.demo import generate_demo
-from interestformer.datasets.schema import REASONS, load_image, png_bytes, tag_events
+from interestformer.datasets.schema import (
+    ITEM_TABLE_SCHEMA, SEQUENCE_SCHEMA, load_image, png_bytes, tag_events,
+)
 
 META_VERSION = 1
 
@@ -119,7 +123,7 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
         tag_events, fn_kwargs={"item_index": item_index}, batch_format="pandas"
     )
     _write_split(tagged, None, join(out, "quarantine", "events"))
-    good = tagged.map_batches(_usable_rows, batch_format="pandas")
+    good = tagged.map_batches(_usable_rows, batch_format="pyarrow")
     sequences = good.groupby("user_id", num_partitions=cfg.sequence_shards).map_groups(_user_sequence, batch_format="pandas")
     sequences.write_parquet(join(out, "sequences"), mode="overwrite")
 
@@ -141,7 +145,7 @@ class ItemRows:
         self.duplicated = duplicated
         self.filesystems = {}
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
         from interestformer.datasets.schema import as_id_strings
 
         ids = as_id_strings(batch["item_id"])
@@ -159,16 +163,17 @@ class ItemRows:
         had_image = self._declares_image(batch)
         no_image = ~pd.Series(has_image, index=batch.index)
         reason = reason.where(reason.notna() | ~(had_image & no_image), "image_undecodable")
-        return pd.DataFrame(
+        return pa.table(
             {
-                "item_index": ids.map(self.index).fillna(0).astype("int32"),
-                "item_id": ids,
-                "text_tokens": [np.asarray(t, dtype=np.int32) for t in tokens["input_ids"]],
-                "text_mask": [np.asarray(m, dtype=np.int8) for m in tokens["attention_mask"]],
+                "item_index": ids.map(self.index).fillna(0).astype("int32").to_numpy(),
+                "item_id": _strings(ids),
+                "text_tokens": tokens["input_ids"],
+                "text_mask": tokens["attention_mask"],
                 "image": images,
                 "has_image": has_image,
-                "reason": reason,
-            }
+                "reason": _strings(reason),
+            },
+            schema=ITEM_TABLE_SCHEMA,
         )
 
     def _text(self, row) -> str:
@@ -197,35 +202,43 @@ class ItemRows:
             return None
 
 
+def _strings(column: pd.Series) -> list[str | None]:
+    return [None if pd.isna(v) else str(v) for v in column]
+
+
 def _mark_duplicate_items(group: pd.DataFrame) -> pd.DataFrame:
     group = group.copy()
     group["reason"] = [None] + ["duplicate_item_id"] * (len(group) - 1)
     return group
 
 
-def _usable_rows(batch: pd.DataFrame) -> pd.DataFrame:
-    return batch[batch["reason"].isna()].drop(columns=["reason", "item_id"])
+def _usable_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch["reason"])).drop_columns(["reason", "item_id"])
 
 
-def _set_aside_rows(batch: pd.DataFrame) -> pd.DataFrame:
-    rows = batch[batch["reason"].notna()]
-    # Quarantined rows keep every column as text, so any broken value can be written and read back.
-    return rows.astype({c: "string" for c in rows.columns if rows[c].dtype == object})
+def _set_aside_rows(batch: pa.Table) -> pa.Table:
+    """Rows with a reason. Scalar columns are kept as text, so any broken value can be written
+    and read back; derived arrays (tokens, images) are left out."""
+    rows = batch.filter(pc.is_valid(batch["reason"]))
+    scalar = [f.name for f in rows.schema if f.name not in ("text_tokens", "text_mask", "image")]
+    return pa.table({name: pc.cast(rows[name], pa.string()) for name in scalar})
+
+
+def _kept_rows(batch: pa.Table, keep_reason: str) -> pa.Table:
+    reason = batch["reason"]
+    return batch.filter(pc.or_kleene(pc.is_null(reason), pc.equal(reason, keep_reason))).drop_columns(["reason"])
 
 
 def _write_split(ds: ray.data.Dataset, keep_path: str | None, quarantine_path: str, keep_reason: str = ""):
     """Writes rows without a reason (and those whose reason is `keep_reason`, e.g. an item whose
     image failed is still usable) to keep_path, and rows with a reason to quarantine_path."""
-    ds.map_batches(_set_aside_rows, batch_format="pandas").write_parquet(quarantine_path, mode="overwrite")
+    ds.map_batches(_set_aside_rows, batch_format="pyarrow").write_parquet(quarantine_path, mode="overwrite")
     if keep_path:
-        kept = ds.map_batches(
-            lambda b: b[b["reason"].isna() | (b["reason"] == keep_reason)].drop(columns=["reason"]),
-            batch_format="pandas",
-        )
+        kept = ds.map_batches(_kept_rows, fn_kwargs={"keep_reason": keep_reason}, batch_format="pyarrow")
         kept.write_parquet(keep_path, mode="overwrite")
 
 
-def _user_sequence(events: pd.DataFrame) -> pd.DataFrame:
+def _user_sequence(events: pd.DataFrame) -> pa.Table:
     """One user's events -> one row with the chronological sequence.
 
     Order: timestamp, then item index, then event type, so the result never depends on how the
@@ -234,15 +247,16 @@ def _user_sequence(events: pd.DataFrame) -> pd.DataFrame:
     """
     events = events.sort_values(["timestamp", "item_index", "event_type"], kind="stable")
     unique = events.drop_duplicates(["item_index", "timestamp", "event_type"])
-    return pd.DataFrame(
+    return pa.table(
         {
             "user_id": [events["user_id"].iloc[0]],
-            "items": [unique["item_index"].to_numpy(np.int32)],
-            "event_types": [[str(t) for t in unique["event_type"]]],
-            "timestamps": [unique["timestamp"].to_numpy(np.int64)],
+            "items": [unique["item_index"].tolist()],
+            "event_types": [unique["event_type"].tolist()],
+            "timestamps": [unique["timestamp"].tolist()],
             "num_events": [len(unique)],
             "num_duplicates": [len(events) - len(unique)],
-        }
+        },
+        schema=SEQUENCE_SCHEMA,
     )
 
 
@@ -350,7 +364,7 @@ def _summarise(out: str, num_items: int, cfg: DataConfig, fingerprint: str) -> d
 
 def _reason_counts(path: str) -> dict[str, int]:
     try:
-        reasons = ray.data.read_parquet(path, columns=["reason"]).to_pandas()["reason"]
+        reasons = ray.data.read_parquet(path).select_columns(["reason"]).to_pandas()["reason"]
     except (ValueError, OSError, KeyError):  # an empty quarantine has no files to read
         return {}
     return {str(k): int(v) for k, v in reasons.value_counts().items()}

@@ -27,6 +27,7 @@ import io
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from PIL import Image
 
 EVENT_REQUIRED = ("user_id", "item_id", "timestamp")
@@ -41,6 +42,21 @@ REASONS = {
     "duplicate_item_id": "catalogue row whose item_id an earlier row already has",
     "image_undecodable": "image bytes or URI could not be read and decoded (item kept without image)",
 }
+
+# What prepare writes. Explicit Arrow types: no column is left for Ray to guess (a column that is
+# all None, or numpy arrays per row, would otherwise be pickled or become a Ray tensor type).
+TAGGED_EVENT_SCHEMA = pa.schema([
+    ("user_id", pa.string()), ("item_id", pa.string()), ("item_index", pa.int32()),
+    ("timestamp", pa.int64()), ("event_type", pa.string()), ("value", pa.float64()), ("reason", pa.string()),
+])
+ITEM_TABLE_SCHEMA = pa.schema([
+    ("item_index", pa.int32()), ("item_id", pa.string()), ("text_tokens", pa.list_(pa.int32())),
+    ("text_mask", pa.list_(pa.int8())), ("image", pa.binary()), ("has_image", pa.bool_()), ("reason", pa.string()),
+])
+SEQUENCE_SCHEMA = pa.schema([
+    ("user_id", pa.string()), ("items", pa.list_(pa.int32())), ("event_types", pa.list_(pa.string())),
+    ("timestamps", pa.list_(pa.int64())), ("num_events", pa.int32()), ("num_duplicates", pa.int32()),
+])
 
 # Images whose header declares more pixels than this are refused before decoding (decompression
 # bombs); ample for any catalogue picture.
@@ -64,7 +80,7 @@ def as_epoch_seconds(column: pd.Series) -> pd.Series:
     return numbers.where(np.isfinite(numbers) & (numbers >= 0))
 
 
-def tag_events(batch: pd.DataFrame, item_index: dict[str, int]) -> pd.DataFrame:
+def tag_events(batch: pd.DataFrame, item_index: dict[str, int]) -> pa.Table:
     """Normalises an event batch and gives every unusable row its reason (None when usable)."""
     missing = [c for c in EVENT_REQUIRED if c not in batch.columns]
     if missing:
@@ -89,7 +105,7 @@ def tag_events(batch: pd.DataFrame, item_index: dict[str, int]) -> pd.DataFrame:
         ("bad_timestamp", seconds.isna()),
     ):
         reason = reason.where(reason.notna() | ~bad, name)
-    return pd.DataFrame(
+    tagged = pd.DataFrame(
         {
             "user_id": users,
             "item_id": items,
@@ -100,6 +116,7 @@ def tag_events(batch: pd.DataFrame, item_index: dict[str, int]) -> pd.DataFrame:
             "reason": reason,
         }
     )
+    return pa.Table.from_pandas(tagged, schema=TAGGED_EVENT_SCHEMA, preserve_index=False)
 
 
 def load_image(data: bytes | None, size: int) -> np.ndarray | None:

@@ -92,8 +92,9 @@ class EvalConfig:
 class ExperimentConfig:
     """Where runs, checkpoints and MLflow records go."""
 
-    name: str = "demo"
-    """Run name in Ray Train (a rerun with the same name and storage resumes) and in MLflow."""
+    name: str = ""
+    """Run name in Ray Train and MLflow. Empty: a new timestamped name per run. A rerun with the same
+    name and storage_path resumes from that run's latest checkpoint."""
     storage_path: str = "runs"
     """Checkpoints and Ray Train state: local folder, or shared storage (s3://...) on a cluster.
     Relative paths are taken from the project folder."""

@@ -62,6 +62,15 @@ def experiment_id(uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=artifacts)
 
 
+def start_parent_run(cfg: JobConfig, run_name: str) -> str:
+    """Opens the parent run of a sweep (its trials are child runs); returns its id."""
+    uri = tracking_uri(cfg)
+    run = _client(uri).create_run(experiment_id(uri, cfg.experiment.mlflow_experiment), run_name=run_name,
+                                  tags={"git_commit": _git_commit(), "kind": "sweep"})
+    log_params(uri, run.info.run_id, flatten({"tune": cfg.to_dict()["tune"]}))
+    return run.info.run_id
+
+
 def start_run(cfg: JobConfig, ds_config: dict, data_report: dict, run_name: str, parent_run_id: str = "") -> str:
     """Opens the run of a training job and records what defines it; returns its id."""
     uri = tracking_uri(cfg)

@@ -10,6 +10,7 @@ run and print the headline metrics with the command that browses them.
 """
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -17,6 +18,7 @@ import time
 from datetime import datetime
 
 import ray
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -49,6 +51,8 @@ def train_loop_per_worker(loop_config: dict):
     world = ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
 
+    if not cfg.train.use_gpu:  # as many threads as reserved CPUs: workers must not fight over cores
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     engine = setup_engine(InterestFormer(cfg.model, spec), cfg.train)
     state = restore_engine(engine) or {"epoch": 0, "step": 0}
@@ -127,18 +131,21 @@ def _progress(rank: int, total: int, done: int):
     return bar
 
 
-def ensure_ray(cfg: JobConfig):
+def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1):
     """Joins the cluster this job was submitted to, or starts a local Ray in this process.
 
     Locally, Ray is told of enough logical CPUs for the training workers AND the Ray Data
-    actors that feed them: on a 2-core machine the workers would otherwise take every CPU and
-    the pipeline would wait forever for one."""
+    actors that feed them (for each of `concurrent_runs` trainings): on a 2-core machine the
+    workers would otherwise take every CPU and the pipeline would wait forever for one."""
+    # One progress bar (training) rather than one per Ray Data operator of every pass.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    needed = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.train.pipeline_workers + 1
+    needed = concurrent_runs * (cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.train.pipeline_workers + 1)
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False,
              runtime_env={"env_vars": _worker_env(cfg)})
 

@@ -194,17 +194,21 @@ class InterestFormer(nn.Module):
         self.item_encoder = ItemEncoder(cfg, spec)
         self.position = nn.Embedding(spec.max_seq_len, d)
         self.event_type = nn.Embedding(spec.num_event_types + 1, d, padding_idx=0)
+        # Small, so that position and event type season the item representation, not drown it.
+        nn.init.normal_(self.position.weight, std=0.02)
+        nn.init.normal_(self.event_type.weight, std=0.02)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(CausalBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
 
     def encode_items(self, items: torch.Tensor, content: dict) -> torch.Tensor:
-        """(U,) unique item indices and their content -> (U, d) L2-normalised item vectors."""
-        return F.normalize(self.item_encoder(items, content), dim=-1)
+        """(U,) unique item indices and their content -> (U, d) item representations (layer-
+        normalised; L2-normalise them for scoring)."""
+        return self.item_encoder(items, content)
 
     def encode_users(self, history_vectors: torch.Tensor, history: torch.Tensor, event_types: torch.Tensor):
-        """history_vectors (B, T, d) item vectors of the left-padded history (B, T) -> (B, T, d)
-        L2-normalised interest after each event. Position t sees events 0..t only."""
+        """history_vectors (B, T, d) item representations of the left-padded history (B, T) ->
+        (B, T, d) L2-normalised interest after each event. Position t sees events 0..t only."""
         B, T = history.shape
         is_real = history > 0  # (B, T); histories are left-padded with 0
         # Positions count from the most recent event, so the newest is always the same embedding.
@@ -226,7 +230,7 @@ class InterestFormer(nn.Module):
         history, targets = batch["history"], batch["targets"]  # (B, T) each
         users = self.encode_users(vectors[torch.searchsorted(items, history)], history, batch["event_types"])
         has_target = targets > 0
-        logits = users[has_target] @ vectors.T / self.cfg.temperature  # (M, U)
+        logits = users[has_target] @ F.normalize(vectors, dim=-1).T / self.cfg.temperature  # (M, U)
         logits = logits.masked_fill(items == 0, float("-inf"))  # padding is never a candidate
         labels = torch.searchsorted(items, targets[has_target])  # (M,)
         return F.cross_entropy(logits.float(), labels)

@@ -11,6 +11,7 @@ Functions return sums over users, so workers can add their sums and divide once.
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 
 from interestformer.models.interest_former import InterestFormer
 
@@ -42,10 +43,11 @@ def add_sums(total: dict[str, float], sums: dict[str, float]) -> dict[str, float
 
 @torch.no_grad()
 def item_vectors(model: InterestFormer, item_batches: Iterable[dict], num_items: int) -> torch.Tensor:
-    """Encodes the whole catalogue, a batch at a time -> (num_items + 1, d); row 0 (padding) is 0."""
+    """Encodes the whole catalogue, a batch at a time -> (num_items + 1, d) L2-normalised; row 0
+    (padding) is 0."""
     table = None
     for batch in item_batches:
-        vectors = model.encode_items(batch["unique_items"], batch)  # (U, d)
+        vectors = F.normalize(model.encode_items(batch["unique_items"], batch), dim=-1)  # (U, d)
         if table is None:
             table = torch.zeros(num_items + 1, vectors.shape[1], device=vectors.device)
         table[batch["unique_items"]] = vectors.float()

@@ -1,0 +1,89 @@
+"""The one config schema: every shipped config loads, and mistakes name their key before Ray starts."""
+
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from interestformer import ConfigError
+from interestformer.jobs.config import JobConfig, field_docs, load_config
+from interestformer.jobs.distributed import deepspeed_config
+
+from conftest import PROJECT_DIR
+
+CONFIGS = sorted(glob.glob(os.path.join(PROJECT_DIR, "configs", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, JobConfig)
+    assert JobConfig.from_dict(cfg.to_dict()) == cfg  # what workers receive rebuilds the same config
+
+
+def test_demo_config_file_is_the_embedded_default():
+    assert load_config(os.path.join(PROJECT_DIR, "configs", "demo.yaml")) == load_config(None)
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["train.zero_stage=5"], "train.zero_stage", "0, 1, 2, 3"),
+    (["train.lr=fast"], "train.lr", "must be float"),
+    (["train.epochs=2.5"], "train.epochs", "must be int"),
+    (["train.use_gpu=1"], "train.use_gpu", "must be bool"),
+    (["train.precision=fp8"], "train.precision", "['fp32', 'bf16']"),
+    (["model.dropout=1.5"], "model.dropout", "[0, 1)"),
+    (["model.n_heads=3"], "model.n_heads", "divide d_model"),
+    (["model.image.patch_size=5"], "model.image.patch_size", "divide data.image_size"),
+    (["model.text.hidden_sise=8"], "model.text.hidden_sise", "unknown key"),
+    (["trian.epochs=1"], "trian", "unknown key"),
+    (["data.source=parquet"], "data.events_path", "required"),
+    (["data.demo.num_users=0"], "data.demo.num_users", ""),
+    (["eval.ks=[]"], "eval.ks", "non-empty"),
+    (["eval.ks=[10, x]"], "eval.ks[1]", "must be int"),
+])
+def test_mistakes_name_their_key(overrides, key, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert error.value.key == key
+    assert words in str(error.value)
+
+
+def test_yaml_section_of_wrong_shape(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="train"):
+        load_config(str(path))
+
+
+def test_job_fails_on_bad_config_before_ray_starts(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  d_model: 64\n  n_heads: 2\n  text:\n    layers: 2\n")
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(path)], cwd=PROJECT_DIR,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "model.text.layers" in run.stderr and "unknown key" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert "Started a local Ray instance" not in run.stdout + run.stderr
+    assert time.perf_counter() - started < 60  # no Ray start-up happened
+
+
+def test_help_explains_every_config_key():
+    run = subprocess.run([sys.executable, "-m", "jobs.train", "--help"], cwd=PROJECT_DIR,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0
+    for key, _, doc in field_docs():
+        assert key in run.stdout
+        assert doc, f"config key {key} has no docstring"
+
+
+def test_deepspeed_config_follows_the_train_section():
+    cfg = load_config(None, ["train.zero_stage=3", "train.precision=bf16", "train.grad_accum_steps=4"])
+    ds = deepspeed_config(cfg.train)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"]["enabled"] is True
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch_size
