@@ -26,7 +26,9 @@ def ray_head(tmp_path):
     """`ray start --head --block` in its own process: ending it stops exactly the processes it
     started (unlike `ray stop`, which would stop every Ray on the machine)."""
     gcs_port, dashboard_port = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DS_ACCELERATOR": "cpu"}
+    # Token authentication on both sides: the head creates ~/.ray/auth_token if there is none,
+    # and the job CLI sends it (Ray 2.60's CLI does not turn it on by itself).
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [f"{BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
