@@ -146,7 +146,8 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1):
         ray.init()
         return
     needed = concurrent_runs * (cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.train.pipeline_workers + 1)
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False,
+    # address="local": a new Ray for this job, even where `ray start` left a cluster running.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False,
              runtime_env={"env_vars": _worker_env(cfg)})
 
 

@@ -50,6 +50,10 @@ def ray_head(tmp_path):
     yield address, env
     head.terminate()
     head.wait(timeout=120)
+    # A terminated head leaves its address behind, where a later bare ray.init() would find it.
+    current = "/tmp/ray/ray_current_cluster"
+    if os.path.exists(current) and open(current).read().strip().endswith(f":{gcs_port}"):
+        os.remove(current)
 
 
 def test_submitted_training_job_succeeds(ray_head, tmp_path):

@@ -1,5 +1,6 @@
 """Sequence building, time split and bad-row accounting on hand-made Parquet logs (real Ray Data)."""
 
+
 import io
 
 import numpy as np
@@ -11,6 +12,8 @@ from PIL import Image
 from interestformer.datasets.config import DataConfig
 from interestformer.datasets.pipeline import sequence_batches, unpack
 from interestformer.datasets.prepare import DataQualityError, PreparedData, prepare
+
+pytestmark = pytest.mark.slow  # real Ray Data jobs: about a minute
 
 
 def png(colour) -> bytes:
