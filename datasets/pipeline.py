@@ -49,11 +49,11 @@ class ItemContent:
         self.text, self.image, self.image_size = text, image, S
         table = _read_item_table(prepared.items_path).to_pydict()
         index = np.asarray(table["item_index"], dtype=np.int64)
-        if text:
+        if text:  # rows of items without text stay all padding
             self.tokens = np.zeros((n + 1, L), dtype=np.int64)
             self.mask = np.zeros((n + 1, L), dtype=np.int64)
-            self.tokens[index] = np.stack(table["text_tokens"]) if len(index) else 0
-            self.mask[index] = np.stack(table["text_mask"]) if len(index) else 0
+            for i, tokens, mask in zip(index, table["text_tokens"], table["text_mask"]):
+                self.tokens[i], self.mask[i] = tokens, mask
         if image:
             self.images = [None] * (n + 1)
             for i, data in zip(index, table["image"]):

@@ -31,10 +31,10 @@ import ray
 from interestformer.datasets.config import DataConfig
 from interestformer.datasets.demo import generate_demo
 from interestformer.datasets.schema import (
-    ITEM_TABLE_SCHEMA, SEQUENCE_SCHEMA, load_image, png_bytes, tag_events,
+    ITEM_TABLE_SCHEMA, REASONS, SEQUENCE_SCHEMA, load_image, png_bytes, tag_events,
 )
 
-META_VERSION = 1
+META_VERSION = 2  # bump when the prepared layout changes: cached data is then rebuilt
 
 
 class DataQualityError(RuntimeError):
@@ -143,7 +143,6 @@ class ItemRows:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.cfg = cfg
         self.duplicated = duplicated
-        self.filesystems = {}
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
         from interestformer.datasets.schema import as_id_strings
@@ -357,6 +356,7 @@ def _summarise(out: str, num_items: int, cfg: DataConfig, fingerprint: str) -> d
         "text_max_tokens": cfg.text_max_tokens,
         "image_size": cfg.image_size,
         "report": report,
+        "reasons": {r: REASONS[r] for r in sorted({*event_quarantine, *item_quarantine})},
         "popularity_train": np.sum(np.stack(stats["train_counts"]), axis=0).tolist(),
         "popularity_pretest": np.sum(np.stack(stats["pretest_counts"]), axis=0).tolist(),
     }

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 
 from interestformer.jobs.config import PROJECT_DIR, JobConfig
@@ -28,10 +29,12 @@ def tracking_uri(cfg: JobConfig) -> str:
 
 
 def ui_command(uri: str) -> str:
-    """The command that browses this store."""
+    """The exact command that browses this store (the mlflow beside this Python, i.e. the venv's)."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    beside = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    mlflow = beside if os.path.exists(beside) else "mlflow"
+    return f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:

@@ -1,7 +1,15 @@
 """The README's main job on its embedded default (the demo): it must beat most-popular."""
 
+import json
+import os
+import re
+import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import mlflow
 import pytest
@@ -20,7 +28,8 @@ def test_demo_beats_most_popular_on_the_test_split(tmp_path):
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-5000:]
     print(output[output.index("Finished in"):])  # the table the user sees: both rows
-    assert "most popular" in output and f"Browse the run: mlflow ui --backend-store-uri {uri}" in output
+    assert "most popular" in output
+    check_printed_ui_command(output, uri)
 
     client = mlflow.MlflowClient(uri)
     [result] = client.search_runs([client.get_experiment_by_name("interestformer").experiment_id])
@@ -29,3 +38,30 @@ def test_demo_beats_most_popular_on_the_test_split(tmp_path):
         assert metrics[f"test_ndcg_at_{k}"] > metrics[f"most_popular_test_ndcg_at_{k}"]
         assert metrics[f"test_hr_at_{k}"] > metrics[f"most_popular_test_hr_at_{k}"]
     assert metrics["test_ndcg_at_10"] > 1.5 * metrics["most_popular_test_ndcg_at_10"]
+
+
+def check_printed_ui_command(output: str, uri: str):
+    """Runs the exact command the job printed (on a free port) and finds the run through it."""
+    command = re.search(r"Browse the run: (.*)", output).group(1)
+    assert f"ui --backend-store-uri {uri} --host 127.0.0.1" in command
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = shlex.split(command.replace("--port 5000", f"--port {port}"))
+    server = subprocess.Popen(args, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=interestformer")
+                body = json.loads(urllib.request.urlopen(request, timeout=5).read())
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "the printed MLflow UI command did not serve"
+                time.sleep(1)
+        assert body["experiment"]["name"] == "interestformer"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started
+        server.wait(timeout=60)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from interestformer.jobs import evaluate, tracking
 from interestformer.jobs.config import load_config
+from interestformer.jobs.distributed import load_model
 from interestformer.jobs.train import train
 
 from conftest import PROJECT_DIR
@@ -83,3 +84,33 @@ def test_checkpoint_reloads_into_evaluate_with_the_same_metrics(finished_run):
                              "--tracking-uri", summary["tracking_uri"]])
     for name, value in summary["test"].items():
         assert metrics[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, tmp_path):
+    """ZeRO-3 partitions the weights, so the checkpoint's model.safetensors must be gathered from
+    both workers; a rerun with the same name and storage resumes from the latest checkpoint."""
+    overrides = [
+        f"data.prepared_dir={tmp_path / 'prepared'}",
+        f"experiment.storage_path={tmp_path / 'runs'}",
+        f"experiment.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "experiment.name=zero3",
+        "train.zero_stage=3",
+        "train.precision=bf16",
+        "train.grad_accum_steps=2",
+    ]
+    config = os.path.join(PROJECT_DIR, "configs", "tiny.yaml")
+    first = train(load_config(config, overrides + ["train.epochs=1"]))
+    weights = load_file(os.path.join(first["checkpoint"], "model.safetensors"))
+    model, _ = load_model(first["checkpoint"])
+    assert set(weights) == set(model.state_dict())  # every weight, gathered whole
+    assert all(w.shape == model.state_dict()[name].shape for name, w in weights.items())
+
+    second = train(load_config(config, overrides + ["train.epochs=2"]))
+    assert second["checkpoint"] != first["checkpoint"]
+    assert os.path.dirname(second["checkpoint"]) == os.path.dirname(first["checkpoint"])  # same Ray Train run
+    val = tracking.metric_history(second["tracking_uri"], second["run_id"], "val_ndcg_at_10")
+    assert len(val) == 1  # epoch 1 came from the checkpoint; only epoch 2 ran
+    metrics = evaluate.main(["--checkpoint", second["checkpoint"]])
+    for name, value in second["test"].items():
+        assert metrics[name] == pytest.approx(value, abs=1e-9), name
+

@@ -70,6 +70,6 @@ def test_submitted_training_job_succeeds(ray_head, tmp_path):
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-5000:]
     assert "succeeded" in output, output[-5000:]
-    assert "Browse the run: mlflow ui --backend-store-uri sqlite:///" in output
+    assert "mlflow ui --backend-store-uri sqlite:///" in output
     assert os.path.isfile(tmp_path / "mlflow.db")
     assert any(name.startswith("run-") for name in os.listdir(tmp_path / "runs"))
