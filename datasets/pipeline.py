@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 import pyarrow.parquet as pq
 import ray
+from ray.data.expressions import col
 
 from interestformer.datasets.prepare import PreparedData, absolute
 from interestformer.datasets.schema import load_image
@@ -146,7 +147,7 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
     ds = ray.data.read_parquet(prepared.sequences_path).select_columns(
         ["user_id", "items", "event_types", "num_events"])
     # Training needs a pair of events; evaluation a history and a target beyond the validation one.
-    ds = ds.filter(expr=f"num_events >= {2 if split == 'train' else 3}")
+    ds = ds.filter(expr=col("num_events") >= (2 if split == "train" else 3))
     if split == "train":
         ds = ds.randomize_block_order()
     return ds.map_batches(

@@ -58,15 +58,17 @@ def ray_head(tmp_path):
 
 def test_submitted_training_job_succeeds(ray_head, tmp_path):
     address, env = ray_head
-    run = subprocess.run(
-        [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-         "python", "-m", "jobs.train", "--config", "configs/tiny.yaml",
-         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-         "--set", f"experiment.storage_path={tmp_path / 'runs'}",
-         "--set", f"data.prepared_dir={tmp_path / 'prepared'}",
-         "--set", "train.epochs=1"],
-        cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=900,
-    )
+    command = [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+               "python", "-m", "jobs.train", "--config", "configs/tiny.yaml",
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+               "--set", f"experiment.storage_path={tmp_path / 'runs'}",
+               "--set", f"data.prepared_dir={tmp_path / 'prepared'}",
+               "--set", "train.epochs=1"]
+    for _ in range(30):  # the head's job agent comes up a little after its dashboard answers
+        run = subprocess.run(command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent to submit job" not in run.stderr:
+            break
+        time.sleep(2)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-5000:]
     assert "succeeded" in output, output[-5000:]
