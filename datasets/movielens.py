@@ -11,8 +11,8 @@ Reads from a source folder:
 ``users.dat`` is never read: its demographics are personal data and the models do not use them.
 
 Writes ``out_dir/events/part-NNNNN.parquet`` (``num_shards`` files, each user's events in one
-shard, ordered by user then time) and ``out_dir/items/part-00000.parquet`` (every movie of
-movies.dat, rated or not). Posters are passed through as the files' raw bytes: decoding them, and
+shard, ordered by user then time) and ``out_dir/items/part-00000.parquet`` (the rated movies of
+movies.dat, or all of them with keep_unrated). Posters are passed through as the files' raw bytes: decoding them, and
 counting the ones that do not decode, is the prepare step's job. The same input always gives
 byte-identical files.
 
@@ -29,6 +29,7 @@ import re
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 EVENT_SCHEMA = pa.schema([
@@ -134,8 +135,12 @@ def write_parts(folder: str, parts: list[pa.Table]) -> None:
         pq.write_table(part, os.path.join(folder, f"part-{i:05d}.parquet"))
 
 
-def convert_movielens(source_dir: str, out_dir: str, posters_dir: str | None = None, num_shards: int = 8) -> dict:
+def convert_movielens(source_dir: str, out_dir: str, posters_dir: str | None = None, num_shards: int = 8,
+                      keep_unrated: bool = False) -> dict:
     """Converts a MovieLens-1M folder (see the module docstring) to out_dir/events and out_dir/items.
+
+    The catalogue holds the movies that have ratings (3,706 in ML-1M), the candidate set of the
+    published full-ranking tables; keep_unrated keeps all of movies.dat (3,883).
 
     Returns {"users", "items" (catalogue rows), "rated_items" (distinct items in events), "events",
     "posters" (items with poster bytes), "source" (the events file used), "path"}.
@@ -148,6 +153,9 @@ def convert_movielens(source_dir: str, out_dir: str, posters_dir: str | None = N
         raise FileNotFoundError(f"{source_dir} has neither {RATINGS} nor {SEQUENCES}")
     raw = read_ratings(source_path) if source == RATINGS else read_sequences(source_path)
     items = movie_catalogue(os.path.join(source_dir, MOVIES), posters_dir)
+    if not keep_unrated:
+        rated = pa.array(raw["item"].astype(str).unique(), pa.string())
+        items = items.filter(pc.is_in(items.column("item_id"), value_set=rated))
 
     # By user, then time; stable, so events in the same second keep the source's order.
     raw = raw.sort_values(["user", "timestamp"], kind="stable")
@@ -177,8 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="output folder; events/ and items/ are written under it")
     parser.add_argument("--posters", metavar="DIR", help="folder of <movieId>.jpg posters (default: no images)")
     parser.add_argument("--shards", type=int, default=8, help="number of event files (default: 8)")
+    parser.add_argument("--keep-unrated", action="store_true",
+                        help="keep movies nobody rated in the catalogue (the published tables rank only rated ones)")
     args = parser.parse_args(argv)
-    summary = convert_movielens(args.source_dir, args.out_dir, args.posters, args.shards)
+    summary = convert_movielens(args.source_dir, args.out_dir, args.posters, args.shards, args.keep_unrated)
     print(json.dumps(summary, indent=2))
 
 

@@ -85,7 +85,7 @@ def _sequences(events: pa.Table) -> dict[str, list[tuple]]:
 def test_ratings_slice(slice_dir, tmp_path):
     source, posters, written = slice_dir
     out = str(tmp_path / "out")
-    summary = convert_movielens(source, out, posters_dir=posters, num_shards=SHARDS)
+    summary = convert_movielens(source, out, posters_dir=posters, num_shards=SHARDS, keep_unrated=True)
     assert summary == {"users": 4, "items": 4, "rated_items": 3, "events": len(RATINGS), "posters": 3,
                        "source": "ratings.dat", "path": out}
 
@@ -99,7 +99,7 @@ def test_ratings_slice(slice_dir, tmp_path):
     items = _items(out)
     assert items.schema.remove_metadata() == ITEM_SCHEMA
     rows = {row["item_id"]: row for row in items.to_pylist()}
-    assert list(rows) == ["1", "2", "3", "4"]  # the unrated movie 4 stays in the catalogue
+    assert list(rows) == ["1", "2", "3", "4"]  # with keep_unrated, the unrated movie 4 stays
     titles = [rows[m]["title"] for m in rows]
     assert titles == ["Toy Story", "Crème de la crème", "Amélie", "Associate, The (L'Associe)"]
     assert rows["1"]["description"] == "Year: 1995. Genres: Animation, Children's, Comedy"
@@ -109,6 +109,13 @@ def test_ratings_slice(slice_dir, tmp_path):
     assert rows["1"]["image"] == written["1"] and rows["2"]["image"] == b"not a jpeg"
     assert rows["3"]["image"] is None
     assert items.column("image_uri").null_count == items.num_rows
+
+
+def test_catalogue_holds_only_rated_movies_by_default(slice_dir, tmp_path):
+    source, posters, _ = slice_dir
+    out = str(tmp_path / "out")
+    assert convert_movielens(source, out, posters_dir=posters)["items"] == 3
+    assert [row["item_id"] for row in _items(out).to_pylist()] == ["1", "2", "3"]
 
 
 def test_sequences_slice(slice_dir, tmp_path):
@@ -158,8 +165,8 @@ def test_real_ml_1m(tmp_path):
     start = time.perf_counter()
     summary = convert_movielens(ML_1M, out, posters_dir=os.path.join(ML_1M, "posters"))
     seconds = time.perf_counter() - start
-    assert summary == {"users": 6040, "items": 3883, "rated_items": 3706, "events": 1_000_209, "posters": 2952,
-                       "source": "sequences.tsv.gz", "path": out}
+    assert summary == {"users": 6040, "items": 3706, "rated_items": 3706, "events": 1_000_209,
+                       "posters": 2952, "source": "sequences.tsv.gz", "path": out}  # every poster is of a rated movie
     assert seconds < 60, f"conversion took {seconds:.1f} s"
     events = pq.read_table(os.path.join(out, "events"))
     assert events.num_rows == 1_000_209 and events.schema.remove_metadata() == EVENT_SCHEMA
