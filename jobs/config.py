@@ -185,7 +185,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
                 raise ConfigError(key, f"'{part}' is not a section")
         node[leaf] = yaml.safe_load(raw)
     cfg = JobConfig.from_dict(data)
-    for section, key in (("data", "prepared_dir"), ("experiment", "storage_path")):
+    for section, key in (("data", "prepared_dir"), ("data", "events_path"), ("data", "items_path"),
+                         ("experiment", "storage_path")):
         value = getattr(getattr(cfg, section), key)
         if value and "://" not in value and not os.path.isabs(value):
             setattr(getattr(cfg, section), key, os.path.join(PROJECT_DIR, value))
