@@ -26,6 +26,11 @@ def ray_head(tmp_path):
     """`ray start --head --block` in its own process: ending it stops exactly the processes it
     started (unlike `ray stop`, which would stop every Ray on the machine)."""
     gcs_port, dashboard_port = free_port(), free_port()
+    # Every port of its own: the in-process Ray of other tests already holds Ray's default agent
+    # ports, and a head whose dashboard agent cannot bind never accepts a job.
+    own_ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
     # Token authentication on both sides: the head creates ~/.ray/auth_token if there is none,
     # and the job CLI sends it (Ray 2.60's CLI does not turn it on by itself).
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "token"}
@@ -33,7 +38,7 @@ def ray_head(tmp_path):
     head = subprocess.Popen(
         [f"{BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=4",
-         "--disable-usage-stats"],
+         "--disable-usage-stats", *own_ports],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
