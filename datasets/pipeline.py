@@ -25,6 +25,8 @@ import zlib
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
@@ -35,9 +37,7 @@ from interestformer.datasets.schema import load_image
 Split = Literal["train", "validation", "test"]
 
 
-def _read_item_table(items_path: str) -> "pyarrow.Table":
-    import pyarrow.fs as pafs
-
+def _read_item_table(items_path: str) -> pa.Table:
     fs, path = pafs.FileSystem.from_uri(absolute(items_path))
     return pq.read_table(path, filesystem=fs)
 

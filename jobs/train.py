@@ -24,7 +24,7 @@ import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 
-from interestformer.datasets.pipeline import item_batches, sequence_batches, unpack
+from interestformer.datasets.pipeline import sequence_batches, unpack
 from interestformer.datasets.prepare import PreparedData, prepare
 from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, field_docs, load_config
