@@ -39,7 +39,7 @@ REASONS = {
     "unknown_item": "item_id is not in the catalogue",
     "bad_timestamp": "timestamp is null, not a number or negative",
     "duplicate_event": "same user, item, timestamp and event type as a kept event",
-    "duplicate_item_id": "catalogue row whose item_id an earlier row already has",
+    "duplicate_item_id": "catalogue row whose item_id another row has; one of them is kept (which is not defined)",
     "image_undecodable": "image bytes or URI could not be read and decoded (item kept without image)",
 }
 

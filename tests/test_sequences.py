@@ -33,10 +33,12 @@ def write_logs(root, events_rows: list[list[tuple]]):
             "timestamp": pa.array(times, pa.float64()),  # floats, so NaN can occur as in real logs
             "event_type": pa.array(types, pa.string()),
         }), root / "events" / f"part-{i}.parquet")
+    (root / "green.png").write_bytes(png("green"))
     pq.write_table(pa.table({
-        "item_id": ["a", "b", "c", "d", "e"],
-        "title": ["Crème brûlée", "Naïve art", "Café", "Dogs", "Eels"],
-        "image": pa.array([png("red"), b"\xff\xd8 not really a jpeg", None, png("blue"), None], pa.binary()),
+        "item_id": ["a", "b", "c", "d", "e", "c"],  # "c" twice: the second row is set aside
+        "title": ["Crème brûlée", "Naïve art", "Café", "Dogs", "Eels", "Café again"],
+        "image": pa.array([png("red"), b"\xff\xd8 not really a jpeg", None, png("blue"), None, None], pa.binary()),
+        "image_uri": [None, None, None, None, str(root / "green.png"), None],  # e's image is a file
     }), root / "items" / "part-0.parquet")
 
 
@@ -105,6 +107,7 @@ def test_every_row_is_used_quarantined_or_counted_as_duplicate(prepared):
     assert report["events_null_user_id"] == 1
     assert report["events_bad_timestamp"] == 2
     assert report["items_image_undecodable"] == 1
+    assert report["items_duplicate_item_id"] == 1
     assert (report["users"], report["users_too_short"], report["users_train_only"]) == (4, 1, 1)
 
     quarantine = pq.read_table(f"{prepared.path}/quarantine/events").to_pandas()
@@ -113,6 +116,11 @@ def test_every_row_is_used_quarantined_or_counted_as_duplicate(prepared):
     items = pq.read_table(prepared.items_path).to_pandas().set_index("item_id")
     assert len(items) == 5  # an item whose image is broken stays, without an image
     assert not items.loc["b", "has_image"] and items.loc["a", "has_image"]
+    assert items.loc["e", "has_image"]  # read through its image_uri
+    assert not items.loc["c", "has_image"]
+    item_quarantine = pq.read_table(f"{prepared.path}/quarantine/items").to_pandas()
+    assert sorted(zip(item_quarantine["item_id"], item_quarantine["reason"])) == [
+        ("b", "image_undecodable"), ("c", "duplicate_item_id")]
 
 
 def test_time_split_last_for_test_one_before_for_validation(prepared):
