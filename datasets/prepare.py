@@ -116,7 +116,9 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
         batch_size=256,
         concurrency=(1, max(1, int(ray.available_resources().get("CPU", 1)))),
     )
-    _write_split(processed, join(out, "items"), join(out, "quarantine", "items"), keep_reason="image_undecodable")
+    # Materialised once: the item rows feed two writes (kept, quarantined), and recomputing them
+    # would decode every catalogue image twice. Resized PNGs are small beside the raw catalogue.
+    _write_split(processed.materialize(), join(out, "items"), join(out, "quarantine", "items"), keep_reason="image_undecodable")
 
     item_index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
     tagged = ray.data.read_parquet(events_path).map_batches(

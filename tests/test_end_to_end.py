@@ -84,6 +84,8 @@ def test_checkpoint_reloads_into_evaluate_with_the_same_metrics(finished_run):
                              "--tracking-uri", summary["tracking_uri"]])
     for name, value in summary["test"].items():
         assert metrics[name] == pytest.approx(value, abs=1e-9), name
+    logged = tracking.run_data(summary["tracking_uri"], summary["run_id"]).metrics  # --run-id logs there
+    assert logged["eval_test_ndcg_at_10"] == pytest.approx(summary["test"]["ndcg@10"], abs=1e-9)
 
 
 def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, tmp_path):
