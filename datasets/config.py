@@ -36,6 +36,11 @@ class DataConfig:
     vocab_size: int = 2000
     """Size of the word-piece vocabulary trained on the catalogue when no pretrained tokenizer is
     given (model.text.pretrained_path)."""
+    cold_item_fraction: float = 0.0
+    """Cold-start evaluation: this fraction of items (a fixed, seeded choice) is held out of
+    training entirely (dropped from every training sequence and history, never a negative), and the
+    job also reports cold_test_* metrics over test users whose target is one of those items. The
+    test_* metrics of such a run are then no longer the standard protocol's."""
     max_bad_fraction: float = 0.2
     """The job stops with an error when more than this fraction of events or items is unusable."""
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
@@ -53,5 +58,7 @@ class DataConfig:
             raise ConfigError("sequence_shards", f"must be >= 1, got {self.sequence_shards}")
         if self.num_negatives < 0:
             raise ConfigError("num_negatives", "must be >= 0")
+        if not 0.0 <= self.cold_item_fraction < 1.0:
+            raise ConfigError("cold_item_fraction", f"must be within [0, 1), got {self.cold_item_fraction}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError("max_bad_fraction", "must be within [0, 1]")

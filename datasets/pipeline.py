@@ -19,6 +19,11 @@ Packed evaluation batch: the same, with targets (B,): the held-out item after ea
 Splits by time, per user with n events (oldest first): test target = event n, validation target =
 event n-1, training = events 1..n-2. Users with 2 events train on both; users with 1 event
 cannot form a pair and are counted in the prepare report (users_too_short).
+
+Cold-start items (data.cold_item_fraction > 0): a fixed, seeded set of items is held out of
+training entirely. Their events are dropped from every training sequence and every history, they
+are never sampled as negatives, and split `cold` holds the test users whose target is one of them
+(the model must rank an item it has never seen).
 """
 
 import zlib
@@ -34,7 +39,21 @@ from ray.data.expressions import col
 from interestformer.datasets.prepare import PreparedData, absolute
 from interestformer.datasets.schema import load_image
 
-Split = Literal["train", "validation", "test"]
+Split = Literal["train", "validation", "test", "cold"]
+COLD_ITEM_SEED = 20261124  # fixed, so every config of a benchmark holds out the same items
+
+
+def cold_items(num_items: int, fraction: float) -> np.ndarray:
+    """The sorted item indices (1..num_items) held out of training for cold-start evaluation."""
+    count = round(fraction * num_items)
+    return np.sort(np.random.default_rng(COLD_ITEM_SEED).choice(np.arange(1, num_items + 1), count, replace=False))
+
+
+def is_cold_mask(num_items: int, fraction: float) -> np.ndarray:
+    """(num_items + 1,) bool: True at the held-out items' indices."""
+    mask = np.zeros(num_items + 1, dtype=bool)
+    mask[cold_items(num_items, fraction)] = True
+    return mask
 
 
 def _read_item_table(items_path: str) -> pa.Table:
@@ -90,9 +109,11 @@ class PackBatches:
     """A batch of stored sequences -> one packed batch (see the module docstring)."""
 
     def __init__(self, prepared: PreparedData, split: Split, max_seq_len: int, num_negatives: int,
-                 text: bool, image: bool, seed: int):
+                 text: bool, image: bool, seed: int, cold_fraction: float):
         self.split, self.T = split, max_seq_len
         self.num_items, self.num_negatives, self.seed = prepared.num_items, num_negatives, seed
+        self.is_cold = is_cold_mask(prepared.num_items, cold_fraction)
+        self.negative_pool = np.flatnonzero(~self.is_cold[1:]) + 1  # warm items only
         self.event_type_index = {t: i + 1 for i, t in enumerate(prepared.meta["event_types"])}
         self.content = ItemContent(prepared, text, image)
         self.calls = 0
@@ -103,15 +124,17 @@ class PackBatches:
             types_idx = np.array([self.event_type_index.get(t, 0) for t in event_types], dtype=np.int64)
             items = np.asarray(items, dtype=np.int64)
             if self.split == "train":
-                part = slice(0, len(items) - 2 if len(items) >= 3 else len(items))
-                window_items, window_types = items[part][-(self.T + 1):], types_idx[part][-(self.T + 1):]
+                end = len(items) - 2 if len(items) >= 3 else len(items)
+                warm = ~self.is_cold[items[:end]]
+                window_items, window_types = items[:end][warm][-(self.T + 1):], types_idx[:end][warm][-(self.T + 1):]
                 histories.append(window_items[:-1])
                 types.append(window_types[:-1])
                 targets.append(window_items[1:])
             else:
                 end = len(items) - (2 if self.split == "validation" else 1)
-                histories.append(items[:end][-self.T:])
-                types.append(types_idx[:end][-self.T:])
+                warm = ~self.is_cold[items[:end]]
+                histories.append(items[:end][warm][-self.T:])
+                types.append(types_idx[:end][warm][-self.T:])
                 targets.append(items[end])
         history = left_pad(histories, self.T)
         packed = {"history": history, "event_types": left_pad(types, self.T)}
@@ -119,7 +142,7 @@ class PackBatches:
         if self.split == "train":
             packed["targets"] = left_pad(targets, self.T)
             rng = np.random.default_rng([self.seed, zlib.crc32(str(batch["user_id"][0]).encode()), self.calls])
-            candidates += [packed["targets"].ravel(), rng.integers(1, self.num_items + 1, self.num_negatives)]
+            candidates += [packed["targets"].ravel(), rng.choice(self.negative_pool, self.num_negatives)]
         else:
             packed["targets"] = np.asarray(targets, dtype=np.int64)
         self.calls += 1
@@ -142,7 +165,7 @@ class PackItems:
 
 def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_seq_len: int,
                      num_negatives: int = 0, text: bool = True, image: bool = True, seed: int = 0,
-                     pipeline_workers: int = 1) -> ray.data.Dataset:
+                     pipeline_workers: int = 1, cold_fraction: float = 0.0) -> ray.data.Dataset:
     """A dataset whose rows are packed batches of `batch_size` users for `split`."""
     ds = ray.data.read_parquet(prepared.sequences_path).select_columns(
         ["user_id", "items", "event_types", "num_events"])
@@ -150,14 +173,27 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
     ds = ds.filter(expr=col("num_events") >= (2 if split == "train" else 3))
     if split == "train":
         ds = ds.randomize_block_order()
+    if split == "cold":
+        ds = ds.filter(_TargetIsCold(is_cold_mask(prepared.num_items, cold_fraction)))
     return ds.map_batches(
         PackBatches,
         fn_constructor_kwargs=dict(prepared=prepared, split=split, max_seq_len=max_seq_len,
-                                   num_negatives=num_negatives, text=text, image=image, seed=seed),
+                                   num_negatives=num_negatives, text=text, image=image, seed=seed,
+                                   cold_fraction=cold_fraction),
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=(1, pipeline_workers),
     )
+
+
+class _TargetIsCold:
+    """Keeps the users whose test target (last event) is a held-out item."""
+
+    def __init__(self, is_cold: np.ndarray):
+        self.is_cold = is_cold
+
+    def __call__(self, row: dict) -> bool:
+        return bool(self.is_cold[row["items"][-1]])
 
 
 def item_batches(prepared: PreparedData, batch_size: int, text: bool = True, image: bool = True) -> ray.data.Dataset:

@@ -396,16 +396,26 @@ def _fingerprint(cfg: DataConfig, tokenizer_path: str, *inputs: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def read_json(uri: str) -> dict | None:
+def read_bytes(uri: str) -> bytes | None:
+    """A local file's or object's bytes; None when there is none."""
     fs, path = pafs.FileSystem.from_uri(absolute(uri))
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None
     with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
+        return f.read()
 
 
-def write_json(uri: str, payload: dict):
+def write_bytes(uri: str, payload: bytes):
     fs, path = pafs.FileSystem.from_uri(absolute(uri))
     fs.create_dir(os.path.dirname(path), recursive=True)
     with fs.open_output_stream(path) as f:
-        f.write(json.dumps(payload, indent=1).encode())
+        f.write(payload)
+
+
+def read_json(uri: str) -> dict | None:
+    payload = read_bytes(uri)
+    return None if payload is None else json.loads(payload)
+
+
+def write_json(uri: str, payload: dict):
+    write_bytes(uri, json.dumps(payload, indent=1).encode())

@@ -4,9 +4,12 @@ A config file is YAML whose sections mirror `JobConfig`; every key is optional (
 defaults are the demo) and every key is checked before Ray starts: an unknown key, a wrong type,
 an out-of-range value or an impossible combination raises ConfigError naming the key's path.
 `--set section.key=value` on any job's command line overrides a key after the file is read.
+A file may build on another with `base: other.yaml`: configs that differ in a few keys say only
+those (see configs/ml1m_*.yaml).
 """
 
 import dataclasses
+import importlib.util
 import os
 import types
 import typing
@@ -166,13 +169,9 @@ class JobConfig:
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig:
     """Reads a YAML config (none: the demo defaults), applies `key.path=value` overrides,
-    validates everything, and makes relative paths absolute from the project folder."""
-    data = {}
-    if path:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError("<file>", f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    validates everything, and makes paths absolute: relative ones from the project folder,
+    `pkg:<package>/<sub/path>` from an installed Python package's folder."""
+    data = read_yaml(path) if path else {}
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep:
@@ -190,7 +189,49 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
         value = getattr(getattr(cfg, section), key)
         if value and "://" not in value and not os.path.isabs(value):
             setattr(getattr(cfg, section), key, os.path.join(PROJECT_DIR, value))
+    for encoder in ("text", "image"):
+        encoder_cfg = getattr(cfg.model, encoder)
+        if encoder_cfg.pretrained_path:
+            encoder_cfg.pretrained_path = _local_path(encoder_cfg.pretrained_path, f"model.{encoder}.pretrained_path")
     return cfg
+
+
+def read_yaml(path: str) -> dict:
+    """A config file's sections. `base: other.yaml` (relative to the file) starts from that
+    file's keys and lays this file's on top, section by section."""
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("<file>", f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError("base", f"must be the path of another config file, got {base!r}")
+    return _merge(read_yaml(os.path.join(os.path.dirname(os.path.abspath(path)), base)), data)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both else value
+    return merged
+
+
+def _local_path(value: str, key: str) -> str:
+    """An existing local path from a config value (weights are never downloaded at run time)."""
+    if value.startswith("pkg:"):
+        package, _, inner = value[len("pkg:"):].partition("/")
+        spec = importlib.util.find_spec(package) if package else None
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(key, f"no installed Python package {package!r} (from {value!r})")
+        value = os.path.join(list(spec.submodule_search_locations)[0], inner)
+    elif not os.path.isabs(value):
+        value = os.path.join(PROJECT_DIR, value)
+    if not os.path.exists(value):
+        raise ConfigError(key, f"no such local file or folder: {value}")
+    return value
 
 
 def build(cls, data: Any, path: str):
@@ -243,10 +284,11 @@ def field_docs(cls=JobConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     import inspect
 
     docs = {}
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
-            docs[node.target.id] = " ".join(str(following.value.value).split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # inherited fields too
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, following in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
+                docs[node.target.id] = " ".join(str(following.value.value).split())
     rows, defaults = [], cls()
     for f in dataclasses.fields(cls):
         value = getattr(defaults, f.name)

@@ -38,8 +38,9 @@ def deepspeed_config(train) -> dict:
         },
         "scheduler": {
             "type": "WarmupLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr, "warmup_num_steps": train.warmup_steps,
-                       "warmup_type": "linear"},
+            # No warmup_max_lr: each parameter group warms up to its own lr (encoders may have
+            # their own, see InterestFormer.param_groups).
+            "params": {"warmup_min_lr": 0.0, "warmup_num_steps": train.warmup_steps, "warmup_type": "linear"},
         },
         "zero_optimization": {"stage": train.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
         "bf16": {"enabled": train.precision == "bf16"},
@@ -48,12 +49,12 @@ def deepspeed_config(train) -> dict:
     }
 
 
-def setup_engine(model: torch.nn.Module, train):
+def setup_engine(model: InterestFormer, train):
     """Wraps the model in a DeepSpeed engine on this worker's device."""
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=deepspeed_config(train))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.param_groups(train.lr),
+                                           config=deepspeed_config(train))
     return engine
 
 
@@ -107,5 +108,6 @@ def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[Interes
 def model_from_weights(weights: dict, cfg, spec: DataSpec, device) -> InterestFormer:
     """An fp32 evaluation copy of the model with the given weights."""
     model = InterestFormer(cfg.model, spec)
-    model.load_state_dict({name: tensor.float() for name, tensor in weights.items()})
+    model.load_state_dict({name: tensor.float() if tensor.is_floating_point() else tensor
+                           for name, tensor in weights.items()})
     return model.to(device).eval()

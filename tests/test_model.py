@@ -72,8 +72,8 @@ def test_padding_does_not_leak_into_real_positions():
 def test_each_unique_item_is_encoded_once_per_step():
     model = tiny_model()
     calls = {"text": 0, "image": 0}
-    model.item_encoder.text_encoder.register_forward_hook(lambda m, i, o: calls.__setitem__("text", calls["text"] + o.last_hidden_state.shape[0]))
-    model.item_encoder.image_encoder.register_forward_hook(lambda m, i, o: calls.__setitem__("image", calls["image"] + o.last_hidden_state.shape[0]))
+    model.item_encoder.text_encoder.register_forward_hook(lambda m, i, o: calls.__setitem__("text", calls["text"] + o.shape[0]))
+    model.item_encoder.image_encoder.register_forward_hook(lambda m, i, o: calls.__setitem__("image", calls["image"] + o.shape[0]))
     batch = batch_of([[3, 7, 3, 7, 3, 9], [7, 7, 3, 12], [3, 3, 3, 3]])  # heavy repetition
     model.train()
     model(batch).backward()

@@ -1,0 +1,161 @@
+"""MovieLens-1M benchmark: the four item configs and most-popular, under the published protocol.
+
+    .venv/bin/python -m benchmarks.ml1m                       # everything (see docs/benchmarks.md for run time)
+    .venv/bin/python -m benchmarks.ml1m --configs id_only --set train.epochs=2   # a quick look
+
+For each config in configs/ml1m_<name>.yaml it runs jobs.train twice:
+  1. the standard protocol: each user's last item is the test target, the one before it
+     validates, full ranking over all 3,706 items, max sequence length 200 -> hr@K, ndcg@K, mrr;
+  2. the cold-start protocol: the same config with data.cold_item_fraction = 0.1 (10% of items
+     held out of training entirely) -> cold_hr@10 and cold_ndcg@10 over test users whose target is
+     one of those items.
+Every number is the final epoch's model, read once on the test split; epochs and learning rates
+were chosen on validation only. Most-popular is scored on the same users. Results are written to
+benchmarks/results/ml1m.json (merged with configs run before, so configs can run one at a time)
+and printed as a Markdown table beside the published numbers.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+
+from interestformer.datasets.movielens import convert_movielens
+from interestformer.jobs.config import PROJECT_DIR, load_config
+from interestformer.jobs.train import train
+
+CONFIGS = ("id_only", "id_text", "id_text_image", "content_only")
+METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr")
+COLD_METRICS = ("hr@10", "ndcg@10")
+COLD_FRACTION = 0.1
+# meta-recsys/generative-recommenders README, same protocol (full ranking, last item, length 200).
+PUBLISHED = {
+    "SASRec": {"hr@10": 0.2853, "ndcg@10": 0.1603, "hr@50": 0.5474, "ndcg@50": 0.2185, "hr@200": 0.7528,
+               "ndcg@200": 0.2498},
+    "HSTU": {"hr@10": 0.3097, "ndcg@10": 0.1720, "hr@50": 0.5754, "ndcg@50": 0.2307, "hr@200": 0.7716,
+             "ndcg@200": 0.2606},
+    "HSTU-large": {"hr@10": 0.3294, "ndcg@10": 0.1893, "hr@50": 0.5935, "ndcg@50": 0.2481, "hr@200": 0.7839,
+                   "ndcg@200": 0.2771},
+}
+DEFAULT_OUT = os.path.join(PROJECT_DIR, "benchmarks", "results", "ml1m.json")
+
+
+def ensure_converted(source: str, out_dir: str):
+    """Converts the shared MovieLens-1M copy into our schema once (a few seconds)."""
+    if os.path.isdir(os.path.join(out_dir, "events")) and os.path.isdir(os.path.join(out_dir, "items")):
+        return
+    posters = os.path.join(source, "posters")
+    print(json.dumps(convert_movielens(source, out_dir, posters if os.path.isdir(posters) else None)), flush=True)
+
+
+def run_config(name: str, overrides: list[str], cold: bool) -> dict:
+    """One training run of configs/ml1m_<name>.yaml; returns jobs.train's summary and the minutes."""
+    extra = [f"data.cold_item_fraction={COLD_FRACTION}"] if cold else []
+    cfg = load_config(os.path.join(PROJECT_DIR, "configs", f"ml1m_{name}.yaml"),
+                      ["experiment.mlflow_experiment=ml1m-benchmark", *overrides, *extra])
+    started = time.perf_counter()
+    summary = train(cfg)
+    summary["minutes"] = (time.perf_counter() - started) / 60
+    summary["epochs"] = cfg.train.epochs
+    return summary
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except Exception:  # the description must never fail the benchmark
+        gpu = "GPU unknown"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} CPU cores ({cpu}), {memory:.0f} GiB, {gpu}"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_DIR,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def markdown_table(results: dict) -> str:
+    """The results beside the published rows, as docs/benchmarks.md shows them."""
+    head = ["model", *METRICS, "cold hr@10", "cold ndcg@10", "minutes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, published in PUBLISHED.items():
+        lines.append("| " + " | ".join([f"{name} (published)", *(f"{published.get(m, float('nan')):.4f}"
+                                                                  for m in METRICS[:-1]), "", "", "", ""]) + " |")
+    for name in (*CONFIGS, "most_popular"):
+        if name not in results:
+            continue
+        row = results[name]
+        cells = [f"{row[m]:.4f}" if m in row else "" for m in METRICS]
+        cells += [f"{row[f'cold_{m}']:.4f}" if f"cold_{m}" in row else "" for m in COLD_METRICS]
+        cells.append(f"{row['minutes']:.0f}" if "minutes" in row else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ml1m", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default=os.path.join(PROJECT_DIR, "..", "shared", "data", "ml-1m"),
+                        help="MovieLens-1M folder (GroupLens files or sequences.tsv.gz, movies.dat, posters/)")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated subset of {', '.join(CONFIGS)} (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key in every run, e.g. --set train.epochs=2 (repeatable)")
+    parser.add_argument("--skip-cold", action="store_true", help="skip the cold-start runs")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="results JSON (merged with what it already holds)")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        parser.error(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    for name in names:  # every config mistake stops here, before any training
+        load_config(os.path.join(PROJECT_DIR, "configs", f"ml1m_{name}.yaml"), args.set)
+
+    ensure_converted(args.source, load_config(os.path.join(PROJECT_DIR, "configs", "ml1m_id_only.yaml")).data.events_path
+                     .removesuffix("/events"))
+    results = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            results = json.load(f)
+    stamp = {"machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit()}
+    for name in names:
+        standard = run_config(name, args.set, cold=False)
+        row = {m: standard["test"][m] for m in METRICS}
+        row.update(users=standard["test"]["users"], minutes=standard["minutes"], epochs=standard["epochs"],
+                   run_id=standard["run_id"], overrides=args.set, **stamp)
+        popular = {m: standard["most_popular"][m] for m in METRICS}
+        if not args.skip_cold:
+            cold = run_config(name, args.set, cold=True)
+            row.update({f"cold_{m}": cold["cold"][m] for m in COLD_METRICS}, cold_users=cold["cold"]["users"],
+                       cold_run_id=cold["run_id"], minutes=row["minutes"] + cold["minutes"])
+            popular.update({f"cold_{m}": cold["most_popular_cold"][m] for m in COLD_METRICS},
+                           cold_users=cold["most_popular_cold"]["users"])
+        results[name] = row
+        results["most_popular"] = {**results.get("most_popular", {}), **popular, **stamp}
+        results.update(stamp, protocol="last item test, previous item validation, full ranking over every item, "
+                                       f"max_seq_len 200; cold: {COLD_FRACTION:.0%} of items held out of training")
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:  # after every config: a later failure keeps the earlier ones
+            json.dump(results, f, indent=1)
+        print(f"\n{name}: {json.dumps(row)}", flush=True)
+    print("\n" + markdown_table(results))
+    print(f"\nWritten to {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
