@@ -16,6 +16,7 @@ Layout of data.prepared_dir:
 """
 
 import hashlib
+import hmac
 import json
 import os
 import tempfile
@@ -29,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from interestformer.datasets.config import DataConfig
+from interestformer.datasets.config import DataConfig, pseudonym_key
 from interestformer.datasets.demo import generate_demo
 from interestformer.datasets.schema import (
     EVENT_REQUIRED, ITEM_REQUIRED, ITEM_TABLE_SCHEMA, REASONS, SEQUENCE_SCHEMA, load_image, normalise_items, png_bytes,
@@ -133,7 +134,8 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
     _write_split(processed.materialize(), join(out, "items"), join(out, "quarantine", "items"), keep_reason="image_undecodable")
 
     item_index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
-    tagged = read_shards(events_fs, event_files, tag_events, "pandas", item_index=item_index)
+    id_key = pseudonym_key() if cfg.pseudonymise_user_ids else b""
+    tagged = read_shards(events_fs, event_files, tag_events, "pandas", item_index=item_index, id_key=id_key)
     _write_split(tagged, None, join(out, "quarantine", "events"))
     good = tagged.map_batches(_usable_rows, batch_format="pyarrow")
     sequences = good.groupby("user_id", num_partitions=cfg.sequence_shards).map_groups(_user_sequence, batch_format="pandas")
@@ -456,7 +458,10 @@ def _fingerprint(cfg: DataConfig, tokenizer_path: str, *inputs: str) -> str:
         selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
         infos = [fs.get_file_info(path)] if fs.get_file_info(path).is_file else fs.get_file_info(selector)
         listing += sorted((i.path, i.size, str(i.mtime)) for i in infos if i.is_file)
-    payload = json.dumps([META_VERSION, shaping, tokenizer_path, listing], sort_keys=True, default=str)
+    parts = [META_VERSION, shaping, tokenizer_path, listing]
+    if cfg.pseudonymise_user_ids:  # another key gives other pseudonyms; the key itself stays out
+        parts.append(hmac.new(pseudonym_key(), b"fingerprint", hashlib.sha256).hexdigest()[:16])
+    payload = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -23,6 +23,8 @@ A row that cannot be used is never dropped silently: it gets a reason from REASO
 the quarantine folder with it, and is counted in the prepare report.
 """
 
+import hashlib
+import hmac
 import io
 import time
 
@@ -113,12 +115,21 @@ def as_epoch_seconds(column: pd.Series) -> pd.Series:
     return numbers.where(np.isfinite(numbers) & (numbers >= 0) & (numbers <= latest))
 
 
-def tag_events(batch: pd.DataFrame, item_index: dict[str, int]) -> pa.Table:
-    """Normalises an event batch and gives every unusable row its reason (None when usable)."""
+def pseudonymise(ids: pd.Series, key: bytes) -> pd.Series:
+    """Ids -> keyed hashes (HMAC-SHA256, 128 bits as hex); nulls stay null. Without the key the
+    raw ids cannot be recovered or guessed by hashing candidates."""
+    return ids.map(lambda v: hmac.new(key, v.encode(), hashlib.sha256).hexdigest()[:32] if isinstance(v, str) else None)
+
+
+def tag_events(batch: pd.DataFrame, item_index: dict[str, int], id_key: bytes = b"") -> pa.Table:
+    """Normalises an event batch and gives every unusable row its reason (None when usable).
+    With id_key, user ids are pseudonymised before anything is kept or set aside."""
     missing = [c for c in EVENT_REQUIRED if c not in batch.columns]
     if missing:
         raise ValueError(f"events are missing required column(s) {missing}; found {list(batch.columns)}")
     users = as_id_strings(batch["user_id"])
+    if id_key:
+        users = pseudonymise(users, id_key)
     items = as_id_strings(batch["item_id"])
     seconds = as_epoch_seconds(batch["timestamp"])
     event_type = (

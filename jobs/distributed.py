@@ -82,6 +82,34 @@ def save_and_report(engine, weights: dict | None, metrics: dict, state: dict):
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+# DeepSpeed's loader unpickles its files with weights_only=False, so any code in a planted file
+# would run. Before it reads a checkpoint, every pickle in it is scanned (without being executed)
+# for globals beyond torch's weights-only set and these DeepSpeed types its files really hold.
+DEEPSPEED_PICKLE_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file would unpickle something other than tensors and DeepSpeed's own state."""
+
+
+def check_pickles(folder: str):
+    """Raises UnsafeCheckpointError when a .pt file under `folder` names a global outside
+    torch's weights-only set and DEEPSPEED_PICKLE_GLOBALS. Nothing is unpickled."""
+    for root, _, names in os.walk(folder):
+        for name in sorted(n for n in names if n.endswith(".pt")):
+            path = os.path.join(root, name)
+            try:
+                unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - DEEPSPEED_PICKLE_GLOBALS
+            except Exception as e:  # not a torch file at all
+                raise UnsafeCheckpointError(f"{path} is not a readable torch checkpoint: {e}") from None
+            if unsafe:
+                raise UnsafeCheckpointError(f"{path} would unpickle {sorted(unsafe)}; refusing to load it")
+
+
 def restore_engine(engine) -> dict | None:
     """Loads the latest reported checkpoint into the engine, if the run has one; returns its
     state (epoch, step) or None for a fresh start."""
@@ -89,6 +117,7 @@ def restore_engine(engine) -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
+        check_pickles(os.path.join(folder, "deepspeed"))
         engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
         with open(os.path.join(folder, STATE_FILE)) as f:
             return json.load(f)

@@ -64,6 +64,7 @@ def train_loop_per_worker(loop_config: dict):
     train_rows = ray.train.get_dataset_shard("train")
     steps_per_epoch = math.ceil(loop_config["train_users"] / (cfg.train.micro_batch_size * world))
     progress = _progress(rank, cfg.train.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch)
+    metrics_out = tracking.MetricsOutbox(uri, run_id)  # rank 0's logging; survives a tracking outage
 
     for epoch in range(state["epoch"], cfg.train.epochs):
         engine.train()
@@ -81,14 +82,14 @@ def train_loop_per_worker(loop_config: dict):
             if engine.is_gradient_accumulation_boundary():
                 state["step"] += 1
                 if rank == 0 and state["step"] % cfg.train.log_every_steps == 0:
-                    _log_window(uri, run_id, window, world, engine, state["step"])
+                    _log_window(metrics_out, window, world, engine, state["step"])
         weights = full_state_dict(engine)  # every rank takes part (ZeRO-3 gathers)
         metrics = {"epoch": epoch}
         if rank == 0:
             model = model_from_weights(weights, cfg, spec, device)
             val = evaluate(model, *_eval_rows("validation"), cfg, device)
             metrics.update({f"val_{k}": v for k, v in val.items()})
-            tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=state["step"])
+            metrics_out.log({k: v for k, v in metrics.items() if k != "epoch"}, step=state["step"])
             progress.set_description(f"epoch {epoch + 1}/{cfg.train.epochs} val ndcg@10 {val['ndcg@10']:.4f}")
         state["epoch"] = epoch + 1
         save_and_report(engine, weights, metrics, state)
@@ -100,8 +101,9 @@ def train_loop_per_worker(loop_config: dict):
         splits = ["test", "cold"] if cfg.data.cold_item_fraction else ["test"]
         results = {split: evaluate(model, *_eval_rows(split), cfg, device) for split in splits}
         for split, metrics in results.items():
-            tracking.log_metrics(uri, run_id, {f"{METRIC_PREFIX[split]}{k}": v for k, v in metrics.items()},
-                                 step=state["step"])
+            metrics_out.log({f"{METRIC_PREFIX[split]}{k}": v for k, v in metrics.items()}, step=state["step"])
+        if not metrics_out.flush():
+            print(f"MLflow still unreachable at the end: {len(metrics_out.waiting)} metrics not logged", file=sys.stderr)
         return {**results, "step": state["step"]}
 
 
@@ -110,9 +112,9 @@ def _eval_rows(split: str):
             ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=1))
 
 
-def _log_window(uri, run_id, window, world, engine, step):
+def _log_window(metrics_out, window, world, engine, step):
     seconds = time.perf_counter() - window["start"]
-    tracking.log_metrics(uri, run_id, {
+    metrics_out.log({
         "train_loss": window["loss"] / max(window["batches"], 1),
         # Every worker runs as many batches as rank 0 (equal split), so rank 0's rate times the
         # world size is the job's rate.
@@ -160,7 +162,9 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1):
 
 
 def _worker_env(cfg: JobConfig) -> dict:
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    # An unreachable tracking server costs a worker seconds, not MLflow's default minutes of retries.
+    env = {"TOKENIZERS_PARALLELISM": "false", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     if not cfg.train.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator with gloo, without the warning
     return env
@@ -185,6 +189,7 @@ def data_spec(prepared: PreparedData, cfg: JobConfig, features: dict | None = No
 
 def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict:
     """Prepare, fit, evaluate, log. Returns the run's id, test metrics, baseline and checkpoint."""
+    tracking.check_reachable(tracking.tracking_uri(cfg))  # before any Ray resource is taken
     ensure_ray(cfg)
     prepared = prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)
     features_uri, features = content_features(prepared, cfg, data_spec(prepared, cfg))
@@ -291,6 +296,6 @@ if __name__ == "__main__":
         from interestformer import ConfigError
         from interestformer.datasets.prepare import DataQualityError
 
-        if isinstance(e, (ConfigError, DataQualityError)):
+        if isinstance(e, (ConfigError, DataQualityError, tracking.TrackingUnavailable)):
             sys.exit(f"error: {e}")
         raise
