@@ -22,7 +22,7 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from interestformer.datasets.pipeline import sequence_batches, unpack
 from interestformer.datasets.prepare import PreparedData, prepare
@@ -228,6 +228,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
             name=run_name,
             storage_path=cfg.experiment.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.experiment.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": _worker_env(cfg)},
             callbacks=list(callbacks),
         ),

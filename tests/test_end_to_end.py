@@ -153,3 +153,43 @@ def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp
     metrics = evaluate.main(["--checkpoint", summary["checkpoint"], "--split", "cold"])
     for name, value in summary["cold"].items():
         assert metrics[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_a_killed_worker_is_replaced_and_the_run_finishes_in_the_same_mlflow_run(finished_run, tmp_path):
+    """SIGKILL one training worker once the first checkpoint exists: Ray Train restarts the workers
+    from it (train.max_failures), the run ends in the same MLflow run, near the uninterrupted one."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    reference_cfg, reference = finished_run
+    cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
+        f"data.prepared_dir={reference_cfg.data.prepared_dir}",  # the same prepared data
+        f"experiment.storage_path={tmp_path / 'runs'}",
+        f"experiment.tracking_uri={reference['tracking_uri']}",
+        "experiment.name=killed", "train.epochs=4", "train.max_failures=1",
+    ])
+    outcome = {}
+    job = threading.Thread(target=lambda: outcome.update(summary=train(cfg)))
+    job.start()
+    run_folder = tmp_path / "runs" / "killed"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(run_folder.glob("checkpoint_*")):
+        time.sleep(0.5)
+    assert list(run_folder.glob("checkpoint_*")), "no checkpoint to recover from"
+    workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert workers, "no training worker process found"
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    replaced = False
+    while job.is_alive() and not replaced:  # new worker processes take over
+        now = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+        replaced = bool(set(now) - set(workers))
+        time.sleep(0.2)
+    job.join(timeout=600)
+    assert replaced, "the killed worker was never replaced"
+    summary = outcome["summary"]
+    assert summary["run_id"] and tracking._client(summary["tracking_uri"]).get_run(summary["run_id"]).info.status == "FINISHED"
+    epochs = tracking.metric_history(summary["tracking_uri"], summary["run_id"], "val_ndcg_at_10")
+    assert len(epochs) >= cfg.train.epochs  # an epoch cut short by the kill is run again
+    assert summary["test"]["ndcg@10"] == pytest.approx(reference["test"]["ndcg@10"], abs=0.1)
