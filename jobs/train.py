@@ -33,7 +33,6 @@ from interestformer.jobs.distributed import (
     deepspeed_config,
     full_state_dict,
     model_from_weights,
-    restore_engine,
     save_and_report,
     setup_engine,
 )
@@ -58,9 +57,10 @@ def train_loop_per_worker(loop_config: dict):
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = InterestFormer(cfg.model, spec)
     model.item_encoder.load_content_features(load_features(loop_config["features_uri"]))
-    engine = setup_engine(model, cfg.train)
-    state = restore_engine(engine) or {"epoch": 0, "step": 0}
-    state.update(config=loop_config["config"], spec=loop_config["spec"], prepared_path=loop_config["prepared_path"])
+    engine, state = setup_engine(model, cfg.train)  # resumed from the run's latest checkpoint, if any
+    state = state or {"epoch": 0, "step": 0}
+    state.update(config=loop_config["config"], spec=loop_config["spec"], prepared_path=loop_config["prepared_path"],
+                 world_size=world)
     train_rows = ray.train.get_dataset_shard("train")
     steps_per_epoch = math.ceil(loop_config["train_users"] / (cfg.train.micro_batch_size * world))
     progress = _progress(rank, cfg.train.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch)
