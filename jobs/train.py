@@ -24,6 +24,7 @@ import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
+from interestformer import ConfigError
 from interestformer.datasets.pipeline import sequence_batches, unpack
 from interestformer.datasets.prepare import PreparedData, prepare
 from interestformer.jobs import tracking
@@ -147,6 +148,11 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1):
     Locally, Ray is told of enough logical CPUs for the training workers AND the Ray Data
     actors that feed them (for each of `concurrent_runs` trainings): on a 2-core machine the
     workers would otherwise take every CPU and the pipeline would wait forever for one."""
+    if cfg.train.use_gpu and not os.environ.get("RAY_ADDRESS"):  # a local Ray gets this machine's GPUs only
+        gpus = torch.cuda.device_count()
+        if gpus < cfg.train.num_workers:
+            raise ConfigError("train.num_workers", f"{cfg.train.num_workers} GPU workers need as many GPUs; "
+                                                   f"this machine has {gpus} (set train.use_gpu=false for CPUs)")
     # One progress bar (training) rather than one per Ray Data operator of every pass.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -294,7 +300,6 @@ if __name__ == "__main__":
     try:
         main()
     except Exception as e:  # config and data errors end the job with their message, not a trace
-        from interestformer import ConfigError
         from interestformer.datasets.prepare import DataQualityError
 
         if isinstance(e, (ConfigError, DataQualityError, tracking.TrackingUnavailable)):
