@@ -165,7 +165,6 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_in_the_same_mlflow_run
     """SIGKILL one training worker once the first checkpoint exists: Ray Train restarts the workers
     from it (train.max_failures), the run ends in the same MLflow run, near the uninterrupted one."""
     import signal
-    import subprocess
     import threading
     import time
 
@@ -184,13 +183,12 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_in_the_same_mlflow_run
     while time.time() < deadline and not list(run_folder.glob("checkpoint_*")):
         time.sleep(0.5)
     assert list(run_folder.glob("checkpoint_*")), "no checkpoint to recover from"
-    workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    workers = own_train_workers()
     assert workers, "no training worker process found"
-    os.kill(int(workers[-1]), signal.SIGKILL)
+    os.kill(max(workers), signal.SIGKILL)
     replaced = False
     while job.is_alive() and not replaced:  # new worker processes take over
-        now = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-        replaced = bool(set(now) - set(workers))
+        replaced = bool(own_train_workers() - workers)
         time.sleep(0.2)
     job.join(timeout=600)
     assert replaced, "the killed worker was never replaced"
@@ -199,3 +197,18 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_in_the_same_mlflow_run
     epochs = tracking.metric_history(summary["tracking_uri"], summary["run_id"], "val_ndcg_at_10")
     assert len(epochs) >= cfg.train.epochs  # an epoch cut short by the kill is run again
     assert summary["test"]["ndcg@10"] == pytest.approx(reference["test"]["ndcg@10"], abs=0.1)
+
+
+def own_train_workers() -> set[int]:
+    """PIDs of the Ray Train workers of this test session's Ray: descendants of this process, never
+    the workers of another Ray on the same machine."""
+    import psutil
+
+    found = set()
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                found.add(process.pid)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
