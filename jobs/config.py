@@ -91,8 +91,13 @@ class EvalConfig:
     MovieLens tables do not)."""
     batch_size: int = 128
     """Users per evaluation batch."""
+    item_chunk_size: int = 65536
+    """Items scored at once for a batch of users: evaluation memory stays about
+    batch_size x item_chunk_size scores, however large the catalogue."""
 
     def __post_init__(self):
+        if self.item_chunk_size < 1:
+            raise ConfigError("item_chunk_size", f"must be >= 1, got {self.item_chunk_size}")
         if not self.ks or min(self.ks) < 1:
             raise ConfigError("ks", f"must be a non-empty list of positive integers, got {self.ks}")
 
