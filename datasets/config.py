@@ -1,10 +1,25 @@
 """What the data layer is configured by: where the logs are and how they become batches."""
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from interestformer import ConfigError
 from interestformer.datasets.demo import DemoDataConfig
+
+
+ID_KEY_ENV, ID_KEY_FILE_ENV = "INTERESTFORMER_ID_KEY", "INTERESTFORMER_ID_KEY_FILE"
+
+
+def pseudonym_key() -> bytes:
+    """The user-id pseudonymisation key from the environment (b"" when none is set)."""
+    if os.environ.get(ID_KEY_ENV):
+        return os.environ[ID_KEY_ENV].encode()
+    path = os.environ.get(ID_KEY_FILE_ENV)
+    if path and os.path.isfile(path):
+        with open(path, "rb") as f:
+            return f.read().strip()
+    return b""
 
 
 @dataclass
@@ -41,6 +56,11 @@ class DataConfig:
     training entirely (dropped from every training sequence and history, never a negative), and the
     job also reports cold_test_* metrics over test users whose target is one of those items. The
     test_* metrics of such a run are then no longer the standard protocol's."""
+    pseudonymise_user_ids: bool = False
+    """Replace every user id at ingest by a keyed hash (HMAC-SHA256), so raw ids never reach the
+    prepared data, quarantine, checkpoints, logs or MLflow. The key is read from the environment
+    variable INTERESTFORMER_ID_KEY, or from the file named by INTERESTFORMER_ID_KEY_FILE; it is
+    never logged. The same key always gives the same pseudonyms."""
     max_bad_fraction: float = 0.2
     """The job stops with an error when more than this fraction of events or items is unusable."""
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
@@ -60,5 +80,8 @@ class DataConfig:
             raise ConfigError("num_negatives", "must be >= 0")
         if not 0.0 <= self.cold_item_fraction < 1.0:
             raise ConfigError("cold_item_fraction", f"must be within [0, 1), got {self.cold_item_fraction}")
+        if self.pseudonymise_user_ids and not pseudonym_key():
+            raise ConfigError("pseudonymise_user_ids",
+                              f"needs a key: set ${ID_KEY_ENV} or ${ID_KEY_FILE_ENV} (a file holding it)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError("max_bad_fraction", "must be within [0, 1]")

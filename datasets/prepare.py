@@ -16,6 +16,7 @@ Layout of data.prepared_dir:
 """
 
 import hashlib
+import hmac
 import json
 import os
 import tempfile
@@ -26,14 +27,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
-from interestformer.datasets.config import DataConfig
+from interestformer.datasets.config import DataConfig, pseudonym_key
 from interestformer.datasets.demo import generate_demo
 from interestformer.datasets.schema import (
-    ITEM_TABLE_SCHEMA, REASONS, SEQUENCE_SCHEMA, load_image, png_bytes, tag_events,
+    EVENT_REQUIRED, ITEM_REQUIRED, ITEM_TABLE_SCHEMA, REASONS, SEQUENCE_SCHEMA, load_image, normalise_items, png_bytes,
+    shard_problem, tag_events,
 )
 
+TEXT_CHARS_PER_TOKEN = 32  # generous: word pieces are rarely longer than a few characters
 META_VERSION = 2  # bump when the prepared layout changes: cached data is then rebuilt
 
 
@@ -100,7 +104,16 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
     if cached and cached.get("fingerprint") == fingerprint:
         return PreparedData(out, cached)
 
-    items = ray.data.read_parquet(items_path)
+    # Whole files that cannot be used are found from their footers, before any row is read.
+    events_fs, event_files, event_shards_aside = screen_shards(events_path, EVENT_REQUIRED)
+    items_fs, item_files, item_shards_aside = screen_shards(items_path, ITEM_REQUIRED)
+    shards_aside = {"events": event_shards_aside, "items": item_shards_aside}
+    write_json(join(out, "quarantine", "shards.json"), shards_aside)
+    for what, files, path in (("event", event_files, events_path), ("catalogue", item_files, items_path)):
+        if not files:
+            raise DataQualityError(f"no usable {what} file under {path}; set aside: {shards_aside}")
+
+    items = read_shards(items_fs, item_files, normalise_items, "pyarrow", text_columns=cfg.text_columns)
     item_ids, duplicated = _catalogue_ids(items)
     tokenizer_dir = tokenizer_path or _train_tokenizer(items, cfg, join(out, "tokenizer"))
     if tokenizer_path:
@@ -121,15 +134,14 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
     _write_split(processed.materialize(), join(out, "items"), join(out, "quarantine", "items"), keep_reason="image_undecodable")
 
     item_index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
-    tagged = ray.data.read_parquet(events_path).map_batches(
-        tag_events, fn_kwargs={"item_index": item_index}, batch_format="pandas"
-    )
+    id_key = pseudonym_key() if cfg.pseudonymise_user_ids else b""
+    tagged = read_shards(events_fs, event_files, tag_events, "pandas", item_index=item_index, id_key=id_key)
     _write_split(tagged, None, join(out, "quarantine", "events"))
     good = tagged.map_batches(_usable_rows, batch_format="pyarrow")
     sequences = good.groupby("user_id", num_partitions=cfg.sequence_shards).map_groups(_user_sequence, batch_format="pandas")
     sequences.write_parquet(join(out, "sequences"), mode="overwrite")
 
-    meta = _summarise(out, len(item_ids), cfg, fingerprint)
+    meta = _summarise(out, len(item_ids), cfg, fingerprint, shards_aside)
     _check_quality(meta["report"], cfg.max_bad_fraction)
     write_json(join(out, "meta.json"), meta)
     return PreparedData(out, meta)
@@ -179,7 +191,9 @@ class ItemRows:
 
     def _text(self, row) -> str:
         parts = [row.get(c) for c in self.cfg.text_columns]
-        return ". ".join(str(p) for p in parts if isinstance(p, str) and p.strip())
+        text = ". ".join(p for p in parts if isinstance(p, str) and p.strip())
+        # Only the first text_max_tokens tokens are kept; a megabyte of text need not be tokenised.
+        return text[:TEXT_CHARS_PER_TOKEN * self.cfg.text_max_tokens]
 
     def _declares_image(self, batch: pd.DataFrame) -> pd.Series:
         declared = pd.Series(False, index=batch.index)
@@ -330,7 +344,48 @@ def _sequence_stats(batch: pd.DataFrame, num_items: int) -> pd.DataFrame:
     )
 
 
-def _summarise(out: str, num_items: int, cfg: DataConfig, fingerprint: str) -> dict:
+def screen_shards(uri: str, required: tuple[str, ...]) -> tuple[pafs.FileSystem, list[list[str]], list[dict]]:
+    """Reads only the Parquet footers under `uri` -> (its filesystem, usable files grouped by
+    schema, files set aside). A file set aside is {"path", "reason", "rows" (None when even the footer is
+    unreadable), "detail"}. Empty files are neither: they hold nothing to use or to lose."""
+    fs, path = pafs.FileSystem.from_uri(absolute(uri))
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no input at {uri}")
+    files = [path] if info.is_file else sorted(
+        i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if i.is_file and not os.path.basename(i.path).startswith((".", "_"))  # _SUCCESS, .crc files
+    )
+    usable, aside = {}, []
+    for file in files:
+        try:
+            with fs.open_input_file(file) as handle:
+                metadata = pq.ParquetFile(handle).metadata
+                schema = metadata.schema.to_arrow_schema()
+        except (pa.ArrowException, OSError) as e:
+            aside.append({"path": file, "reason": "shard_unreadable", "rows": None, "detail": str(e)[:300]})
+            continue
+        if metadata.num_rows == 0:
+            continue
+        problem = shard_problem(schema, required)
+        if problem:
+            columns = ", ".join(f"{f.name}: {f.type}" for f in schema)
+            aside.append({"path": file, "reason": problem, "rows": metadata.num_rows, "detail": columns})
+        else:
+            usable.setdefault(str(schema.remove_metadata()), []).append(file)
+    return fs, list(usable.values()), aside
+
+
+def read_shards(fs: pafs.FileSystem, groups: list[list[str]], normalise, batch_format: str, **kwargs) -> ray.data.Dataset:
+    """Files grouped by schema -> one dataset in one schema. Each group is normalised before the
+    groups meet: Ray Data cannot put, e.g., integer and string user ids into one block."""
+    parts = [ray.data.read_parquet(files, filesystem=fs).map_batches(normalise, fn_kwargs=kwargs,
+                                                                    batch_format=batch_format)
+             for files in groups]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _summarise(out: str, num_items: int, cfg: DataConfig, fingerprint: str, shards_aside: dict) -> dict:
     stats = (
         ray.data.read_parquet(join(out, "sequences"))
         .map_batches(_sequence_stats, fn_kwargs={"num_items": num_items}, batch_format="pandas")
@@ -349,7 +404,15 @@ def _summarise(out: str, num_items: int, cfg: DataConfig, fingerprint: str) -> d
         "users_too_short": int(stats["users_too_short"].sum()),
         "users_train_only": int(stats["users_train_only"].sum()),
     }
-    report["events_in"] = report["events_used"] + report["events_duplicate"] + sum(event_quarantine.values())
+    shard_reasons = set()
+    for what, aside in shards_aside.items():
+        for shard in aside:  # rows of files set aside whole count like rows set aside one by one
+            shard_reasons.add(shard["reason"])
+            files_key, rows_key = f"{what}_files_{shard['reason']}", f"{what}_{shard['reason']}"
+            report[files_key] = report.get(files_key, 0) + 1
+            report[rows_key] = report.get(rows_key, 0) + (shard["rows"] or 0)
+    report["events_in"] = (report["events_used"] + report["events_duplicate"] + sum(event_quarantine.values())
+                           + sum(s["rows"] or 0 for s in shards_aside["events"]))
     return {
         "version": META_VERSION,
         "fingerprint": fingerprint,
@@ -358,7 +421,7 @@ def _summarise(out: str, num_items: int, cfg: DataConfig, fingerprint: str) -> d
         "text_max_tokens": cfg.text_max_tokens,
         "image_size": cfg.image_size,
         "report": report,
-        "reasons": {r: REASONS[r] for r in sorted({*event_quarantine, *item_quarantine})},
+        "reasons": {r: REASONS[r] for r in sorted({*event_quarantine, *item_quarantine, *shard_reasons})},
         "popularity_train": np.sum(np.stack(stats["train_counts"]), axis=0).tolist(),
         "popularity_pretest": np.sum(np.stack(stats["pretest_counts"]), axis=0).tolist(),
     }
@@ -374,7 +437,8 @@ def _reason_counts(path: str) -> dict[str, int]:
 
 def _check_quality(report: dict, max_bad_fraction: float):
     events_bad = report["events_in"] - report["events_used"] - report["events_duplicate"]
-    items_bad = sum(v for k, v in report.items() if k.startswith("items_") and k != "items_image_undecodable")
+    items_bad = sum(v for k, v in report.items()
+                    if k.startswith("items_") and not k.startswith("items_files_") and k != "items_image_undecodable")
     for what, bad, total in (("events", events_bad, report["events_in"]), ("items", items_bad, report["items"] + items_bad)):
         if total and bad / total > max_bad_fraction:
             raise DataQualityError(
@@ -394,7 +458,10 @@ def _fingerprint(cfg: DataConfig, tokenizer_path: str, *inputs: str) -> str:
         selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
         infos = [fs.get_file_info(path)] if fs.get_file_info(path).is_file else fs.get_file_info(selector)
         listing += sorted((i.path, i.size, str(i.mtime)) for i in infos if i.is_file)
-    payload = json.dumps([META_VERSION, shaping, tokenizer_path, listing], sort_keys=True, default=str)
+    parts = [META_VERSION, shaping, tokenizer_path, listing]
+    if cfg.pseudonymise_user_ids:  # another key gives other pseudonyms; the key itself stays out
+        parts.append(hmac.new(pseudonym_key(), b"fingerprint", hashlib.sha256).hexdigest()[:16])
+    payload = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

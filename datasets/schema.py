@@ -23,25 +23,59 @@ A row that cannot be used is never dropped silently: it gets a reason from REASO
 the quarantine folder with it, and is counted in the prepare report.
 """
 
+import hashlib
+import hmac
 import io
+import time
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 EVENT_REQUIRED = ("user_id", "item_id", "timestamp")
+ITEM_REQUIRED = ("item_id",)
+
+
+def _id_type(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t) or (
+        pa.types.is_dictionary(t) and _id_type(t.value_type))
+
+
+def _time_type(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_timestamp(t)
+
+
+# The Arrow types a required column may have (anything else cannot hold an id or a time).
+COLUMN_TYPES = {"user_id": _id_type, "item_id": _id_type, "timestamp": _time_type}
+
+
+def shard_problem(schema: pa.Schema, required: tuple[str, ...]) -> str | None:
+    """The reason a Parquet file with this schema cannot be used as a whole, or None."""
+    for name in required:
+        if name not in schema.names:
+            return "shard_missing_column"
+        if not COLUMN_TYPES[name](schema.field(name).type):
+            return "shard_mistyped_column"
+    return None
 DEFAULT_EVENT_TYPE = "interaction"
 
 REASONS = {
     "null_user_id": "user_id is null or empty",
     "null_item_id": "item_id is null or empty",
     "unknown_item": "item_id is not in the catalogue",
-    "bad_timestamp": "timestamp is null, not a number or negative",
+    "bad_timestamp": "timestamp is null, not a number, negative, or more than a day in the future (epoch seconds expected)",
     "duplicate_event": "same user, item, timestamp and event type as a kept event",
     "duplicate_item_id": "catalogue row whose item_id another row has; one of them is kept (which is not defined)",
     "image_undecodable": "image bytes or URI could not be read and decoded (item kept without image)",
+    # Whole files, found before any row is read (see prepare.screen_shards); their rows are counted
+    # from the Parquet footer where it can be read.
+    "shard_unreadable": "the file is not readable Parquet",
+    "shard_missing_column": "the file lacks a required column",
+    "shard_mistyped_column": "a required column of the file has a type that cannot hold it",
 }
+FUTURE_SLACK_SECONDS = 86_400  # clocks differ; a day ahead of now is still a plausible event time
 
 # What prepare writes. Explicit Arrow types: no column is left for Ray to guess (a column that is
 # all None, or numpy arrays per row, would otherwise be pickled or become a Ray tensor type).
@@ -77,15 +111,25 @@ def as_epoch_seconds(column: pd.Series) -> pd.Series:
         numbers = ((column - pd.Timestamp(0)) // pd.Timedelta(seconds=1)).astype("float64")
     else:
         numbers = pd.to_numeric(column, errors="coerce").astype("float64")
-    return numbers.where(np.isfinite(numbers) & (numbers >= 0))
+    latest = time.time() + FUTURE_SLACK_SECONDS
+    return numbers.where(np.isfinite(numbers) & (numbers >= 0) & (numbers <= latest))
 
 
-def tag_events(batch: pd.DataFrame, item_index: dict[str, int]) -> pa.Table:
-    """Normalises an event batch and gives every unusable row its reason (None when usable)."""
+def pseudonymise(ids: pd.Series, key: bytes) -> pd.Series:
+    """Ids -> keyed hashes (HMAC-SHA256, 128 bits as hex); nulls stay null. Without the key the
+    raw ids cannot be recovered or guessed by hashing candidates."""
+    return ids.map(lambda v: hmac.new(key, v.encode(), hashlib.sha256).hexdigest()[:32] if isinstance(v, str) else None)
+
+
+def tag_events(batch: pd.DataFrame, item_index: dict[str, int], id_key: bytes = b"") -> pa.Table:
+    """Normalises an event batch and gives every unusable row its reason (None when usable).
+    With id_key, user ids are pseudonymised before anything is kept or set aside."""
     missing = [c for c in EVENT_REQUIRED if c not in batch.columns]
     if missing:
         raise ValueError(f"events are missing required column(s) {missing}; found {list(batch.columns)}")
     users = as_id_strings(batch["user_id"])
+    if id_key:
+        users = pseudonymise(users, id_key)
     items = as_id_strings(batch["item_id"])
     seconds = as_epoch_seconds(batch["timestamp"])
     event_type = (
@@ -117,6 +161,24 @@ def tag_events(batch: pd.DataFrame, item_index: dict[str, int]) -> pa.Table:
         }
     )
     return pa.Table.from_pandas(tagged, schema=TAGGED_EVENT_SCHEMA, preserve_index=False)
+
+
+def normalise_items(batch: pa.Table, text_columns: list[str]) -> pa.Table:
+    """A catalogue batch with any accepted column types -> item_id, the text columns (strings),
+    image (bytes), image_uri (string); absent columns become nulls. Text stored as bytes is
+    decoded as UTF-8, and bytes that are not UTF-8 become U+FFFD rather than an error."""
+    def column(name: str, kind: pa.DataType) -> pa.Array:
+        if name not in batch.column_names:
+            return pa.nulls(batch.num_rows, kind)
+        values = batch[name]
+        if kind == pa.string() and (pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type)):
+            return pa.array([None if v is None else v.decode("utf-8", errors="replace") for v in values.to_pylist()],
+                            pa.string())
+        return pc.cast(values, kind)
+
+    names = ["item_id", *dict.fromkeys(c for c in text_columns if c != "item_id"), "image", "image_uri"]
+    kinds = [pa.string()] * (len(names) - 2) + [pa.binary(), pa.string()]
+    return pa.table([column(n, k) for n, k in zip(names, kinds)], names=names)
 
 
 def load_image(data: bytes | None, size: int) -> np.ndarray | None:

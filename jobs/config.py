@@ -61,6 +61,10 @@ class TrainConfig:
     """Seeds model initialisation and negative sampling."""
     log_every_steps: int = 10
     """Log loss and samples/s to MLflow every this many optimizer steps."""
+    max_failures: int = 2
+    """Times a run recovers from a lost worker (process killed, node gone) by restarting every
+    worker from the latest checkpoint, i.e. losing at most the current epoch's steps. -1: always;
+    0: never."""
 
     def __post_init__(self):
         if self.num_workers < 1:
@@ -70,6 +74,8 @@ class TrainConfig:
         for key in ("epochs", "micro_batch_size", "grad_accum_steps", "log_every_steps", "pipeline_workers"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.max_failures < -1:
+            raise ConfigError("max_failures", f"must be >= -1, got {self.max_failures}")
         if self.lr <= 0 or self.cpus_per_worker <= 0:
             raise ConfigError("lr" if self.lr <= 0 else "cpus_per_worker", "must be > 0")
 
@@ -85,8 +91,13 @@ class EvalConfig:
     MovieLens tables do not)."""
     batch_size: int = 128
     """Users per evaluation batch."""
+    item_chunk_size: int = 65536
+    """Items scored at once for a batch of users: evaluation memory stays about
+    batch_size x item_chunk_size scores, however large the catalogue."""
 
     def __post_init__(self):
+        if self.item_chunk_size < 1:
+            raise ConfigError("item_chunk_size", f"must be >= 1, got {self.item_chunk_size}")
         if not self.ks or min(self.ks) < 1:
             raise ConfigError("ks", f"must be a non-empty list of positive integers, got {self.ks}")
 

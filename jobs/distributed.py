@@ -10,6 +10,7 @@ A checkpoint folder holds two things:
     checkpoint.json     epoch and step reached, the config and the data spec
 """
 
+import contextlib
 import json
 import os
 import tempfile
@@ -49,13 +50,38 @@ def deepspeed_config(train) -> dict:
     }
 
 
-def setup_engine(model: InterestFormer, train):
-    """Wraps the model in a DeepSpeed engine on this worker's device."""
+def setup_engine(model: InterestFormer, train) -> tuple[object, dict | None]:
+    """Wraps the model in a DeepSpeed engine on this worker's device, resumed from the run's latest
+    checkpoint when it has one; returns (engine, the checkpoint's state or None).
+
+    On the world size that wrote the checkpoint, DeepSpeed's own shards load: weights, optimizer
+    moments and learning-rate schedule, exactly. On another world size those shards do not fit
+    the new partitioning, so the weights come from the checkpoint's consolidated
+    model.safetensors (loaded before DeepSpeed partitions them), the learning-rate schedule
+    continues at the saved step, and the optimizer's moments start again from zero."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.param_groups(train.lr),
-                                           config=deepspeed_config(train))
-    return engine
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as folder:
+        state = None
+        if folder:
+            with open(os.path.join(folder, STATE_FILE)) as f:
+                state = json.load(f)
+        world = ray.train.get_context().get_world_size()
+        resharded = state is not None and state.get("world_size", world) != world
+        if resharded:
+            weights = load_file(os.path.join(folder, WEIGHTS_FILE))
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.param_groups(train.lr),
+                                               config=deepspeed_config(train))
+        if resharded:
+            engine.lr_scheduler.step(state["step"])
+            print(f"Resumed a {state['world_size']}-worker checkpoint on {world} workers: weights from "
+                  f"{WEIGHTS_FILE}, optimizer moments restart, learning rate at step {state['step']}", flush=True)
+        elif state is not None:
+            check_pickles(os.path.join(folder, "deepspeed"))
+            engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
+    return engine, state
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
@@ -82,16 +108,32 @@ def save_and_report(engine, weights: dict | None, metrics: dict, state: dict):
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def restore_engine(engine) -> dict | None:
-    """Loads the latest reported checkpoint into the engine, if the run has one; returns its
-    state (epoch, step) or None for a fresh start."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
-        with open(os.path.join(folder, STATE_FILE)) as f:
-            return json.load(f)
+# DeepSpeed's loader unpickles its files with weights_only=False, so any code in a planted file
+# would run. Before it reads a checkpoint, every pickle in it is scanned (without being executed)
+# for globals beyond torch's weights-only set and these DeepSpeed types its files really hold.
+DEEPSPEED_PICKLE_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file would unpickle something other than tensors and DeepSpeed's own state."""
+
+
+def check_pickles(folder: str):
+    """Raises UnsafeCheckpointError when a .pt file under `folder` names a global outside
+    torch's weights-only set and DEEPSPEED_PICKLE_GLOBALS. Nothing is unpickled."""
+    for root, _, names in os.walk(folder):
+        for name in sorted(n for n in names if n.endswith(".pt")):
+            path = os.path.join(root, name)
+            try:
+                unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - DEEPSPEED_PICKLE_GLOBALS
+            except Exception as e:  # not a torch file at all
+                raise UnsafeCheckpointError(f"{path} is not a readable torch checkpoint: {e}") from None
+            if unsafe:
+                raise UnsafeCheckpointError(f"{path} would unpickle {sorted(unsafe)}; refusing to load it")
 
 
 def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[InterestFormer, dict]:

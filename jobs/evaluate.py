@@ -29,7 +29,8 @@ def evaluate(model, item_rows, eval_rows, cfg: JobConfig, device) -> dict[str, f
     """Metrics of `model` over an iterable of packed evaluation rows (any Ray Data iterator's
     iter_torch_batches(batch_size=1)), with the catalogue from packed item rows."""
     items = item_vectors(model, _batches(item_rows, device), model.spec.num_items)
-    sums, users = evaluate_model(model, items, _batches(eval_rows, device), cfg.eval.ks, cfg.eval.exclude_history)
+    sums, users = evaluate_model(model, items, _batches(eval_rows, device), cfg.eval.ks, cfg.eval.exclude_history,
+                                 cfg.eval.item_chunk_size)
     return {**mean_metrics(sums, users), "users": users}
 
 

@@ -13,9 +13,12 @@ directory is elsewhere write to the same place.
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 from interestformer.jobs.config import PROJECT_DIR, JobConfig
 
@@ -46,6 +49,41 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)
     return flat
+
+
+# Credentials never reach MLflow, whatever a config or path holds: the password of a URI's
+# user:password@, secret-named query parameters (S3/GCS/Azure signed URLs), AWS access key ids.
+SECRETS = [
+    (re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@"), "***@"),
+    (re.compile(r"(?i)((?:secret|token|password|passwd|key|signature|sig|credential)[a-z_-]*=)[^&\s\"']+"), r"\1***"),
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "***"),
+]
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be reached."""
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0):
+    """Fails fast, before any Ray resource is taken, when the tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as e:
+        problem = str(getattr(e, "reason", e))
+    raise TrackingUnavailable(
+        f"MLflow tracking server {redact(uri)} is unreachable ({problem}). Start it (README: MLflow server), "
+        "or pass another --tracking-uri; nothing was started.")
 
 
 def _client(uri: str):
@@ -93,7 +131,7 @@ def start_run(cfg: JobConfig, ds_config: dict, data_report: dict, run_name: str,
     run = client.create_run(experiment_id(uri, cfg.experiment.mlflow_experiment), run_name=run_name, tags=tags)
     run_id = run.info.run_id
     log_params(uri, run_id, flatten(cfg.to_dict()))
-    client.log_text(run_id, json.dumps(cfg.to_dict(), indent=1), "config/resolved_config.json")
+    client.log_text(run_id, redact(json.dumps(cfg.to_dict(), indent=1)), "config/resolved_config.json")
     client.log_text(run_id, json.dumps(ds_config, indent=1), "config/deepspeed_config.json")
     client.log_text(run_id, json.dumps(data_report, indent=1), "data/prepare_report.json")
     log_metrics(uri, run_id, {f"data/{k}": float(v) for k, v in data_report.items()}, step=0)
@@ -103,7 +141,7 @@ def start_run(cfg: JobConfig, ds_config: dict, data_report: dict, run_name: str,
 def log_params(uri: str, run_id: str, params: dict[str, str]):
     from mlflow.entities import Param
 
-    items = [Param(k, v[:6000]) for k, v in params.items()]
+    items = [Param(k, redact(v)[:6000]) for k, v in params.items()]
     client = _client(uri)
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=items[i : i + 100])
@@ -116,8 +154,53 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int):
     _client(uri).log_batch(run_id, metrics=[Metric(_metric_key(k), float(v), now, step) for k, v in metrics.items()])
 
 
+class MetricsOutbox:
+    """Metric logging that survives a tracking-server outage mid-run (the training worker's).
+
+    A batch that cannot be sent waits, with its original timestamp and step, and is sent before
+    the next one; training never stops for MLflow. What was late is reported in the run itself:
+    tracking/delayed_batches and tracking/outage_seconds (the longest wait)."""
+
+    def __init__(self, uri: str, run_id: str, max_waiting: int = 10_000):
+        self.uri, self.run_id, self.max_waiting = uri, run_id, max_waiting
+        self.waiting: list = []
+        self.delayed = self.dropped = 0
+        self.outage_start = None
+        self.longest_outage = 0.0
+
+    def log(self, metrics: dict[str, float], step: int):
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.waiting += [Metric(_metric_key(k), float(v), now, step) for k, v in metrics.items()]
+        if len(self.waiting) > self.max_waiting:  # bounded: the oldest give way, and are counted
+            self.dropped += len(self.waiting) - self.max_waiting
+            self.waiting = self.waiting[-self.max_waiting:]
+        self.flush()
+
+    def flush(self) -> bool:
+        """Sends everything waiting; False when the server is still unreachable."""
+        try:
+            for i in range(0, len(self.waiting), 1000):  # MLflow takes at most 1000 metrics per batch
+                _client(self.uri).log_batch(self.run_id, metrics=self.waiting[i : i + 1000])
+        except Exception as e:  # any failure of the tracking server; training goes on
+            if self.outage_start is None:
+                self.outage_start = time.time()
+                print(f"MLflow unreachable ({type(e).__name__}); metrics wait and are retried", file=sys.stderr)
+            self.delayed += 1
+            return False
+        self.waiting = []
+        if self.outage_start is not None:
+            self.longest_outage = max(self.longest_outage, time.time() - self.outage_start)
+            self.outage_start = None
+            log_metrics(self.uri, self.run_id, {"tracking/delayed_batches": self.delayed,
+                                                "tracking/outage_seconds": self.longest_outage,
+                                                "tracking/dropped_metrics": self.dropped}, step=0)
+        return True
+
+
 def log_text(uri: str, run_id: str, text: str, artifact_file: str):
-    _client(uri).log_text(run_id, text, artifact_file)
+    _client(uri).log_text(run_id, redact(text), artifact_file)
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED"):

@@ -22,8 +22,9 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
+from interestformer import ConfigError
 from interestformer.datasets.pipeline import sequence_batches, unpack
 from interestformer.datasets.prepare import PreparedData, prepare
 from interestformer.jobs import tracking
@@ -33,7 +34,6 @@ from interestformer.jobs.distributed import (
     deepspeed_config,
     full_state_dict,
     model_from_weights,
-    restore_engine,
     save_and_report,
     setup_engine,
 )
@@ -58,12 +58,14 @@ def train_loop_per_worker(loop_config: dict):
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = InterestFormer(cfg.model, spec)
     model.item_encoder.load_content_features(load_features(loop_config["features_uri"]))
-    engine = setup_engine(model, cfg.train)
-    state = restore_engine(engine) or {"epoch": 0, "step": 0}
-    state.update(config=loop_config["config"], spec=loop_config["spec"], prepared_path=loop_config["prepared_path"])
+    engine, state = setup_engine(model, cfg.train)  # resumed from the run's latest checkpoint, if any
+    state = state or {"epoch": 0, "step": 0}
+    state.update(config=loop_config["config"], spec=loop_config["spec"], prepared_path=loop_config["prepared_path"],
+                 world_size=world)
     train_rows = ray.train.get_dataset_shard("train")
     steps_per_epoch = math.ceil(loop_config["train_users"] / (cfg.train.micro_batch_size * world))
     progress = _progress(rank, cfg.train.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch)
+    metrics_out = tracking.MetricsOutbox(uri, run_id)  # rank 0's logging; survives a tracking outage
 
     for epoch in range(state["epoch"], cfg.train.epochs):
         engine.train()
@@ -81,14 +83,14 @@ def train_loop_per_worker(loop_config: dict):
             if engine.is_gradient_accumulation_boundary():
                 state["step"] += 1
                 if rank == 0 and state["step"] % cfg.train.log_every_steps == 0:
-                    _log_window(uri, run_id, window, world, engine, state["step"])
+                    _log_window(metrics_out, window, world, engine, state["step"])
         weights = full_state_dict(engine)  # every rank takes part (ZeRO-3 gathers)
         metrics = {"epoch": epoch}
         if rank == 0:
             model = model_from_weights(weights, cfg, spec, device)
             val = evaluate(model, *_eval_rows("validation"), cfg, device)
             metrics.update({f"val_{k}": v for k, v in val.items()})
-            tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=state["step"])
+            metrics_out.log({k: v for k, v in metrics.items() if k != "epoch"}, step=state["step"])
             progress.set_description(f"epoch {epoch + 1}/{cfg.train.epochs} val ndcg@10 {val['ndcg@10']:.4f}")
         state["epoch"] = epoch + 1
         save_and_report(engine, weights, metrics, state)
@@ -100,8 +102,9 @@ def train_loop_per_worker(loop_config: dict):
         splits = ["test", "cold"] if cfg.data.cold_item_fraction else ["test"]
         results = {split: evaluate(model, *_eval_rows(split), cfg, device) for split in splits}
         for split, metrics in results.items():
-            tracking.log_metrics(uri, run_id, {f"{METRIC_PREFIX[split]}{k}": v for k, v in metrics.items()},
-                                 step=state["step"])
+            metrics_out.log({f"{METRIC_PREFIX[split]}{k}": v for k, v in metrics.items()}, step=state["step"])
+        if not metrics_out.flush():
+            print(f"MLflow still unreachable at the end: {len(metrics_out.waiting)} metrics not logged", file=sys.stderr)
         return {**results, "step": state["step"]}
 
 
@@ -110,9 +113,9 @@ def _eval_rows(split: str):
             ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=1))
 
 
-def _log_window(uri, run_id, window, world, engine, step):
+def _log_window(metrics_out, window, world, engine, step):
     seconds = time.perf_counter() - window["start"]
-    tracking.log_metrics(uri, run_id, {
+    metrics_out.log({
         "train_loss": window["loss"] / max(window["batches"], 1),
         # Every worker runs as many batches as rank 0 (equal split), so rank 0's rate times the
         # world size is the job's rate.
@@ -145,6 +148,11 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1):
     Locally, Ray is told of enough logical CPUs for the training workers AND the Ray Data
     actors that feed them (for each of `concurrent_runs` trainings): on a 2-core machine the
     workers would otherwise take every CPU and the pipeline would wait forever for one."""
+    if cfg.train.use_gpu and not os.environ.get("RAY_ADDRESS"):  # a local Ray gets this machine's GPUs only
+        gpus = torch.cuda.device_count()
+        if gpus < cfg.train.num_workers:
+            raise ConfigError("train.num_workers", f"{cfg.train.num_workers} GPU workers need as many GPUs; "
+                                                   f"this machine has {gpus} (set train.use_gpu=false for CPUs)")
     # One progress bar (training) rather than one per Ray Data operator of every pass.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -160,7 +168,9 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1):
 
 
 def _worker_env(cfg: JobConfig) -> dict:
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    # An unreachable tracking server costs a worker seconds, not MLflow's default minutes of retries.
+    env = {"TOKENIZERS_PARALLELISM": "false", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     if not cfg.train.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator with gloo, without the warning
     return env
@@ -185,6 +195,7 @@ def data_spec(prepared: PreparedData, cfg: JobConfig, features: dict | None = No
 
 def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict:
     """Prepare, fit, evaluate, log. Returns the run's id, test metrics, baseline and checkpoint."""
+    tracking.check_reachable(tracking.tracking_uri(cfg))  # before any Ray resource is taken
     ensure_ray(cfg)
     prepared = prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)
     features_uri, features = content_features(prepared, cfg, data_spec(prepared, cfg))
@@ -223,6 +234,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
             name=run_name,
             storage_path=cfg.experiment.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.experiment.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": _worker_env(cfg)},
             callbacks=list(callbacks),
         ),
@@ -288,9 +300,8 @@ if __name__ == "__main__":
     try:
         main()
     except Exception as e:  # config and data errors end the job with their message, not a trace
-        from interestformer import ConfigError
         from interestformer.datasets.prepare import DataQualityError
 
-        if isinstance(e, (ConfigError, DataQualityError)):
+        if isinstance(e, (ConfigError, DataQualityError, tracking.TrackingUnavailable)):
             sys.exit(f"error: {e}")
         raise

@@ -365,17 +365,8 @@ def build_text_encoder(cfg: TextEncoderConfig, spec: DataSpec) -> TextEncoder:
     if cfg.pretrained_path:
         model = AutoModel.from_pretrained(cfg.pretrained_path)
     else:
-        model = BertModel(
-            BertConfig(
-                vocab_size=spec.text_vocab_size,
-                hidden_size=cfg.hidden_size,
-                num_hidden_layers=cfg.num_layers,
-                num_attention_heads=cfg.num_heads,
-                intermediate_size=4 * cfg.hidden_size,
-                max_position_embeddings=max(spec.text_max_tokens, 8),
-            ),
-            add_pooling_layer=False,
-        )
+        model = BertModel(BertConfig(vocab_size=spec.text_vocab_size, max_position_embeddings=max(spec.text_max_tokens, 8),
+                                     **_transformer_sizes(cfg)), add_pooling_layer=False)
     return _set_trainable(TextEncoder(model), cfg)
 
 
@@ -398,22 +389,19 @@ def build_image_encoder(cfg: ImageEncoderConfig, spec: DataSpec) -> ImageEncoder
         if cfg.pretrained_path:
             model = AutoModel.from_pretrained(cfg.pretrained_path)
         else:
-            model = ViTModel(
-                ViTConfig(
-                    image_size=spec.image_size,
-                    patch_size=cfg.patch_size,
-                    hidden_size=cfg.hidden_size,
-                    num_hidden_layers=cfg.num_layers,
-                    num_attention_heads=cfg.num_heads,
-                    intermediate_size=4 * cfg.hidden_size,
-                ),
-                add_pooling_layer=False,
-            )
+            model = ViTModel(ViTConfig(image_size=spec.image_size, patch_size=cfg.patch_size, **_transformer_sizes(cfg)),
+                             add_pooling_layer=False)
         config = model.config
         # Convolutional backbones (ConvNeXt, ResNet) report the widths of their stages.
         width = config.hidden_sizes[-1] if hasattr(config, "hidden_sizes") else config.hidden_size
         encoder = ImageEncoder(model, width, layer_stack(model))
     return _set_trainable(encoder, cfg)
+
+
+def _transformer_sizes(cfg: EncoderConfig) -> dict:
+    """The sizes of a transformers encoder built from config (BERT for text, ViT for images)."""
+    return dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                intermediate_size=4 * cfg.hidden_size)
 
 
 def layer_stack(model: nn.Module) -> list[nn.Module]:

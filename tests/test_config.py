@@ -71,6 +71,14 @@ def test_job_fails_on_bad_config_before_ray_starts(tmp_path):
     assert time.perf_counter() - started < 60  # no Ray start-up happened
 
 
+def test_more_gpu_workers_than_gpus_fails_before_ray_starts():
+    run = subprocess.run([sys.executable, "-m", "jobs.train", "--set", "train.use_gpu=true", "--set",
+                          "train.num_workers=64"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert run.returncode != 0 and "train.num_workers" in run.stderr and "64 GPU workers" in run.stderr
+    assert "Traceback" not in run.stderr and "Started a local Ray instance" not in run.stdout + run.stderr
+
+
 def test_help_explains_every_config_key():
     run = subprocess.run([sys.executable, "-m", "jobs.train", "--help"], cwd=PROJECT_DIR,
                          capture_output=True, text=True, timeout=120)

@@ -9,7 +9,7 @@ import torch
 from interestformer import ConfigError
 from interestformer.jobs.config import load_config
 from interestformer.models.interest_former import (
-    DataSpec, ImageEncoderConfig, InterestFormer, ModelConfig, TextEncoderConfig, build_image_encoder,
+    ImageEncoderConfig, InterestFormer, ModelConfig, TextEncoderConfig, build_image_encoder,
     build_text_encoder,
 )
 from tests.test_model import SPEC, batch_of, tiny_model

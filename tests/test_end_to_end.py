@@ -90,7 +90,8 @@ def test_checkpoint_reloads_into_evaluate_with_the_same_metrics(finished_run):
 
 def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, tmp_path):
     """ZeRO-3 partitions the weights, so the checkpoint's model.safetensors must be gathered from
-    both workers; a rerun with the same name and storage resumes from the latest checkpoint."""
+    both workers; a rerun with the same name and storage resumes from the latest checkpoint, on
+    one worker (consolidated weights) or on two (DeepSpeed's shards)."""
     overrides = [
         f"data.prepared_dir={tmp_path / 'prepared'}",
         f"experiment.storage_path={tmp_path / 'runs'}",
@@ -107,7 +108,12 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
     assert set(weights) == set(model.state_dict())  # every weight, gathered whole
     assert all(w.shape == model.state_dict()[name].shape for name, w in weights.items())
 
-    second = train(load_config(config, overrides + ["train.epochs=2"]))
+    # One worker instead of two, nothing left to train: the weights must come back exactly.
+    resharded = train(load_config(config, overrides + ["train.epochs=1", "train.num_workers=1"]))
+    for name, value in first["test"].items():
+        assert resharded["test"][name] == pytest.approx(value, abs=1e-9), name
+
+    second = train(load_config(config, overrides + ["train.epochs=2"]))  # two workers again: DeepSpeed's shards
     assert second["checkpoint"] != first["checkpoint"]
     assert os.path.dirname(second["checkpoint"]) == os.path.dirname(first["checkpoint"])  # same Ray Train run
     val = tracking.metric_history(second["tracking_uri"], second["run_id"], "val_ndcg_at_10")
@@ -153,3 +159,56 @@ def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp
     metrics = evaluate.main(["--checkpoint", summary["checkpoint"], "--split", "cold"])
     for name, value in summary["cold"].items():
         assert metrics[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_a_killed_worker_is_replaced_and_the_run_finishes_in_the_same_mlflow_run(finished_run, tmp_path):
+    """SIGKILL one training worker once the first checkpoint exists: Ray Train restarts the workers
+    from it (train.max_failures), the run ends in the same MLflow run, near the uninterrupted one."""
+    import signal
+    import threading
+    import time
+
+    reference_cfg, reference = finished_run
+    cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
+        f"data.prepared_dir={reference_cfg.data.prepared_dir}",  # the same prepared data
+        f"experiment.storage_path={tmp_path / 'runs'}",
+        f"experiment.tracking_uri={reference['tracking_uri']}",
+        "experiment.name=killed", "train.epochs=4", "train.max_failures=1",
+    ])
+    outcome = {}
+    job = threading.Thread(target=lambda: outcome.update(summary=train(cfg)))
+    job.start()
+    run_folder = tmp_path / "runs" / "killed"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(run_folder.glob("checkpoint_*")):
+        time.sleep(0.5)
+    assert list(run_folder.glob("checkpoint_*")), "no checkpoint to recover from"
+    workers = own_train_workers()
+    assert workers, "no training worker process found"
+    os.kill(max(workers), signal.SIGKILL)
+    replaced = False
+    while job.is_alive() and not replaced:  # new worker processes take over
+        replaced = bool(own_train_workers() - workers)
+        time.sleep(0.2)
+    job.join(timeout=600)
+    assert replaced, "the killed worker was never replaced"
+    summary = outcome["summary"]
+    assert summary["run_id"] and tracking._client(summary["tracking_uri"]).get_run(summary["run_id"]).info.status == "FINISHED"
+    epochs = tracking.metric_history(summary["tracking_uri"], summary["run_id"], "val_ndcg_at_10")
+    assert len(epochs) >= cfg.train.epochs  # an epoch cut short by the kill is run again
+    assert summary["test"]["ndcg@10"] == pytest.approx(reference["test"]["ndcg@10"], abs=0.1)
+
+
+def own_train_workers() -> set[int]:
+    """PIDs of the Ray Train workers of this test session's Ray: descendants of this process, never
+    the workers of another Ray on the same machine."""
+    import psutil
+
+    found = set()
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                found.add(process.pid)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found

@@ -4,15 +4,17 @@ import math
 
 import torch
 
-from interestformer.models.ranking import metric_sums, rank_users, target_ranks
+import pytest
+
+from interestformer.models.ranking import chunked_target_ranks, metric_sums, rank_users
 
 
 def brute_force(scores: torch.Tensor, targets: torch.Tensor, ks) -> dict[str, float]:
-    """Per user: sort every candidate; the target's rank counts every other item scoring at least
-    as high (ties against the target); then average HR, NDCG, MRR."""
+    """Per user: the target's rank counts every other item (column 0 is padding) scoring at
+    least as high (ties against the target); then average HR, NDCG, MRR."""
     out = {"mrr": 0.0, **{f"hr@{k}": 0.0 for k in ks}, **{f"ndcg@{k}": 0.0 for k in ks}}
     for row, target in zip(scores.tolist(), targets.tolist()):
-        rank = sum(1 for j, s in enumerate(row) if j != target and s >= row[target])
+        rank = sum(1 for j, s in enumerate(row) if j not in (0, target) and s >= row[target])
         out["mrr"] += 1 / (rank + 1)
         for k in ks:
             if rank < k:
@@ -21,15 +23,17 @@ def brute_force(scores: torch.Tensor, targets: torch.Tensor, ks) -> dict[str, fl
     return {name: value / len(targets) for name, value in out.items()}
 
 
-def test_metrics_match_brute_force_on_random_scores():
+@pytest.mark.parametrize("chunk", [1, 7, 64, 300])
+def test_metrics_match_brute_force_on_random_scores_whatever_the_chunk_size(chunk):
     gen = torch.Generator().manual_seed(0)
     ks = (1, 5, 10, 50)
     for trial in range(5):
         scores = torch.randn(64, 300, generator=gen)
         if trial % 2:  # coarse scores give many ties
             scores = scores.round()
-        targets = torch.randint(0, 300, (64,), generator=gen)
-        ours = {k: v / 64 for k, v in metric_sums(target_ranks(scores, targets), ks).items()}
+        targets = torch.randint(1, 300, (64,), generator=gen)
+        ranks = chunked_target_ranks(lambda a, b: scores[:, a:b], 300, targets, None, chunk)
+        ours = {k: v / 64 for k, v in metric_sums(ranks, ks).items()}
         reference = brute_force(scores, targets, ks)
         assert ours.keys() == reference.keys()
         for name in ours:
@@ -57,3 +61,15 @@ def test_history_exclusion_removes_seen_items_but_never_the_target():
 def test_padding_column_is_never_a_candidate():
     scores = torch.tensor([[100.0, 0.2, 0.1]])
     assert rank_users(scores, torch.tensor([1]), None, ks=(1,))["hr@1"] == 1
+
+
+def test_chunked_ranking_with_history_equals_whole_rows():
+    gen = torch.Generator().manual_seed(1)
+    user, items = torch.randn(32, 8, generator=gen), torch.randn(501, 8, generator=gen)
+    items[250:260] = items[250]  # identical items tie exactly
+    targets = torch.randint(1, 501, (32,), generator=gen)
+    history = torch.randint(0, 501, (32, 20), generator=gen)
+    history[:, 0] = targets  # the target in the history never leaves the candidates
+    whole = chunked_target_ranks(lambda a, b: user @ items[a:b].T, 501, targets, history, 501)
+    for chunk in (1, 13, 250):
+        assert torch.equal(chunked_target_ranks(lambda a, b: user @ items[a:b].T, 501, targets, history, chunk), whole)
