@@ -7,6 +7,7 @@ The result is cached beside the prepared data under a key of the prepared data a
 so later runs (a sweep's trials, the benchmark's configs) reuse it.
 """
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -22,21 +23,22 @@ from interestformer.jobs.config import JobConfig
 from interestformer.models.interest_former import DataSpec, build_image_encoder, build_text_encoder
 
 
-def frozen_encoders(cfg: JobConfig) -> dict:
-    """The enabled encoders whose train_mode is frozen, by kind ("text", "image")."""
-    encoders = {"text": cfg.model.text, "image": cfg.model.image}
-    return {kind: enc for kind, enc in encoders.items() if enc.enabled and enc.train_mode == "frozen"}
-
-
 def features_uri(prepared: PreparedData, cfg: JobConfig) -> str:
     """Where the frozen encoders' features of this prepared data are cached ('' if none is frozen)."""
-    frozen = frozen_encoders(cfg)
+    frozen = cfg.model.frozen_encoders()
     if not frozen:
         return ""
     # An encoder built from config is random: its seed is part of what it computes.
     key = {kind: [vars(enc), "" if enc.pretrained_path else cfg.train.seed] for kind, enc in frozen.items()}
     payload = json.dumps([prepared.meta["fingerprint"], key], sort_keys=True, default=str)
     return join(prepared.path, "features", hashlib.sha256(payload.encode()).hexdigest()[:16] + ".safetensors")
+
+
+def with_feature_widths(spec: DataSpec, features: dict[str, torch.Tensor]) -> DataSpec:
+    """The data spec with the widths of the frozen encoders' features (0 where none)."""
+    width = {name: values.shape[1] for name, values in features.items() if values.dim() == 2}
+    return dataclasses.replace(spec, text_feature_dim=width.get("text_features", 0),
+                               image_feature_dim=width.get("image_features", 0))
 
 
 def load_features(uri: str) -> dict[str, torch.Tensor]:
@@ -52,7 +54,7 @@ def content_features(prepared: PreparedData, cfg: JobConfig, spec: DataSpec) -> 
     features = load_features(uri)
     if not uri or features:
         return uri, features
-    frozen = frozen_encoders(cfg)
+    frozen = cfg.model.frozen_encoders()
     started = time.perf_counter()
     print(f"Encoding {prepared.num_items} catalogue items once with the frozen {' and '.join(frozen)} encoder(s)...",
           flush=True)
@@ -88,7 +90,7 @@ class EncodeCatalogue:
         torch.set_num_threads(threads)
         torch.manual_seed(cfg.train.seed)  # the same random weights as the model would build
         self.device = "cuda" if cfg.train.use_gpu else "cpu"
-        frozen = frozen_encoders(cfg)
+        frozen = cfg.model.frozen_encoders()
         self.text = build_text_encoder(frozen["text"], spec).to(self.device).eval() if "text" in frozen else None
         self.image = build_image_encoder(frozen["image"], spec).to(self.device).eval() if "image" in frozen else None
 

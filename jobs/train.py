@@ -29,7 +29,7 @@ from interestformer.datasets.pipeline import sequence_batches, unpack
 from interestformer.datasets.prepare import PreparedData, prepare
 from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, field_docs, load_config
-from interestformer.jobs.content_features import content_features, load_features
+from interestformer.jobs.content_features import content_features, load_features, with_feature_widths
 from interestformer.jobs.distributed import (
     deepspeed_config,
     full_state_dict,
@@ -176,11 +176,10 @@ def _worker_env(cfg: JobConfig) -> dict:
     return env
 
 
-def data_spec(prepared: PreparedData, cfg: JobConfig, features: dict | None = None) -> DataSpec:
-    """The model's view of the prepared data; `features`: the frozen encoders' ones, if any."""
+def data_spec(prepared: PreparedData, cfg: JobConfig) -> DataSpec:
+    """The model's view of the prepared data (frozen features' widths: with_feature_widths)."""
     from transformers import AutoTokenizer
 
-    features = features or {}
     return DataSpec(
         num_items=prepared.num_items,
         num_event_types=len(prepared.meta["event_types"]),
@@ -188,8 +187,6 @@ def data_spec(prepared: PreparedData, cfg: JobConfig, features: dict | None = No
         text_vocab_size=len(AutoTokenizer.from_pretrained(prepared.tokenizer_path)),
         text_max_tokens=prepared.meta["text_max_tokens"],
         image_size=prepared.meta["image_size"],
-        text_feature_dim=features["text_features"].shape[1] if "text_features" in features else 0,
-        image_feature_dim=features["image_features"].shape[1] if "image_features" in features else 0,
     )
 
 
@@ -198,8 +195,9 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
     tracking.check_reachable(tracking.tracking_uri(cfg))  # before any Ray resource is taken
     ensure_ray(cfg)
     prepared = prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)
-    features_uri, features = content_features(prepared, cfg, data_spec(prepared, cfg))
-    spec = data_spec(prepared, cfg, features)
+    spec = data_spec(prepared, cfg)
+    features_uri, features = content_features(prepared, cfg, spec)
+    spec = with_feature_widths(spec, features)
     run_name = cfg.experiment.name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_run(cfg, deepspeed_config(cfg.train), prepared.report(), run_name, parent_run_id)

@@ -101,11 +101,16 @@ class ModelConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     """Item image encoder."""
 
+    def frozen_encoders(self) -> dict[str, EncoderConfig]:
+        """The enabled encoders whose train_mode is frozen, by kind ("text", "image")."""
+        encoders = {"text": self.text, "image": self.image}
+        return {kind: enc for kind, enc in encoders.items() if enc.enabled and enc.train_mode == "frozen"}
+
     def live_content(self) -> tuple[bool, bool]:
         """(text, image): whether batches must carry items' raw tokens and pixels, because that
         encoder runs in every step; a frozen encoder's features are looked up instead."""
-        return (self.text.enabled and self.text.train_mode != "frozen",
-                self.image.enabled and self.image.train_mode != "frozen")
+        frozen = self.frozen_encoders()
+        return (self.text.enabled and "text" not in frozen, self.image.enabled and "image" not in frozen)
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
