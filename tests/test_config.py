@@ -95,3 +95,10 @@ def test_deepspeed_config_follows_the_train_section():
     assert ds["bf16"]["enabled"] is True
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch_size
+
+
+def test_a_config_builds_on_its_base_section_by_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("model:\n  d_model: 48\n  n_heads: 2\n  text: {hidden_size: 16}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nmodel:\n  text: {num_layers: 3}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert (cfg.model.d_model, cfg.model.text.hidden_size, cfg.model.text.num_layers) == (48, 16, 3)
