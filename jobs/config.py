@@ -57,6 +57,13 @@ class TrainConfig:
     partitioned across workers."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Training precision; bf16 is the choice on GPUs (Ampere or newer)."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep the optimizer state in CPU memory and step it there with DeepSpeed's CPU
+    Adam (compiled on first use). Frees GPU memory for a larger item table or batch; needs
+    zero_stage 1, 2 or 3."""
+    offload_params: bool = False
+    """ZeRO-Infinity: also keep the partitioned weights in CPU memory between uses. Only stage 3
+    partitions weights, so this needs zero_stage 3."""
     seed: int = 0
     """Seeds model initialisation and negative sampling."""
     log_every_steps: int = 10
@@ -78,6 +85,13 @@ class TrainConfig:
             raise ConfigError("max_failures", f"must be >= -1, got {self.max_failures}")
         if self.lr <= 0 or self.cpus_per_worker <= 0:
             raise ConfigError("lr" if self.lr <= 0 else "cpus_per_worker", "must be > 0")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("offload_optimizer", "needs ZeRO to partition the optimizer state: "
+                                                   "set zero_stage to 1, 2 or 3, or offload_optimizer=false")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("offload_params", f"needs zero_stage=3, got {self.zero_stage}: only ZeRO-3 "
+                                                "partitions the weights it would offload (allowed: zero_stage=3, "
+                                                "or offload_params=false)")
 
 
 @dataclass

@@ -34,8 +34,10 @@ def deepspeed_config(train) -> dict:
         "gradient_clipping": train.grad_clip,
         "optimizer": {
             "type": "AdamW",
-            # torch's AdamW: DeepSpeed's fused Adam is a C++ op compiled on first use.
-            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.98], "torch_adam": True},
+            # torch's AdamW: DeepSpeed's fused Adam is a C++ op compiled on first use. Offloaded
+            # optimizer state steps in DeepSpeed's CPU Adam, which is worth its compilation.
+            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.98],
+                       "torch_adam": not train.offload_optimizer},
         },
         "scheduler": {
             "type": "WarmupLR",
@@ -43,7 +45,12 @@ def deepspeed_config(train) -> dict:
             # their own, see InterestFormer.param_groups).
             "params": {"warmup_min_lr": 0.0, "warmup_num_steps": train.warmup_steps, "warmup_type": "linear"},
         },
-        "zero_optimization": {"stage": train.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": {
+            "stage": train.zero_stage,
+            "stage3_gather_16bit_weights_on_model_save": True,
+            **({"offload_optimizer": {"device": "cpu", "pin_memory": train.use_gpu}} if train.offload_optimizer else {}),
+            **({"offload_param": {"device": "cpu", "pin_memory": train.use_gpu}} if train.offload_params else {}),
+        },
         "bf16": {"enabled": train.precision == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -81,6 +88,8 @@ def setup_engine(model: InterestFormer, train) -> tuple[object, dict | None]:
         elif state is not None:
             check_pickles(os.path.join(folder, "deepspeed"))
             engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
+            if ray.train.get_context().get_world_rank() == 0:
+                print(f"Resumed from the checkpoint of epoch {state['epoch']} (step {state['step']})", flush=True)
     return engine, state
 
 

@@ -113,9 +113,15 @@ def start_parent_run(cfg: JobConfig, run_name: str) -> str:
 
 
 def start_run(cfg: JobConfig, ds_config: dict, data_report: dict, run_name: str, parent_run_id: str = "") -> str:
-    """Opens the run of a training job and records what defines it; returns its id."""
+    """Opens the run of a training job and records what defines it; returns its id.
+
+    A job named like an earlier one (experiment.name) in the same storage_path resumes that Ray
+    Train run from its latest checkpoint, and continues its MLflow run too: one MLflow run per
+    training, however often it was stopped and started. Params are immutable in MLflow, so a
+    resume logs only new keys; the ones it changed are listed in config/resume_<n>.json."""
     uri = tracking_uri(cfg)
     client = _client(uri)
+    train_run_path = redact(os.path.join(cfg.experiment.storage_path, run_name))  # Ray Train's run folder
     tags = {
         "git_commit": _git_commit(),
         "ray_version": _version("ray"),
@@ -125,12 +131,27 @@ def start_run(cfg: JobConfig, ds_config: dict, data_report: dict, run_name: str,
         "zero_stage": str(cfg.train.zero_stage),
         "precision": cfg.train.precision,
         "host_python": platform.python_version(),
+        "train_run_path": train_run_path,
     }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id(uri, cfg.experiment.mlflow_experiment), run_name=run_name, tags=tags)
-    run_id = run.info.run_id
-    log_params(uri, run_id, flatten(cfg.to_dict()))
+    experiment = experiment_id(uri, cfg.experiment.mlflow_experiment)
+    earlier = client.search_runs([experiment], f"tags.train_run_path = '{train_run_path}'",
+                                 order_by=["attributes.start_time DESC"], max_results=1) if cfg.experiment.name else []
+    params = {key: redact(value)[:6000] for key, value in flatten(cfg.to_dict()).items()}
+    if earlier:
+        run_id, logged = earlier[0].info.run_id, earlier[0].data.params
+        resumes = int(earlier[0].data.tags.get("resumes", "0")) + 1
+        client.update_run(run_id, status="RUNNING")
+        for key, value in {**tags, "resumes": str(resumes)}.items():
+            client.set_tag(run_id, key, value)
+        log_params(uri, run_id, {key: value for key, value in params.items() if key not in logged})
+        changed = {key: {"was": logged[key], "now": value} for key, value in params.items()
+                   if key in logged and logged[key] != value}
+        client.log_text(run_id, json.dumps({"changed_params": changed}, indent=1), f"config/resume_{resumes}.json")
+    else:
+        run_id = client.create_run(experiment, run_name=run_name, tags=tags).info.run_id
+        log_params(uri, run_id, params)
     client.log_text(run_id, redact(json.dumps(cfg.to_dict(), indent=1)), "config/resolved_config.json")
     client.log_text(run_id, json.dumps(ds_config, indent=1), "config/deepspeed_config.json")
     client.log_text(run_id, json.dumps(data_report, indent=1), "data/prepare_report.json")

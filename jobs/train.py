@@ -160,11 +160,43 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1):
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
+        check_cluster_fits(cfg, concurrent_runs)
         return
     needed = concurrent_runs * (cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.train.pipeline_workers + 1)
     # address="local": a new Ray for this job, even where `ray start` left a cluster running.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False,
              runtime_env={"env_vars": _worker_env(cfg)})
+
+
+def check_cluster_fits(cfg: JobConfig, concurrent_runs: int = 1):
+    """On a running cluster, fails before taking anything when the training workers could never
+    all be scheduled: Ray Train would otherwise wait for them until its start-up timeout.
+
+    The ceiling is the autoscaler's (its node types times their max counts) when the cluster has
+    one, else what the cluster holds now. Besides the workers, at least one CPU must stay free for
+    the Ray Data actor that packs batches."""
+    from ray._private.state import state
+
+    per_worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+    needed = {name: concurrent_runs * cfg.train.num_workers * amount for name, amount in per_worker.items()}
+    needed["CPU"] += concurrent_runs
+    autoscaler = state.get_cluster_config()
+    if autoscaler is not None and autoscaler.node_group_configs:
+        ceiling, source = state.get_max_resources_from_cluster_config() or {}, "the autoscaler's limit"
+        shapes = [dict(group.resources) for group in autoscaler.node_group_configs]
+    else:
+        ceiling, source = ray.cluster_resources(), "this cluster, which has no autoscaler"
+        shapes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    for name, amount in per_worker.items():
+        if not any(shape.get(name, 0) >= amount for shape in shapes):
+            key = "train.cpus_per_worker" if name == "CPU" else "train.use_gpu"
+            raise ConfigError(key, f"one training worker needs {amount:g} {name}, more than any node of "
+                                   f"{source} has ({max((s.get(name, 0) for s in shapes), default=0):g})")
+    for name, amount in needed.items():
+        if amount > ceiling.get(name, 0):
+            raise ConfigError("train.num_workers", f"{concurrent_runs} run(s) of {cfg.train.num_workers} workers "
+                                                   f"x {per_worker}, plus 1 CPU each for the data pipeline, need "
+                                                   f"{amount:g} {name}; {source} has at most {ceiling.get(name, 0):g}")
 
 
 def _worker_env(cfg: JobConfig) -> dict:

@@ -34,6 +34,8 @@ def test_demo_config_file_is_the_embedded_default():
     (["train.epochs=2.5"], "train.epochs", "must be int"),
     (["train.use_gpu=1"], "train.use_gpu", "must be bool"),
     (["train.precision=fp8"], "train.precision", "['fp32', 'bf16']"),
+    (["train.zero_stage=0", "train.offload_optimizer=true"], "train.offload_optimizer", "zero_stage to 1, 2 or 3"),
+    (["train.zero_stage=2", "train.offload_params=true"], "train.offload_params", "zero_stage=3"),
     (["model.dropout=1.5"], "model.dropout", "[0, 1)"),
     (["model.n_heads=3"], "model.n_heads", "divide d_model"),
     (["model.image.patch_size=5"], "model.image.patch_size", "divide data.image_size"),

@@ -116,8 +116,9 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
     second = train(load_config(config, overrides + ["train.epochs=2"]))  # two workers again: DeepSpeed's shards
     assert second["checkpoint"] != first["checkpoint"]
     assert os.path.dirname(second["checkpoint"]) == os.path.dirname(first["checkpoint"])  # same Ray Train run
+    assert second["run_id"] == resharded["run_id"] == first["run_id"]  # one MLflow run, continued
     val = tracking.metric_history(second["tracking_uri"], second["run_id"], "val_ndcg_at_10")
-    assert len(val) == 1  # epoch 1 came from the checkpoint; only epoch 2 ran
+    assert len(val) == 2  # epoch 1 ran once (first job), epoch 2 in the second; none again
     metrics = evaluate.main(["--checkpoint", second["checkpoint"]])
     for name, value in second["test"].items():
         assert metrics[name] == pytest.approx(value, abs=1e-9), name
@@ -159,6 +160,39 @@ def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp
     metrics = evaluate.main(["--checkpoint", summary["checkpoint"], "--split", "cold"])
     for name, value in summary["cold"].items():
         assert metrics[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_a_half_written_checkpoint_is_never_picked_up_and_the_last_n_are_kept(finished_run, tmp_path):
+    """Ray Train registers a checkpoint (checkpoint_manager_snapshot.json) only once every worker
+    has written its part, so a crash in the middle of a save leaves an unregistered folder. Such a
+    folder, newer than every real one, its weights cut in half and no state file, is planted in a
+    copy of a finished run: the resumed job ignores it, goes on from the last registered
+    checkpoint, and keeps experiment.keep_checkpoints of them."""
+    import json
+    import shutil
+
+    cfg, summary = finished_run
+    run_folder = tmp_path / "runs" / cfg.experiment.name
+    shutil.copytree(os.path.dirname(summary["checkpoint"]), run_folder)
+    debris = run_folder / "checkpoint_2099-01-01_00-00-00.000000"
+    shutil.copytree(run_folder / os.path.basename(summary["checkpoint"]), debris)
+    weights = (debris / "model.safetensors").read_bytes()
+    (debris / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (debris / "checkpoint.json").unlink()
+
+    resumed = train(load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
+        f"data.prepared_dir={cfg.data.prepared_dir}",
+        f"experiment.storage_path={tmp_path / 'runs'}",
+        f"experiment.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"experiment.name={cfg.experiment.name}",
+        f"train.epochs={cfg.train.epochs + 1}",
+    ]))
+    assert os.path.dirname(resumed["checkpoint"]) == str(run_folder)
+    with open(os.path.join(resumed["checkpoint"], "checkpoint.json")) as f:
+        assert json.load(f)["epoch"] == cfg.train.epochs + 1
+    assert len(tracking.metric_history(resumed["tracking_uri"], resumed["run_id"], "val_ndcg_at_10")) == 1
+    registered = [p for p in run_folder.glob("checkpoint_*") if p.is_dir() and p != debris]
+    assert len(registered) == cfg.experiment.keep_checkpoints
 
 
 def test_a_killed_worker_is_replaced_and_the_run_finishes_in_the_same_mlflow_run(finished_run, tmp_path):

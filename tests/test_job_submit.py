@@ -1,5 +1,7 @@
-"""The way users run jobs: a Ray head on 127.0.0.1, `ray job submit --working-dir .` through the
-real Jobs API, wait for success, stop the head this test started."""
+"""The way users run jobs: a Ray head on 127.0.0.1 and `ray job submit --working-dir .` through
+the real Jobs API. A job succeeds; a job asking for more workers than the cluster holds fails
+before it takes anything; a job stopped with `ray job stop` resumes from its checkpoint when
+submitted again. The head this module started is stopped at the end."""
 
 import os
 import socket
@@ -7,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import mlflow
 import pytest
 
 from conftest import PROJECT_DIR
@@ -21,10 +24,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
     """`ray start --head --block` in its own process: ending it stops exactly the processes it
     started (unlike `ray stop`, which would stop every Ray on the machine)."""
+    tmp_path = tmp_path_factory.mktemp("ray_head")
     gcs_port, dashboard_port = free_port(), free_port()
     # Every port of its own: the in-process Ray of other tests already holds Ray's default agent
     # ports, and a head whose dashboard agent cannot bind never accepts a job.
@@ -61,22 +65,77 @@ def ray_head(tmp_path):
         os.remove(current)
 
 
-def test_submitted_training_job_succeeds(ray_head, tmp_path):
-    address, env = ray_head
-    command = [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+def submit(address: str, env: dict, tmp_path, *args: str, options: tuple = ()) -> subprocess.CompletedProcess:
+    """`ray job submit [options]` of jobs.train on the tiny config with `args`, this test's storage
+    and MLflow store."""
+    command = [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", *options, "--",
                "python", "-m", "jobs.train", "--config", "configs/tiny.yaml",
                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                "--set", f"experiment.storage_path={tmp_path / 'runs'}",
-               "--set", f"data.prepared_dir={tmp_path / 'prepared'}",
-               "--set", "train.epochs=1"]
+               "--set", f"data.prepared_dir={tmp_path / 'prepared'}", *args]
     for _ in range(30):  # the head's job agent comes up a little after its dashboard answers
         run = subprocess.run(command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=900)
         if "No available agent to submit job" not in run.stderr:
-            break
+            return run
         time.sleep(2)
+    return run
+
+
+def test_submitted_training_job_succeeds(ray_head, tmp_path):
+    address, env = ray_head
+    run = submit(address, env, tmp_path, "--set", "train.epochs=1")
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-5000:]
     assert "succeeded" in output, output[-5000:]
     assert "mlflow ui --backend-store-uri sqlite:///" in output
     assert os.path.isfile(tmp_path / "mlflow.db")
     assert any(name.startswith("run-") for name in os.listdir(tmp_path / "runs"))
+
+
+@pytest.mark.parametrize("override, key", [("train.num_workers=8", "train.num_workers"),
+                                           ("train.cpus_per_worker=6", "train.cpus_per_worker")])
+def test_more_than_the_cluster_holds_fails_before_training(ray_head, tmp_path, override, key):
+    """The head has 4 CPUs: 8 workers x 0.5 CPU plus the pipeline's CPU cannot all run, and no
+    node holds a 6-CPU worker. Either fails at once, naming the key, with nothing written."""
+    address, env = ray_head
+    run = submit(address, env, tmp_path, "--set", override)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, output[-5000:]
+    assert f"config key '{key}'" in output, output[-5000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_stopped_job_resumes_from_its_checkpoint_in_the_same_mlflow_run(ray_head, tmp_path):
+    """`ray job stop` once the first checkpoint exists, then the same command again: the job picks
+    up after the checkpointed epoch (not from scratch) and continues the same MLflow run."""
+    address, env = ray_head
+    args = ("--set", "experiment.name=stopped", "--set", "train.epochs=6")
+    run = submit(address, env, tmp_path, *args, options=("--submission-id", "stop-me", "--no-wait"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    run_folder = tmp_path / "runs" / "stopped"
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(run_folder.glob("checkpoint_*/checkpoint.json")):
+        time.sleep(0.5)
+    assert list(run_folder.glob("checkpoint_*/checkpoint.json")), "no checkpoint before the deadline"
+    stop = subprocess.run([f"{BIN}/ray", "job", "stop", "--address", address, "stop-me"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    status = subprocess.run([f"{BIN}/ray", "job", "status", "--address", address, "stop-me"], env=env,
+                            capture_output=True, text=True, timeout=60).stdout
+    assert "was stopped" in status, status
+
+    resumed = submit(address, env, tmp_path, *args)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-5000:]
+    assert "Resumed from the checkpoint of epoch" in output, output[-5000:]
+    epoch = int(output.split("Resumed from the checkpoint of epoch ")[1].split()[0])
+    assert 1 <= epoch < 6
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("interestformer").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, continued
+    assert runs[0].data.tags["resumes"] == "1"
+    validation = client.get_metric_history(runs[0].info.run_id, "val_ndcg_at_10")
+    # Every epoch validated once, except perhaps the one the stop cut between validation and its
+    # checkpoint; epochs before the checkpoint never again.
+    assert 6 <= len(validation) <= 7, [m.step for m in validation]

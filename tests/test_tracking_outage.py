@@ -1,10 +1,12 @@
-"""A real MLflow server on 127.0.0.1 goes away mid-run and comes back: metrics logged meanwhile
-wait, arrive afterwards with their steps, and the run reports the gap."""
+"""A real MLflow server on 127.0.0.1 goes away in the middle of a real training run and comes
+back: training goes on, metrics logged meanwhile wait, arrive afterwards with their steps, and
+the run reports the gap."""
 
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -12,8 +14,11 @@ import pytest
 
 from interestformer.jobs import tracking
 from interestformer.jobs.config import load_config
+from interestformer.jobs.train import train
 
-pytestmark = pytest.mark.slow  # starts an MLflow server twice: about 30 s
+from conftest import PROJECT_DIR
+
+pytestmark = pytest.mark.slow  # a training run and an MLflow server started twice
 
 
 def free_port() -> int:
@@ -43,29 +48,48 @@ def stop_server(server: subprocess.Popen):
     server.wait()
 
 
-def test_metrics_wait_through_an_outage_and_the_gap_is_reported(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as in training workers
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+def test_training_goes_on_through_an_outage_and_every_metric_arrives(ray_local, tmp_path):
+    """The server dies once the first checkpoint exists and comes back a checkpoint later: the
+    workers never stop, rank 0's metrics wait and arrive with their steps, the gap is reported in
+    the run, and the driver closes the run once the server is back."""
     store, port = f"sqlite:///{tmp_path / 'mlflow.db'}", free_port()
     uri = f"http://127.0.0.1:{port}"
+    cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
+        f"data.prepared_dir={tmp_path / 'prepared'}",
+        f"experiment.storage_path={tmp_path / 'runs'}",
+        f"experiment.tracking_uri={uri}",
+        "experiment.name=outage", "train.epochs=4", "train.log_every_steps=1",
+    ])
     server = start_server(store, port)
     try:
-        tracking.check_reachable(uri)
-        run_id = tracking.start_run(load_config(None, [f"experiment.tracking_uri={uri}"]), {}, {}, "outage")
-        outbox = tracking.MetricsOutbox(uri, run_id)
-        outbox.log({"train_loss": 3.0}, step=1)
+        outcome = {}
+        job = threading.Thread(target=lambda: outcome.update(summary=train(cfg)))
+        job.start()
+        checkpoints = lambda: len(list((tmp_path / "runs" / "outage").glob("checkpoint_*/checkpoint.json")))  # noqa: E731
+        wait_for(lambda: checkpoints() >= 1, job)
         stop_server(server)
         with pytest.raises(tracking.TrackingUnavailable):
             tracking.check_reachable(uri, timeout_s=2)
-        outbox.log({"train_loss": 2.0}, step=2)  # training goes on; nothing raises
-        outbox.log({"train_loss": 1.5}, step=3)
-        assert len(outbox.waiting) == 2 and outbox.delayed == 2
+        wait_for(lambda: checkpoints() >= 2, job)  # an epoch trained and checkpointed meanwhile
         server = start_server(store, port)
-        outbox.log({"train_loss": 1.0}, step=4)
-        assert outbox.waiting == []
-        history = tracking._client(uri).get_metric_history(run_id, "train_loss")
-        assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 2.0), (3, 1.5), (4, 1.0)]
-        reported = tracking.run_data(uri, run_id).metrics
-        assert reported["tracking/delayed_batches"] == 2 and reported["tracking/outage_seconds"] > 0
+        job.join(timeout=600)
+        summary = outcome["summary"]
+        client = tracking._client(uri)
+        assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+        losses = client.get_metric_history(summary["run_id"], "train_loss")
+        steps = sorted(m.step for m in losses)  # one loss per optimizer step, none lost in the outage
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2 * cfg.train.epochs, steps
+        assert len(client.get_metric_history(summary["run_id"], "val_ndcg_at_10")) == cfg.train.epochs
+        reported = tracking.run_data(uri, summary["run_id"]).metrics
+        assert reported["tracking/delayed_batches"] >= 1 and reported["tracking/outage_seconds"] > 0
+        assert reported["tracking/dropped_metrics"] == 0
+        assert "test_ndcg_at_10" in reported
     finally:
         stop_server(server)
+
+
+def wait_for(condition, job: threading.Thread, timeout_s: float = 600):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and job.is_alive() and not condition():
+        time.sleep(0.5)
+    assert condition(), "the training job ended or stalled before the condition held"
