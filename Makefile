@@ -1,14 +1,17 @@
 # The README's commands. Each sets up .venv first (quick when it is already there).
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast sweep
+.PHONY: setup setup-browser demo test test-fast sweep
 setup:
 	@bash scripts/setup.sh
+
+setup-browser:  ## headless Chromium + chromedriver (Debian packages) for the browser test
+	@bash scripts/setup-browser.sh
 
 demo: setup  ## train + evaluate the demo on a local Ray, log to MLflow (mlflow.db)
 	$(PY) -m jobs.train
 
-test: setup  ## the whole suite (what CI runs)
+test: setup setup-browser  ## the whole suite (what CI runs)
 	$(PY) -m pytest tests
 
 test-fast: setup  ## the fast subset, under 2 minutes

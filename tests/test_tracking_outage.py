@@ -3,12 +3,8 @@ back: training goes on, metrics logged meanwhile wait, arrive afterwards with th
 the run reports the gap."""
 
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 
@@ -16,36 +12,9 @@ from interestformer.jobs import tracking
 from interestformer.jobs.config import load_config
 from interestformer.jobs.train import train
 
-from conftest import PROJECT_DIR
+from conftest import PROJECT_DIR, free_port, start_server, stop_server
 
 pytestmark = pytest.mark.slow  # a training run and an MLflow server started twice
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(store: str, port: int) -> subprocess.Popen:
-    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    server = subprocess.Popen([mlflow, "server", "--backend-store-uri", store, "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return server
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("mlflow server did not start")
-
-
-def stop_server(server: subprocess.Popen):
-    os.killpg(server.pid, 9)
-    server.wait()
 
 
 def test_training_goes_on_through_an_outage_and_every_metric_arrives(ray_local, tmp_path):
