@@ -4,7 +4,6 @@ before it takes anything; a job stopped with `ray job stop` resumes from its che
 submitted again. The head this module started is stopped at the end."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,10 @@ import time
 import mlflow
 import pytest
 
-from conftest import PROJECT_DIR
+from conftest import PROJECT_DIR, free_port
 
 pytestmark = pytest.mark.slow
 BIN = os.path.dirname(sys.executable)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
