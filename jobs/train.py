@@ -88,7 +88,7 @@ def train_loop_per_worker(loop_config: dict):
         metrics = {"epoch": epoch}
         if rank == 0:
             model = model_from_weights(weights, cfg, spec, device)
-            val = evaluate(model, *_eval_rows("validation"), cfg, device)
+            val = evaluate(model, *_eval_rows("validation"), cfg, device).metrics()
             metrics.update({f"val_{k}": v for k, v in val.items()})
             metrics_out.log({k: v for k, v in metrics.items() if k != "epoch"}, step=state["step"])
             progress.set_description(f"epoch {epoch + 1}/{cfg.train.epochs} val ndcg@10 {val['ndcg@10']:.4f}")
@@ -101,8 +101,8 @@ def train_loop_per_worker(loop_config: dict):
         model = model_from_weights(weights, cfg, spec, device)
         splits = ["test", "cold"] if cfg.data.cold_item_fraction else ["test"]
         results = {split: evaluate(model, *_eval_rows(split), cfg, device) for split in splits}
-        for split, metrics in results.items():
-            metrics_out.log({f"{METRIC_PREFIX[split]}{k}": v for k, v in metrics.items()}, step=state["step"])
+        for split, totals in results.items():
+            metrics_out.log({f"{METRIC_PREFIX[split]}{k}": v for k, v in totals.report().items()}, step=state["step"])
         if not metrics_out.flush():
             print(f"MLflow still unreachable at the end: {len(metrics_out.waiting)} metrics not logged", file=sys.stderr)
         return {**results, "step": state["step"]}
@@ -249,9 +249,9 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
                "data": report}
     for split in eval_splits:
         baseline = evaluate_most_popular(prepared, datasets[split].iter_torch_batches(batch_size=1), cfg, split)
-        tracking.log_metrics(uri, run_id, {f"most_popular_{METRIC_PREFIX[split]}{k}": v for k, v in baseline.items()},
-                             step=result.return_value["step"])
-        summary[split], summary[f"most_popular_{split}"] = result.return_value[split], baseline
+        tracking.log_metrics(uri, run_id, {f"most_popular_{METRIC_PREFIX[split]}{k}": v
+                                           for k, v in baseline.report().items()}, step=result.return_value["step"])
+        summary[split], summary[f"most_popular_{split}"] = result.return_value[split].report(), baseline.report()
     summary["most_popular"] = summary.pop("most_popular_test")
     tracking.log_text(uri, run_id, result.checkpoint.path, "checkpoint_path.txt")
     tracking.end_run(uri, run_id)
