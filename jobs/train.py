@@ -26,7 +26,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from interestformer import ConfigError
 from interestformer.datasets.pipeline import sequence_batches, unpack
-from interestformer.datasets.prepare import PreparedData, prepare
+from interestformer.datasets.prepare import PreparedData, input_paths, prepare
 from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, field_docs, load_config
 from interestformer.jobs.content_features import content_features, load_features, with_feature_widths
@@ -66,6 +66,9 @@ def train_loop_per_worker(loop_config: dict):
     steps_per_epoch = math.ceil(loop_config["train_users"] / (cfg.train.micro_batch_size * world))
     progress = _progress(rank, cfg.train.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch)
     metrics_out = tracking.MetricsOutbox(uri, run_id)  # rank 0's logging; survives a tracking outage
+    system_metrics = None  # rank 0 samples the machine it trains on (the driver's may not train at all)
+    if rank == 0:
+        system_metrics = tracking.start_system_metrics(uri, run_id, cfg.experiment.system_metrics_interval_s)
 
     for epoch in range(state["epoch"], cfg.train.epochs):
         engine.train()
@@ -103,6 +106,8 @@ def train_loop_per_worker(loop_config: dict):
         results = {split: evaluate(model, *_eval_rows(split), cfg, device) for split in splits}
         for split, totals in results.items():
             metrics_out.log({f"{METRIC_PREFIX[split]}{k}": v for k, v in totals.report().items()}, step=state["step"])
+        if system_metrics:
+            system_metrics.finish()
         if not metrics_out.flush():
             print(f"MLflow still unreachable at the end: {len(metrics_out.waiting)} metrics not logged", file=sys.stderr)
         return {**results, "step": state["step"]}
@@ -201,6 +206,9 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
     run_name = cfg.experiment.name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_run(cfg, deepspeed_config(cfg.train), prepared.report(), run_name, parent_run_id)
+    events_path, _ = input_paths(cfg.data)
+    dataset_name = "demo-events" if cfg.data.source == "demo" else os.path.basename(events_path.rstrip("/"))
+    tracking.log_training_data(uri, run_id, dataset_name, events_path, prepared.meta["fingerprint"], prepared.report())
     print(f"MLflow run {run_id} in {uri}; data: {prepared.report()}", flush=True)
 
     text, image = cfg.model.live_content()
