@@ -193,6 +193,11 @@ def start_system_metrics(uri: str, run_id: str, interval_s: float):
     return monitor
 
 
+def log_figure(uri: str, run_id: str, figure, artifact_file: str):
+    """A matplotlib figure as an image artifact (the format follows artifact_file's extension)."""
+    _client(uri).log_figure(run_id, figure, artifact_file)
+
+
 class MetricsOutbox:
     """Metric logging that survives a tracking-server outage mid-run (the training worker's).
 

@@ -5,8 +5,9 @@
     ray job submit --working-dir . -- python -m jobs.train --config configs/x.yaml
 
 The job: validate the config (before Ray starts), prepare the data (cached), open the MLflow
-run, fit on Ray Train workers, evaluate the most-popular baseline on the same split, close the
-run and print the headline metrics with the command that browses them.
+run, fit on Ray Train workers, evaluate the most-popular baseline on the same split, log the
+final report (jobs/report.py), close the run and print the headline metrics with the command that
+browses them.
 """
 
 import argparse
@@ -38,6 +39,7 @@ from interestformer.jobs.distributed import (
     setup_engine,
 )
 from interestformer.jobs.evaluate import eval_datasets, evaluate, evaluate_most_popular
+from interestformer.jobs.report import log_report
 from interestformer.models.interest_former import DataSpec, InterestFormer
 
 HEADLINE = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
@@ -255,12 +257,15 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
         raise
     summary = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "checkpoint": result.checkpoint.path,
                "data": report}
+    evaluations = {}
     for split in eval_splits:
         baseline = evaluate_most_popular(prepared, datasets[split].iter_torch_batches(batch_size=1), cfg, split)
         tracking.log_metrics(uri, run_id, {f"most_popular_{METRIC_PREFIX[split]}{k}": v
                                            for k, v in baseline.report().items()}, step=result.return_value["step"])
+        evaluations[split] = {"InterestFormer": result.return_value[split], "most popular": baseline}
         summary[split], summary[f"most_popular_{split}"] = result.return_value[split].report(), baseline.report()
     summary["most_popular"] = summary.pop("most_popular_test")
+    log_report(uri, run_id, evaluations)
     tracking.log_text(uri, run_id, result.checkpoint.path, "checkpoint_path.txt")
     tracking.end_run(uri, run_id)
     return summary
