@@ -14,7 +14,11 @@ Packed training batch (B users, T = max_seq_len, U unique items, L tokens, S pix
                                 and the uniformly sampled negatives
     text_tokens  (U, L) int64, text_mask (U, L) int64         when the model reads text
     pixels       (U, 3, S, S) uint8, has_image (U,) bool      when the model reads images
-Packed evaluation batch: the same, with targets (B,): the held-out item after each history.
+Packed evaluation batch: the same, with targets (B,): the held-out item after each history, and
+for reports by user segment (models/ranking.py):
+    history_length (B,) int64   events before the target the model may read (held-out items
+                                excluded), counted before the max_seq_len cut
+    target_cold    (B,) bool    the target never occurs in training: held out, or no training event
 
 Splits by time, per user with n events (oldest first): test target = event n, validation target =
 event n-1, training = events 1..n-2. Users with 2 events train on both; users with 1 event
@@ -114,12 +118,13 @@ class PackBatches:
         self.num_items, self.num_negatives, self.seed = prepared.num_items, num_negatives, seed
         self.is_cold = is_cold_mask(prepared.num_items, cold_fraction)
         self.negative_pool = np.flatnonzero(~self.is_cold[1:]) + 1  # warm items only
+        self.never_trained = self.is_cold | (np.asarray(prepared.meta["popularity_train"]) == 0)
         self.event_type_index = {t: i + 1 for i, t in enumerate(prepared.meta["event_types"])}
         self.content = ItemContent(prepared, text, image)
         self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        histories, types, targets = [], [], []
+        histories, types, targets, history_lengths = [], [], [], []
         for items, event_types in zip(batch["items"], batch["event_types"]):
             types_idx = np.array([self.event_type_index.get(t, 0) for t in event_types], dtype=np.int64)
             items = np.asarray(items, dtype=np.int64)
@@ -136,6 +141,7 @@ class PackBatches:
                 histories.append(items[:end][warm][-self.T:])
                 types.append(types_idx[:end][warm][-self.T:])
                 targets.append(items[end])
+                history_lengths.append(int(warm.sum()))
         history = left_pad(histories, self.T)
         packed = {"history": history, "event_types": left_pad(types, self.T)}
         candidates = [history.ravel(), [0]]
@@ -145,6 +151,8 @@ class PackBatches:
             candidates += [packed["targets"].ravel(), rng.choice(self.negative_pool, self.num_negatives)]
         else:
             packed["targets"] = np.asarray(targets, dtype=np.int64)
+            packed["history_length"] = np.asarray(history_lengths, dtype=np.int64)
+            packed["target_cold"] = self.never_trained[packed["targets"]]
         self.calls += 1
         packed["unique_items"] = np.unique(np.concatenate(candidates)).astype(np.int64)
         packed.update(self.content(packed["unique_items"]))

@@ -95,10 +95,8 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
     """
     out = absolute(cfg.prepared_dir)
     if cfg.source == "demo":
-        summary = generate_demo(join(out, "raw"), cfg.demo)
-        events_path, items_path = join(summary["path"], "events"), join(summary["path"], "items")
-    else:
-        events_path, items_path = absolute(cfg.events_path), absolute(cfg.items_path)
+        generate_demo(join(out, "raw"), cfg.demo)
+    events_path, items_path = input_paths(cfg)
     fingerprint = _fingerprint(cfg, tokenizer_path, events_path, items_path)
     cached = read_json(join(out, "meta.json"))
     if cached and cached.get("fingerprint") == fingerprint:
@@ -145,6 +143,15 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
     _check_quality(meta["report"], cfg.max_bad_fraction)
     write_json(join(out, "meta.json"), meta)
     return PreparedData(out, meta)
+
+
+def input_paths(cfg: DataConfig) -> tuple[str, str]:
+    """Where cfg's events and item catalogue are read from: your logs, or what the demo generator
+    writes under prepared_dir/raw."""
+    if cfg.source == "demo":
+        raw = join(absolute(cfg.prepared_dir), "raw")
+        return join(raw, "events"), join(raw, "items")
+    return absolute(cfg.events_path), absolute(cfg.items_path)
 
 
 class ItemRows:

@@ -133,10 +133,16 @@ class ExperimentConfig:
     """MLflow experiment the run is recorded in."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept."""
+    system_metrics_interval_s: float = 10.0
+    """Seconds between samples of CPU, memory, disk, network and NVIDIA GPU use, logged to the run
+    as system/* metrics by MLflow's monitor in the rank-0 training worker (so they describe the
+    machine it runs on, all of it). 0 disables."""
 
     def __post_init__(self):
         if self.keep_checkpoints < 1:
             raise ConfigError("keep_checkpoints", "must be >= 1")
+        if self.system_metrics_interval_s < 0:
+            raise ConfigError("system_metrics_interval_s", f"must be >= 0, got {self.system_metrics_interval_s}")
 
 
 @dataclass

@@ -4,7 +4,7 @@
 
 Reads the checkpoint's gathered weights (model.safetensors) and its config, streams the split's
 users and the catalogue through Ray Data, and prints (and with --run-id logs to MLflow) the
-metrics. The training job evaluates through the same `evaluate` function, so a checkpoint
+metrics, overall and per user segment. The training job evaluates through the same `evaluate` function, so a checkpoint
 evaluated here gives the metrics its run logged.
 """
 
@@ -17,7 +17,7 @@ import torch
 from interestformer.datasets.pipeline import cold_items, item_batches, sequence_batches, unpack
 from interestformer.datasets.prepare import PreparedData
 from interestformer.jobs.config import JobConfig
-from interestformer.models.ranking import evaluate_model, evaluate_popularity, item_vectors, mean_metrics
+from interestformer.models.ranking import RankTotals, evaluate_model, evaluate_popularity, item_vectors
 
 
 def _batches(rows, device):
@@ -25,23 +25,21 @@ def _batches(rows, device):
         yield {name: value.to(device) for name, value in unpack(row).items()}
 
 
-def evaluate(model, item_rows, eval_rows, cfg: JobConfig, device) -> dict[str, float]:
-    """Metrics of `model` over an iterable of packed evaluation rows (any Ray Data iterator's
-    iter_torch_batches(batch_size=1)), with the catalogue from packed item rows."""
+def evaluate(model, item_rows, eval_rows, cfg: JobConfig, device) -> RankTotals:
+    """Rank totals (metrics, per-segment metrics, HR/NDCG at every K) of `model` over an iterable
+    of packed evaluation rows (any Ray Data iterator's iter_torch_batches(batch_size=1)), with the
+    catalogue from packed item rows."""
     items = item_vectors(model, _batches(item_rows, device), model.spec.num_items)
-    sums, users = evaluate_model(model, items, _batches(eval_rows, device), cfg.eval.ks, cfg.eval.exclude_history,
-                                 cfg.eval.item_chunk_size)
-    return {**mean_metrics(sums, users), "users": users}
+    return evaluate_model(model, items, _batches(eval_rows, device), cfg.eval.ks, cfg.eval.exclude_history,
+                          cfg.eval.item_chunk_size)
 
 
-def evaluate_most_popular(prepared: PreparedData, eval_rows, cfg: JobConfig, split: str) -> dict[str, float]:
+def evaluate_most_popular(prepared: PreparedData, eval_rows, cfg: JobConfig, split: str) -> RankTotals:
     """The most-popular baseline: items ranked by how often they occur before the split's target."""
     counts = torch.tensor(prepared.meta["popularity_train" if split == "validation" else "popularity_pretest"])
     # Held-out items never occur before the target in what training sees.
     counts[torch.from_numpy(cold_items(prepared.num_items, cfg.data.cold_item_fraction))] = 0
-    sums, users = evaluate_popularity(counts, _batches(eval_rows, "cpu"), cfg.eval.ks,
-                                      cfg.eval.exclude_history)
-    return {**mean_metrics(sums, users), "users": users}
+    return evaluate_popularity(counts, _batches(eval_rows, "cpu"), cfg.eval.ks, cfg.eval.exclude_history)
 
 
 def eval_datasets(prepared: PreparedData, cfg: JobConfig, split: str):
@@ -76,7 +74,7 @@ def main(argv=None):
     ray.init(ignore_reinit_error=True)
     items, users = eval_datasets(prepared, cfg, args.split)
     metrics = evaluate(model, items.iter_torch_batches(batch_size=1), users.iter_torch_batches(batch_size=1),
-                       cfg, device)
+                       cfg, device).report()
     print(json.dumps({f"{args.split}_{k}": v for k, v in metrics.items()}, indent=1))
     if args.run_id:
         if args.tracking_uri:

@@ -3,7 +3,7 @@
 The driver opens the run (params, tags, config artifacts) before training; the rank-0 worker logs
 per-step and per-epoch metrics into that same run by id; the driver logs the final metrics and
 closes it. Workers use MlflowClient with an explicit run id, so no process relies on MLflow's
-global "active run".
+global "active run"; the rank-0 worker also runs MLflow's system-metrics monitor on that run.
 
 The embedded default store is SQLite in the project folder (MLflow's file store is in maintenance
 mode); its artifacts go to mlartifacts/ beside it, an absolute location, so workers whose working
@@ -173,6 +173,50 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int):
 
     now = int(time.time() * 1000)
     _client(uri).log_batch(run_id, metrics=[Metric(_metric_key(k), float(v), now, step) for k, v in metrics.items()])
+
+
+def log_training_data(uri: str, run_id: str, name: str, source: str, digest: str, profile: dict):
+    """Records the training data as the run's dataset input (context "training"): where it was
+    read from (credentials redacted), a digest that changes whenever the data does, and `profile`
+    (aggregate counts). The source is written as MLflow's own file-system sources write theirs
+    ({"uri": ...}, of type "local", "s3", "gs", ...), for any scheme our data layer reads."""
+    from urllib.parse import urlparse
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    source = redact(source)
+    scheme = urlparse(source).scheme
+    dataset = Dataset(name=name, digest=digest, source_type=scheme if scheme not in ("", "file") else "local",
+                      source=json.dumps({"uri": source}), profile=json.dumps(profile))
+    _client(uri).log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+
+
+def start_system_metrics(uri: str, run_id: str, interval_s: float):
+    """Starts MLflow's system-metrics monitor on this machine: a thread that logs CPU, memory,
+    disk, network (and, with nvidia-ml-py, GPU) use to the run as system/* metrics every
+    interval_s seconds until `.finish()` is called on what this returns or the run ends. None
+    when interval_s is 0, or when the monitor cannot start (training never waits for MLflow).
+
+    The tracking URI is passed explicitly: a Ray worker has no mlflow.set_tracking_uri of its
+    own. Steps continue after the run's last system/* step, so a worker restarted from a
+    checkpoint adds to the series instead of writing over it."""
+    if interval_s <= 0:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    try:
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=uri)
+    except Exception as e:  # any failure of the tracking server; training goes on
+        print(f"System metrics not logged: {type(e).__name__}: {redact(str(e))}", file=sys.stderr)
+        return None
+    monitor.start()
+    return monitor
+
+
+def log_figure(uri: str, run_id: str, figure, artifact_file: str):
+    """A matplotlib figure as an image artifact (the format follows artifact_file's extension)."""
+    _client(uri).log_figure(run_id, figure, artifact_file)
 
 
 class MetricsOutbox:

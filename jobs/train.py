@@ -5,8 +5,9 @@
     ray job submit --working-dir . -- python -m jobs.train --config configs/x.yaml
 
 The job: validate the config (before Ray starts), prepare the data (cached), open the MLflow
-run, fit on Ray Train workers, evaluate the most-popular baseline on the same split, close the
-run and print the headline metrics with the command that browses them.
+run, fit on Ray Train workers, evaluate the most-popular baseline on the same split, log the
+final report (jobs/report.py), close the run and print the headline metrics with the command that
+browses them.
 """
 
 import argparse
@@ -26,7 +27,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from interestformer import ConfigError
 from interestformer.datasets.pipeline import sequence_batches, unpack
-from interestformer.datasets.prepare import PreparedData, prepare
+from interestformer.datasets.prepare import PreparedData, input_paths, prepare
 from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, field_docs, load_config
 from interestformer.jobs.content_features import content_features, load_features, with_feature_widths
@@ -38,6 +39,7 @@ from interestformer.jobs.distributed import (
     setup_engine,
 )
 from interestformer.jobs.evaluate import eval_datasets, evaluate, evaluate_most_popular
+from interestformer.jobs.report import log_report
 from interestformer.models.interest_former import DataSpec, InterestFormer
 
 HEADLINE = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
@@ -66,6 +68,9 @@ def train_loop_per_worker(loop_config: dict):
     steps_per_epoch = math.ceil(loop_config["train_users"] / (cfg.train.micro_batch_size * world))
     progress = _progress(rank, cfg.train.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch)
     metrics_out = tracking.MetricsOutbox(uri, run_id)  # rank 0's logging; survives a tracking outage
+    system_metrics = None  # rank 0 samples the machine it trains on (the driver's may not train at all)
+    if rank == 0:
+        system_metrics = tracking.start_system_metrics(uri, run_id, cfg.experiment.system_metrics_interval_s)
 
     for epoch in range(state["epoch"], cfg.train.epochs):
         engine.train()
@@ -88,7 +93,7 @@ def train_loop_per_worker(loop_config: dict):
         metrics = {"epoch": epoch}
         if rank == 0:
             model = model_from_weights(weights, cfg, spec, device)
-            val = evaluate(model, *_eval_rows("validation"), cfg, device)
+            val = evaluate(model, *_eval_rows("validation"), cfg, device).metrics()
             metrics.update({f"val_{k}": v for k, v in val.items()})
             metrics_out.log({k: v for k, v in metrics.items() if k != "epoch"}, step=state["step"])
             progress.set_description(f"epoch {epoch + 1}/{cfg.train.epochs} val ndcg@10 {val['ndcg@10']:.4f}")
@@ -101,8 +106,10 @@ def train_loop_per_worker(loop_config: dict):
         model = model_from_weights(weights, cfg, spec, device)
         splits = ["test", "cold"] if cfg.data.cold_item_fraction else ["test"]
         results = {split: evaluate(model, *_eval_rows(split), cfg, device) for split in splits}
-        for split, metrics in results.items():
-            metrics_out.log({f"{METRIC_PREFIX[split]}{k}": v for k, v in metrics.items()}, step=state["step"])
+        for split, totals in results.items():
+            metrics_out.log({f"{METRIC_PREFIX[split]}{k}": v for k, v in totals.report().items()}, step=state["step"])
+        if system_metrics:
+            system_metrics.finish()
         if not metrics_out.flush():
             print(f"MLflow still unreachable at the end: {len(metrics_out.waiting)} metrics not logged", file=sys.stderr)
         return {**results, "step": state["step"]}
@@ -233,6 +240,9 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
     run_name = cfg.experiment.name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_run(cfg, deepspeed_config(cfg.train), prepared.report(), run_name, parent_run_id)
+    events_path, _ = input_paths(cfg.data)
+    dataset_name = "demo-events" if cfg.data.source == "demo" else os.path.basename(events_path.rstrip("/"))
+    tracking.log_training_data(uri, run_id, dataset_name, events_path, prepared.meta["fingerprint"], prepared.report())
     print(f"MLflow run {run_id} in {uri}; data: {prepared.report()}", flush=True)
 
     text, image = cfg.model.live_content()
@@ -279,12 +289,15 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
         raise
     summary = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "checkpoint": result.checkpoint.path,
                "data": report}
+    evaluations = {}
     for split in eval_splits:
         baseline = evaluate_most_popular(prepared, datasets[split].iter_torch_batches(batch_size=1), cfg, split)
-        tracking.log_metrics(uri, run_id, {f"most_popular_{METRIC_PREFIX[split]}{k}": v for k, v in baseline.items()},
-                             step=result.return_value["step"])
-        summary[split], summary[f"most_popular_{split}"] = result.return_value[split], baseline
+        tracking.log_metrics(uri, run_id, {f"most_popular_{METRIC_PREFIX[split]}{k}": v
+                                           for k, v in baseline.report().items()}, step=result.return_value["step"])
+        evaluations[split] = {"InterestFormer": result.return_value[split], "most popular": baseline}
+        summary[split], summary[f"most_popular_{split}"] = result.return_value[split].report(), baseline.report()
     summary["most_popular"] = summary.pop("most_popular_test")
+    log_report(uri, run_id, evaluations)
     tracking.log_text(uri, run_id, result.checkpoint.path, "checkpoint_path.txt")
     tracking.end_run(uri, run_id)
     return summary

@@ -5,10 +5,13 @@ HR@K (target in the top K), NDCG@K (1 / log2(rank + 2) when in the top K), MRR (
 Ties count against the target: an item scoring exactly as high as the target ranks ahead of it,
 so a constant scorer cannot look good.
 
-Functions return sums over users, so workers can add their sums and divide once.
+Functions return sums over users, so workers can add their sums and divide once. An evaluation
+pass keeps them in a RankTotals: the metrics at eval.ks, a histogram of the target ranks (HR@K
+and NDCG@K for every K up to the largest follow from it exactly), and sums per user segment.
 """
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,98 @@ def mean_metrics(sums: dict[str, float], num_users: float) -> dict[str, float]:
 
 def add_sums(total: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
     return {name: total.get(name, 0.0) + value for name, value in sums.items()}
+
+
+def rank_histogram(ranks: torch.Tensor, max_k: int) -> list[int]:
+    """Users per 0-based rank 0..max_k-1 of ranks (B,), then the users ranked max_k or beyond."""
+    return torch.bincount(ranks.clamp(max=max_k), minlength=max_k + 1).tolist()
+
+
+def histogram_metrics(histogram: list[int]) -> dict[str, list[float]]:
+    """HR@K and NDCG@K for K = 1..max_k (list index K - 1) from a rank histogram (rank_histogram):
+    HR@K is the share of users ranked in the top K, NDCG@K the sum of 1 / log2(rank + 2) over
+    those users divided by all users, so each equals metric_sums at that K."""
+    counts = torch.tensor(histogram, dtype=torch.float64)
+    users, top = counts.sum().clamp(min=1), counts[:-1]
+    gains = top / torch.log2(torch.arange(len(top), dtype=torch.float64) + 2)
+    return {"hr": (top.cumsum(0) / users).tolist(), "ndcg": (gains.cumsum(0) / users).tolist()}
+
+
+HISTORY_BUCKETS = ((0, 5), (6, 20), (21, 50), (51, 200), (201, None))
+"""Segments of users by how many events before the target the model may read (batch key
+history_length): from users the model knows little about to users whose history is longer than
+any window. 0 only happens when every earlier item was held out (data.cold_item_fraction)."""
+SEGMENT_K = 10
+"""Cut-off of the per-segment HR and NDCG."""
+
+
+def user_segments(history_length: torch.Tensor, target_cold: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Segment name -> which users (B,) bool belong to it: one history-length bucket per user
+    (history_<low>-<high>, history_over_<low - 1>) and target_cold or target_warm (batch keys)."""
+    segments = {}
+    for low, high in HISTORY_BUCKETS:
+        members = history_length >= low
+        if high is None:
+            segments[f"history_over_{low - 1}"] = members
+        else:
+            segments[f"history_{low}-{high}"] = members & (history_length <= high)
+    segments["target_cold"], segments["target_warm"] = target_cold, ~target_cold
+    return segments
+
+
+def segment_sums(ranks: torch.Tensor, segments: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per segment: '<segment>/users' (a count) and the sums of '<segment>/<metric>' at SEGMENT_K."""
+    sums = {}
+    for name, members in segments.items():
+        sums[f"{name}/users"] = members.sum().item()
+        sums.update({f"{name}/{metric}": value for metric, value in metric_sums(ranks[members], (SEGMENT_K,)).items()})
+    return sums
+
+
+@dataclass
+class RankTotals:
+    """Everything an evaluation pass reports, as sums over users of their targets' 0-based ranks;
+    `add` a batch at a time, divide once at the end."""
+
+    ks: tuple[int, ...]
+    """Cut-offs of the metrics; the rank histogram reaches the largest."""
+    users: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    """hr@K, ndcg@K for K in ks, and mrr (metric_sums)."""
+    segment_sums: dict[str, float] = field(default_factory=dict)
+    """Per user segment (user_segments): its users and metric sums (segment_sums)."""
+    histogram: list[int] = field(default_factory=list)
+    """Users per rank (rank_histogram at max(ks))."""
+
+    def add(self, ranks: torch.Tensor, history_length: torch.Tensor, target_cold: torch.Tensor):
+        self.users += len(ranks)
+        self.sums = add_sums(self.sums, metric_sums(ranks, self.ks))
+        self.segment_sums = add_sums(self.segment_sums, segment_sums(ranks, user_segments(history_length, target_cold)))
+        counts = rank_histogram(ranks, max(self.ks))
+        self.histogram = [a + b for a, b in zip(self.histogram, counts)] if self.histogram else counts
+
+    def metrics(self) -> dict[str, float]:
+        """Means over users of the metrics at ks and mrr, and the user count ('users')."""
+        return {**mean_metrics(self.sums, self.users), "users": self.users}
+
+    def segment_metrics(self) -> dict[str, float]:
+        """'segment/<segment>/<metric>': means over the segment's users, and its user count
+        ('segment/<segment>/users'), for every segment that has users."""
+        out = {}
+        for key, value in self.segment_sums.items():
+            segment, metric = key.rsplit("/", 1)
+            users = self.segment_sums[f"{segment}/users"]
+            if users:
+                out[f"segment/{key}"] = int(value) if metric == "users" else value / users
+        return out
+
+    def report(self) -> dict[str, float]:
+        """The metrics and the segment metrics: what a split's final evaluation logs."""
+        return {**self.metrics(), **self.segment_metrics()}
+
+    def metrics_at_every_k(self) -> dict[str, list[float]]:
+        """HR@K and NDCG@K for K = 1..max(ks) (histogram_metrics)."""
+        return histogram_metrics(self.histogram)
 
 
 @torch.no_grad()
@@ -95,14 +190,11 @@ def chunked_target_ranks(
 
 
 @torch.no_grad()
-def rank_users(
-    scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None, ks: Iterable[int]
-) -> dict[str, float]:
-    """Metric sums of whole score rows (B, N+1) for item indices 0..N; column 0 is padding and
-    never ranked. When history (B, T) is given, items in it are removed from the candidates
-    (except the target)."""
-    ranks = chunked_target_ranks(lambda a, b: scores[:, a:b], scores.shape[1], targets, history, scores.shape[1])
-    return metric_sums(ranks, ks)
+def row_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+    """0-based target ranks (B,) in whole score rows (B, N+1) for item indices 0..N; column 0 is
+    padding and never ranked. When history (B, T) is given, items in it are removed from the
+    candidates (except the target)."""
+    return chunked_target_ranks(lambda a, b: scores[:, a:b], scores.shape[1], targets, history, scores.shape[1])
 
 
 @torch.no_grad()
@@ -113,30 +205,28 @@ def evaluate_model(
     ks: Iterable[int],
     exclude_history: bool,
     chunk_size: int = 65536,
-) -> tuple[dict[str, float], int]:
-    """Metric sums and the user count of `model` over eval batches, with item vectors `items`
-    (N+1, d), scored `chunk_size` items at a time."""
-    totals, users = {}, 0
+) -> RankTotals:
+    """The rank totals of `model` over eval batches, with item vectors `items` (N+1, d), scored
+    `chunk_size` items at a time."""
+    totals = RankTotals(tuple(ks))
     for batch in eval_batches:
         user = model.user_vectors(batch).float()  # (B, d)
         # Cosine scores; the temperature does not change the order.
         ranks = chunked_target_ranks(lambda a, b: user @ items[a:b].T, len(items), batch["targets"],
                                      batch["history"] if exclude_history else None, chunk_size)
-        totals = add_sums(totals, metric_sums(ranks, ks))
-        users += len(user)
-    return totals, users
+        totals.add(ranks, batch["history_length"], batch["target_cold"])
+    return totals
 
 
 @torch.no_grad()
 def evaluate_popularity(
     popularity: torch.Tensor, eval_batches: Iterable[dict], ks: Iterable[int], exclude_history: bool
-) -> tuple[dict[str, float], int]:
+) -> RankTotals:
     """The most-popular baseline: every user gets the same scores, item counts (N+1,)."""
-    totals, users = {}, 0
+    totals = RankTotals(tuple(ks))
     for batch in eval_batches:
         targets = batch["targets"]
         scores = popularity.float().expand(len(targets), -1)
-        history = batch["history"] if exclude_history else None
-        totals = add_sums(totals, rank_users(scores, targets, history, ks))
-        users += len(targets)
-    return totals, users
+        ranks = row_ranks(scores, targets, batch["history"] if exclude_history else None)
+        totals.add(ranks, batch["history_length"], batch["target_cold"])
+    return totals

@@ -1,12 +1,15 @@
 """The whole training job on the real stack: Ray Data -> 2 Ray Train workers with DeepSpeed ZeRO-2
 -> checkpoint -> MLflow (SQLite), then jobs.evaluate on the checkpoint."""
 
+import io
 import json
 import os
 
+import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
+from interestformer.datasets.prepare import PreparedData, input_paths
 from interestformer.jobs import evaluate, tracking
 from interestformer.jobs.config import load_config
 from interestformer.jobs.distributed import load_model
@@ -28,6 +31,7 @@ def finished_run(ray_local, tmp_path_factory):
         "train.zero_stage=2",
         "train.num_workers=2",
         "train.epochs=4",
+        "experiment.system_metrics_interval_s=2",  # several samples within this short run
     ])
     return cfg, train(cfg)
 
@@ -72,6 +76,44 @@ def test_mlflow_run_holds_params_metrics_and_configs(finished_run):
     ds_config = json.loads(open(mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path="config/deepspeed_config.json", tracking_uri=uri)).read())
     assert ds_config["zero_optimization"]["stage"] == 2
+
+
+def test_mlflow_run_holds_training_data_system_metrics_segments_and_report(finished_run):
+    import mlflow
+
+    cfg, summary = finished_run
+    uri, run_id = summary["tracking_uri"], summary["run_id"]
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    (dataset_input,) = run.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert dataset.name == "demo-events" and dataset.source_type == "local"
+    assert json.loads(dataset.source)["uri"] == input_paths(cfg.data)[0]
+    assert dataset.digest == PreparedData.load(cfg.data.prepared_dir).meta["fingerprint"]
+    assert {tag.key: tag.value for tag in dataset_input.tags}["mlflow.data.context"] == "training"
+
+    metrics = run.data.metrics
+    assert metrics["system/cpu_utilization_percentage"] >= 0  # rank 0's machine, sampled while training
+    assert "system/system_memory_usage_megabytes" in metrics
+    users = summary["test"]["users"]
+    for prefix in ("test_segment", "most_popular_test_segment"):
+        history = {key: value for key, value in metrics.items()
+                   if key.startswith(f"{prefix}/history_") and key.endswith("/users")}
+        assert sum(history.values()) == users, history  # every user in exactly one history bucket
+        assert metrics.get(f"{prefix}/target_cold/users", 0) + metrics[f"{prefix}/target_warm/users"] == users
+    assert metrics["test_segment/target_warm/ndcg_at_10"] == pytest.approx(
+        summary["test"]["segment/target_warm/ndcg@10"])
+
+    def artifact(path: str) -> bytes:
+        with open(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=uri), "rb") as f:
+            return f.read()
+
+    table = pd.read_csv(io.BytesIO(artifact("report/metrics.csv")))
+    assert list(zip(table["split"], table["model"])) == [("test", "InterestFormer"), ("test", "most popular")]
+    assert table["ndcg@10"].tolist() == pytest.approx([summary["test"]["ndcg@10"], summary["most_popular"]["ndcg@10"]])
+    assert "| test | InterestFormer |" in artifact("report/metrics.md").decode()
+    segments = pd.read_csv(io.BytesIO(artifact("report/segments.csv")))
+    assert set(segments["model"]) == {"InterestFormer", "most popular"} and "target_warm" in set(segments["segment"])
+    assert artifact("report/hr_ndcg_at_k.png").startswith(b"\x89PNG")
 
 
 def test_checkpoint_reloads_into_evaluate_with_the_same_metrics(finished_run):
@@ -129,7 +171,6 @@ def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp
     """Frozen text (features computed once and cached), the image encoder's top layer training at
     its own lr, ZeRO-3 in bf16, 20% of items held out: the run reports cold-start metrics beside
     most-popular's, and its checkpoint (frozen features inside) re-evaluates the cold split exactly."""
-    from interestformer.datasets.prepare import PreparedData
     from interestformer.jobs.content_features import content_features
     from interestformer.jobs.train import data_spec
 
@@ -151,6 +192,7 @@ def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp
     logged = tracking.run_data(summary["tracking_uri"], summary["run_id"]).metrics
     assert logged["cold_test_ndcg_at_10"] == pytest.approx(summary["cold"]["ndcg@10"])
     assert "most_popular_cold_test_hr_at_10" in logged
+    assert logged["cold_test_segment/target_cold/users"] == summary["cold"]["users"]  # every target held out
 
     prepared = PreparedData.load(str(tmp_path / "prepared"))
     uri, features = content_features(prepared, cfg, data_spec(prepared, cfg))  # cached: no second pass

@@ -48,7 +48,7 @@ def job_config(cold_fraction: float = 0.0) -> JobConfig:
 def most_popular(prepared, split: str, cold_fraction: float = 0.0) -> dict:
     cfg = job_config(cold_fraction)
     rows = sequence_batches(prepared, split, 8, 10, cold_fraction=cold_fraction).iter_torch_batches(batch_size=1)
-    return evaluate_most_popular(prepared, rows, cfg, split)
+    return evaluate_most_popular(prepared, rows, cfg, split).report()
 
 
 def test_most_popular_test_metrics_match_hand_computed(prepared):
@@ -62,6 +62,13 @@ def test_most_popular_test_metrics_match_hand_computed(prepared):
     assert metrics["hr@3"] == pytest.approx(0.5)
     assert metrics["ndcg@3"] == pytest.approx((1 / math.log2(4) + 1 / math.log2(2)) / 4)  # 0.375
     assert metrics["mrr"] == pytest.approx(sum(1 / (r + 1) for r in ranks) / 4)
+    # Segments, at K = 10: every user has 2 or 3 events before the target; d and e never occur in
+    # training (u2's and u4's targets are cold).
+    assert metrics["segment/history_0-5/users"] == 4 and "segment/history_6-20/users" not in metrics
+    assert metrics["segment/target_cold/users"] == metrics["segment/target_warm/users"] == 2
+    assert metrics["segment/target_cold/ndcg@10"] == pytest.approx(1 / math.log2(6))  # ranks 4, 4
+    assert metrics["segment/target_warm/ndcg@10"] == pytest.approx((1 / math.log2(4) + 1) / 2)  # ranks 2, 0
+    assert metrics["segment/target_cold/hr@10"] == metrics["segment/history_0-5/hr@10"] == 1.0
 
 
 def test_most_popular_validation_metrics_match_hand_computed(prepared):

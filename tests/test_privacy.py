@@ -1,5 +1,6 @@
 """Nothing personal or secret leaks: user ids pseudonymised at ingest with a keyed hash,
-credentials redacted from everything logged to MLflow, none in the shipped configs."""
+credentials redacted from everything logged to MLflow (the training data's source too), none in
+the shipped configs."""
 
 import glob
 import os
@@ -60,12 +61,16 @@ def test_credentials_are_redacted_from_what_mlflow_receives(tmp_path):
         "data.source=parquet", "data.items_path=gs://bucket/items?token=tok123",
     ])
     run_id = tracking.start_run(cfg, {}, {"events_in": 1}, "redaction")
+    tracking.log_training_data(uri, run_id, "events", cfg.data.events_path, "0123abcd", {"events_in": 1})
     params = tracking.run_data(uri, run_id).params
     logged = " ".join(params.values())
     import mlflow
 
     logged += open(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config/resolved_config.json",
                                                        tracking_uri=uri)).read()
+    (dataset_input,) = mlflow.MlflowClient(uri).get_run(run_id).inputs.dataset_inputs
+    assert dataset_input.dataset.source_type == "s3"
+    logged += dataset_input.dataset.source
     for secret in ("hunter2", "deadbeef", SECRET_KEY, "tok123"):
         assert secret not in logged, secret
     assert params["experiment.storage_path"] == "s3://***@bucket/runs"  # the rest stays readable

@@ -1,4 +1,5 @@
-"""Full-ranking metrics against a brute-force reference and hand-computed values."""
+"""Full-ranking metrics against a brute-force reference and hand-computed values; metrics at every
+K from the rank histogram, and per-segment metrics, against the same metric functions."""
 
 import math
 
@@ -6,7 +7,13 @@ import torch
 
 import pytest
 
-from interestformer.models.ranking import chunked_target_ranks, metric_sums, rank_users
+from interestformer.models.ranking import (
+    RankTotals, chunked_target_ranks, histogram_metrics, metric_sums, rank_histogram, row_ranks,
+)
+
+
+def rank_users(scores, targets, history, ks):
+    return metric_sums(row_ranks(scores, targets, history), ks)
 
 
 def brute_force(scores: torch.Tensor, targets: torch.Tensor, ks) -> dict[str, float]:
@@ -73,3 +80,52 @@ def test_chunked_ranking_with_history_equals_whole_rows():
     whole = chunked_target_ranks(lambda a, b: user @ items[a:b].T, 501, targets, history, 501)
     for chunk in (1, 13, 250):
         assert torch.equal(chunked_target_ranks(lambda a, b: user @ items[a:b].T, 501, targets, history, chunk), whole)
+
+
+def test_metrics_at_every_k_from_the_rank_histogram_equal_the_metric_functions():
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randn(500, 120, generator=gen).round(decimals=1)  # ties too
+    ranks = row_ranks(scores, torch.randint(1, 120, (500,), generator=gen), None)
+    max_k = 50
+    histogram = rank_histogram(ranks, max_k)
+    assert len(histogram) == max_k + 1 and sum(histogram) == 500
+    assert histogram[-1] == int((ranks >= max_k).sum()) > 0  # the users beyond max_k are counted, not lost
+    at_every_k = histogram_metrics(histogram)
+    assert len(at_every_k["hr"]) == len(at_every_k["ndcg"]) == max_k
+    for k in range(1, max_k + 1):
+        sums = metric_sums(ranks, (k,))
+        assert math.isclose(at_every_k["hr"][k - 1], sums[f"hr@{k}"] / 500, abs_tol=1e-12), k
+        assert math.isclose(at_every_k["ndcg"][k - 1], sums[f"ndcg@{k}"] / 500, abs_tol=1e-12), k
+
+
+def test_segment_metrics_match_hand_computed_values_and_add_up_over_batches():
+    # 0-based ranks, events before the target, whether the target never occurred in training.
+    ranks = torch.tensor([0, 3, 12, 1, 9, 250])
+    history_length = torch.tensor([2, 5, 6, 20, 21, 300])
+    target_cold = torch.tensor([False, True, False, False, True, False])
+    whole = RankTotals((10, 200))
+    whole.add(ranks, history_length, target_cold)
+    halves = RankTotals((10, 200))
+    for part in (slice(0, 3), slice(3, 6)):
+        halves.add(ranks[part], history_length[part], target_cold[part])
+    assert halves.report() == pytest.approx(whole.report())
+    assert halves.histogram == whole.histogram
+
+    segments = whole.segment_metrics()
+    ndcg = lambda rank: 1 / math.log2(rank + 2)  # noqa: E731
+    expected = {
+        "history_0-5": (2, [0, 3]),  # users, their ranks
+        "history_6-20": (2, [12, 1]),
+        "history_21-50": (1, [9]),
+        "history_over_200": (1, [250]),
+        "target_cold": (2, [3, 9]),
+        "target_warm": (4, [0, 12, 1, 250]),
+    }
+    assert {key.rsplit("/", 1)[0] for key in segments} == {f"segment/{name}" for name in expected}  # 51-200: no one
+    for name, (users, segment_ranks) in expected.items():
+        assert segments[f"segment/{name}/users"] == users
+        hits = [r for r in segment_ranks if r < 10]
+        assert segments[f"segment/{name}/hr@10"] == pytest.approx(len(hits) / users)
+        assert segments[f"segment/{name}/ndcg@10"] == pytest.approx(sum(map(ndcg, hits)) / users)
+        assert segments[f"segment/{name}/mrr"] == pytest.approx(sum(1 / (r + 1) for r in segment_ranks) / users)
+    assert whole.metrics()["users"] == 6 and whole.metrics()["hr@10"] == pytest.approx(4 / 6)
