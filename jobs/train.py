@@ -170,9 +170,12 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1):
         check_cluster_fits(cfg, concurrent_runs)
         return
     needed = concurrent_runs * (cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.train.pipeline_workers + 1)
-    # address="local": a new Ray for this job, even where `ray start` left a cluster running.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False,
-             runtime_env={"env_vars": _worker_env(cfg)})
+    # address="local": a new Ray for this job, even where `ray start` left a cluster running. The
+    # dashboard (on 127.0.0.1) serves the State API, through which Ray Train removes the placement
+    # group of a run whose controller is gone; without it every finished Tune trial keeps its
+    # workers' CPUs and the next trial waits forever.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=True,
+             dashboard_host="127.0.0.1", runtime_env={"env_vars": _worker_env(cfg)})
 
 
 def check_cluster_fits(cfg: JobConfig, concurrent_runs: int = 1):
