@@ -254,6 +254,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
         summary[split], summary[f"most_popular_{split}"] = result.return_value[split], baseline
     summary["most_popular"] = summary.pop("most_popular_test")
     tracking.log_text(uri, run_id, result.checkpoint.path, "checkpoint_path.txt")
+    tracking.log_model(uri, run_id, result.checkpoint, step=result.return_value["step"])
     tracking.end_run(uri, run_id)
     return summary
 
