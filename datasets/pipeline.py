@@ -60,9 +60,15 @@ def is_cold_mask(num_items: int, fraction: float) -> np.ndarray:
     return mask
 
 
-def _read_item_table(items_path: str) -> pa.Table:
+def _read_item_table(items_path: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = pafs.FileSystem.from_uri(absolute(items_path))
-    return pq.read_table(path, filesystem=fs)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def catalogue_ids(prepared: PreparedData) -> list[str]:
+    """The catalogue's item ids in index order: item index i is catalogue_ids(prepared)[i - 1]."""
+    table = _read_item_table(prepared.items_path, ["item_index", "item_id"]).sort_by("item_index")
+    return table.column("item_id").to_pylist()
 
 
 class ItemContent:

@@ -111,10 +111,15 @@ def save_and_report(engine, weights: dict | None, metrics: dict, state: dict):
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
         if ray.train.get_context().get_world_rank() == 0:
-            save_file(weights, os.path.join(folder, WEIGHTS_FILE))
-            with open(os.path.join(folder, STATE_FILE), "w") as f:
-                json.dump(state, f, indent=1)
+            write_weights_and_state(folder, weights, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def write_weights_and_state(folder: str, weights: dict[str, torch.Tensor], state: dict):
+    """Writes the whole model's weights and the checkpoint's state: what load_model reads."""
+    save_file(weights, os.path.join(folder, WEIGHTS_FILE))
+    with open(os.path.join(folder, STATE_FILE), "w") as f:
+        json.dump(state, f, indent=1)
 
 
 # DeepSpeed's loader unpickles its files with weights_only=False, so any code in a planted file

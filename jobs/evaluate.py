@@ -20,7 +20,8 @@ from interestformer.jobs.config import JobConfig
 from interestformer.models.ranking import RankTotals, evaluate_model, evaluate_popularity, item_vectors
 
 
-def _batches(rows, device):
+def device_batches(rows, device):
+    """Packed rows (iter_torch_batches(batch_size=1)) -> their batches, on `device`."""
     for row in rows:
         yield {name: value.to(device) for name, value in unpack(row).items()}
 
@@ -29,8 +30,8 @@ def evaluate(model, item_rows, eval_rows, cfg: JobConfig, device) -> RankTotals:
     """Rank totals (metrics, per-segment metrics, HR/NDCG at every K) of `model` over an iterable
     of packed evaluation rows (any Ray Data iterator's iter_torch_batches(batch_size=1)), with the
     catalogue from packed item rows."""
-    items = item_vectors(model, _batches(item_rows, device), model.spec.num_items)
-    return evaluate_model(model, items, _batches(eval_rows, device), cfg.eval.ks, cfg.eval.exclude_history,
+    items = item_vectors(model, device_batches(item_rows, device), model.spec.num_items)
+    return evaluate_model(model, items, device_batches(eval_rows, device), cfg.eval.ks, cfg.eval.exclude_history,
                           cfg.eval.item_chunk_size)
 
 
@@ -39,7 +40,7 @@ def evaluate_most_popular(prepared: PreparedData, eval_rows, cfg: JobConfig, spl
     counts = torch.tensor(prepared.meta["popularity_train" if split == "validation" else "popularity_pretest"])
     # Held-out items never occur before the target in what training sees.
     counts[torch.from_numpy(cold_items(prepared.num_items, cfg.data.cold_item_fraction))] = 0
-    return evaluate_popularity(counts, _batches(eval_rows, "cpu"), cfg.eval.ks, cfg.eval.exclude_history)
+    return evaluate_popularity(counts, device_batches(eval_rows, "cpu"), cfg.eval.ks, cfg.eval.exclude_history)
 
 
 def eval_datasets(prepared: PreparedData, cfg: JobConfig, split: str):

@@ -2,8 +2,9 @@
 
 The driver opens the run (params, tags, config artifacts) before training; the rank-0 worker logs
 per-step and per-epoch metrics into that same run by id; the driver logs the final metrics and
-closes it. Workers use MlflowClient with an explicit run id, so no process relies on MLflow's
-global "active run"; the rank-0 worker also runs MLflow's system-metrics monitor on that run.
+the trained model (log_model; jobs/serving.py is what MLflow calls to serve it), and closes the
+run. Workers use MlflowClient with an explicit run id, so no process relies on MLflow's global
+"active run"; the rank-0 worker also runs MLflow's system-metrics monitor on that run.
 
 The embedded default store is SQLite in the project folder (MLflow's file store is in maintenance
 mode); its artifacts go to mlartifacts/ beside it, an absolute location, so workers whose working
@@ -16,6 +17,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -262,6 +264,32 @@ class MetricsOutbox:
                                                 "tracking/outage_seconds": self.longest_outage,
                                                 "tracking/dropped_metrics": self.dropped}, step=0)
         return True
+
+
+def log_model(uri: str, run_id: str, checkpoint, step: int = 0) -> str:
+    """Logs a training checkpoint (a ray.train.Checkpoint) as the run's MLflow model "model", a
+    recommender (jobs/serving.py says what it holds and takes); returns the model's id. It loads
+    in any process of this environment with mlflow.pyfunc.load_model(f"runs:/{run_id}/model")."""
+    import mlflow
+    from mlflow.entities import LoggedModelOutput
+
+    from interestformer.jobs import serving
+
+    client = _client(uri)
+    with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as out:
+        artifacts = serving.export(folder, os.path.join(out, "artifacts"))
+        experiment = client.get_run(run_id).info.experiment_id
+        model = client.create_logged_model(experiment, name="model", source_run_id=run_id)
+        saved = os.path.join(out, "model")
+        mlflow.pyfunc.save_model(saved, python_model=serving.MODEL_CODE, artifacts=artifacts,
+                                 code_paths=serving.CODE_PATHS, signature=serving.SIGNATURE,
+                                 input_example=serving.input_example(artifacts),
+                                 pip_requirements=serving.requirements(),
+                                 mlflow_model=mlflow.models.Model(model_id=model.model_id, run_id=run_id))
+        client.log_model_artifacts(model.model_id, saved)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    client.finalize_logged_model(model.model_id, "READY")
+    return model.model_id
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str):

@@ -302,6 +302,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
     summary["most_popular"] = summary.pop("most_popular_test")
     log_report(uri, run_id, evaluations)
     tracking.log_text(uri, run_id, result.checkpoint.path, "checkpoint_path.txt")
+    tracking.log_model(uri, run_id, result.checkpoint, step=result.return_value["step"])
     tracking.end_run(uri, run_id)
     return summary
 

@@ -293,12 +293,14 @@ class CausalBlock(nn.Module):
 
 
 class InterestFormer(nn.Module):
-    def __init__(self, cfg: ModelConfig, spec: DataSpec):
+    def __init__(self, cfg: ModelConfig, spec: DataSpec, with_item_encoder: bool = True):
+        """with_item_encoder=False builds the user Transformer alone: enough to serve from item
+        representations computed beforehand (encode_users), without any content encoder."""
         super().__init__()
         self.cfg = cfg
         self.spec = spec
         d = cfg.d_model
-        self.item_encoder = ItemEncoder(cfg, spec)
+        self.item_encoder = ItemEncoder(cfg, spec) if with_item_encoder else None
         self.position = nn.Embedding(spec.max_seq_len, d)
         self.event_type = nn.Embedding(spec.num_event_types + 1, d, padding_idx=0)
         # Small, so that position and event type season the item representation, not drown it.

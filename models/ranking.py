@@ -131,16 +131,22 @@ class RankTotals:
 
 
 @torch.no_grad()
-def item_vectors(model: InterestFormer, item_batches: Iterable[dict], num_items: int) -> torch.Tensor:
-    """Encodes the whole catalogue, a batch at a time -> (num_items + 1, d) L2-normalised; row 0
-    (padding) is 0."""
+def item_representations(model: InterestFormer, item_batches: Iterable[dict], num_items: int) -> torch.Tensor:
+    """Encodes the whole catalogue, a batch at a time -> (num_items + 1, d) item representations,
+    what the user Transformer reads (InterestFormer.encode_users); row 0 (padding) is 0."""
     table = None
     for batch in item_batches:
-        vectors = F.normalize(model.encode_items(batch["unique_items"], batch), dim=-1)  # (U, d)
+        representations = model.encode_items(batch["unique_items"], batch)  # (U, d)
         if table is None:
-            table = torch.zeros(num_items + 1, vectors.shape[1], device=vectors.device)
-        table[batch["unique_items"]] = vectors.float()
+            table = torch.zeros(num_items + 1, representations.shape[1], device=representations.device)
+        table[batch["unique_items"]] = representations.float()
     return table
+
+
+def item_vectors(model: InterestFormer, item_batches: Iterable[dict], num_items: int) -> torch.Tensor:
+    """The whole catalogue's L2-normalised item representations (num_items + 1, d), what users
+    are scored against; row 0 (padding) is 0."""
+    return F.normalize(item_representations(model, item_batches, num_items), dim=-1)
 
 
 @torch.no_grad()

@@ -76,6 +76,10 @@ def test_mlflow_run_holds_params_metrics_and_configs(finished_run):
     ds_config = json.loads(open(mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path="config/deepspeed_config.json", tracking_uri=uri)).read())
     assert ds_config["zero_optimization"]["stage"] == 2
+    [output] = client.get_run(run_id).outputs.model_outputs  # the trained model, for serving
+    model = client.get_logged_model(output.model_id)
+    assert model.name == "model" and model.status == "READY"
+    assert os.path.isfile(mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_location}/MLmodel"))
 
 
 def test_mlflow_run_holds_training_data_system_metrics_segments_and_report(finished_run):

@@ -1,0 +1,204 @@
+"""A run's model as a recommender: users' recent item histories in, top-K item ids out.
+
+Every training run logs it to MLflow as the model "model" (tracking.log_model); any process of
+this environment can then load and call it:
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    model.predict(pd.DataFrame({"history": [["i000012", "i000007"]]}), params={"k": 10})
+
+What is logged is what serving reads, and nothing more (`export`):
+    user_model.safetensors   the user Transformer's weights (no item encoder)
+    user_model.json          its model config, data spec and the event-type vocabulary
+    catalogue.safetensors    every catalogue item's representation, computed once when the model
+                             is logged with the run's item encoder; each item's count of events
+                             (every user's but the last: the most popular, for empty histories)
+    item_ids.json            the catalogue's item ids in index order
+No user id or anything else about a user is among them, nor the job config's data paths and URIs.
+
+Serving reads no image, token or content encoder: a history's items are looked up among the
+precomputed representations and read by the user Transformer (InterestFormer.encode_users), and
+every catalogue item is scored by cosine against the user, as evaluation ranks them
+(models/ranking.py). The model is logged as code (jobs/serving_model.py, MLflow's "models from
+code"), so loading it unpickles nothing; our layers travel with it as MLflow code paths.
+"""
+
+import dataclasses
+import json
+import os
+from importlib.metadata import version
+
+import mlflow.pyfunc
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from safetensors.torch import load_file, save_file
+
+from interestformer.jobs.config import PROJECT_DIR, build
+from interestformer.models.interest_former import DataSpec, InterestFormer, ModelConfig
+
+USER_WEIGHTS, USER_MODEL, CATALOGUE, ITEM_IDS = (
+    "user_model.safetensors", "user_model.json", "catalogue.safetensors", "item_ids.json")
+PARAMS = {"k": 10, "exclude_history": True}  # predict's params and their defaults
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([
+        ColSpec(Array(DataType.string), "history"),  # raw item ids, oldest first
+        ColSpec(Array(DataType.string), "event_types", required=False),  # one per history item
+    ]),
+    outputs=Schema([
+        ColSpec(Array(DataType.string), "item_ids"),  # best first
+        ColSpec(Array(DataType.double), "scores"),
+        ColSpec(DataType.long, "unknown_items"),
+    ]),
+    params=ParamSchema([ParamSpec("k", DataType.long, PARAMS["k"]),
+                        ParamSpec("exclude_history", DataType.boolean, PARAMS["exclude_history"])]),
+)
+MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving_model.py")
+# The layers the loaded model imports (as interestformer.<layer>), copied into the model.
+CODE_PATHS = [os.path.join(PROJECT_DIR, folder) for folder in ("interestformer", "models", "jobs", "datasets")]
+# What importing those layers' serving path needs; recorded with the model, never installed by loading.
+SERVING_PACKAGES = ("mlflow", "torch", "safetensors", "numpy", "pandas", "pyarrow", "pillow", "pyyaml")
+
+
+def requirements() -> list[str]:
+    """The serving packages pinned at this environment's versions."""
+    return [f"{package}=={version(package)}" for package in SERVING_PACKAGES]
+
+
+def export(checkpoint_folder: str, out: str) -> dict[str, str]:
+    """Writes the serving artifacts of a training checkpoint into folder `out`; returns
+    {artifact name: path}. Encodes the whole catalogue once (Ray Data over the prepared items),
+    on a GPU when there is one."""
+    from interestformer.datasets.pipeline import catalogue_ids, item_batches
+    from interestformer.datasets.prepare import PreparedData
+    from interestformer.jobs.config import JobConfig
+    from interestformer.jobs.distributed import load_model
+    from interestformer.jobs.evaluate import device_batches
+    from interestformer.jobs.tracking import redact
+    from interestformer.models.ranking import item_representations
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, state = load_model(checkpoint_folder, device)
+    prepared = PreparedData.load(state["prepared_path"])
+    batch_size = JobConfig.from_dict(state["config"]).eval.batch_size
+    rows = item_batches(prepared, batch_size, *model.cfg.live_content()).iter_torch_batches(batch_size=1)
+    representations = item_representations(model, device_batches(rows, device), prepared.num_items).cpu()
+
+    os.makedirs(out, exist_ok=True)
+    paths = {name: os.path.join(out, name) for name in (USER_WEIGHTS, USER_MODEL, CATALOGUE, ITEM_IDS)}
+    user_weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()
+                    if not name.startswith("item_encoder.")}  # the item encoder's work is in the catalogue
+    save_file(user_weights, paths[USER_WEIGHTS])
+    about = {"model": dataclasses.asdict(model.cfg), "spec": dataclasses.asdict(model.spec),
+             "event_types": prepared.meta["event_types"]}
+    with open(paths[USER_MODEL], "w") as f:
+        f.write(redact(json.dumps(about, indent=1)))  # a pretrained_path might carry credentials
+    popularity = torch.tensor(prepared.meta["popularity_pretest"], dtype=torch.int64)
+    save_file({"representations": representations, "popularity": popularity}, paths[CATALOGUE])
+    with open(paths[ITEM_IDS], "w") as f:
+        json.dump(catalogue_ids(prepared), f)
+    return paths
+
+
+def input_example(artifacts: dict[str, str]) -> pd.DataFrame:
+    """A request MLflow stores with the model, to show how it is called: one history of the
+    catalogue's first two items."""
+    with open(artifacts[ITEM_IDS]) as f:
+        return pd.DataFrame({"history": [json.load(f)[:2]]})
+
+
+class Recommender:
+    """The serving artifacts, loaded: top-K catalogue items for histories of raw item ids."""
+
+    def __init__(self, artifacts: dict[str, str]):
+        with open(artifacts[USER_MODEL]) as f:
+            about = json.load(f)
+        self.model = InterestFormer(build(ModelConfig, about["model"], "model"), DataSpec(**about["spec"]),
+                                    with_item_encoder=False)
+        self.model.load_state_dict(load_file(artifacts[USER_WEIGHTS]))
+        self.model.eval()
+        catalogue = load_file(artifacts[CATALOGUE])
+        self.representations = catalogue["representations"]  # (N + 1, d); what the user Transformer reads
+        self.vectors = F.normalize(self.representations, dim=-1)  # what users are scored against
+        with open(artifacts[ITEM_IDS]) as f:
+            self.item_ids = json.load(f)
+        self.item_index = {item_id: i + 1 for i, item_id in enumerate(self.item_ids)}
+        self.event_type_index = {name: i + 1 for i, name in enumerate(about["event_types"])}
+        popularity = catalogue["popularity"][1:].double()
+        self.most_popular = torch.argsort(popularity, descending=True, stable=True)  # 0-based positions
+        self.popularity_share = popularity / popularity.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def recommend(self, histories: list, event_types: list | None, k: int, exclude_history: bool) -> pd.DataFrame:
+        """Top-k items for each history (raw item ids, oldest first); event_types, when given, holds
+        one list per history (None for a history without them) of one type per item.
+
+        Returns item_ids (best first), scores (cosine, as in evaluation) and unknown_items (history
+        items not in the catalogue, which are ignored) per history. The user Transformer reads
+        the last max_seq_len known items. An event type the model does not know, or none given,
+        reads as the padding type, as in training. With exclude_history, no item of the history
+        is recommended. A history without a known item gets the k most popular items, scored
+        by their share of the prepared events."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        known, unknown = [], []
+        for row, items in enumerate(histories):
+            types = event_types[row] if event_types is not None and event_types[row] is not None else None
+            if types is not None and len(types) != len(items):
+                raise ValueError(f"history {row} has {len(items)} items but {len(types)} event types")
+            pairs = [(self.item_index[item], self.event_type_index.get(types[j], 0) if types is not None else 0)
+                     for j, item in enumerate(items) if item in self.item_index]
+            known.append(pairs)
+            unknown.append(len(items) - len(pairs))
+
+        item_ids = [[self.item_ids[i] for i in self.most_popular[:k].tolist()] for _ in histories]
+        scores = [self.popularity_share[self.most_popular[:k]].tolist() for _ in histories]
+        rows = [row for row, pairs in enumerate(known) if pairs]
+        if rows:
+            top_ids, top_scores = self._rank([known[row] for row in rows], k, exclude_history)
+            for row, ids, values in zip(rows, top_ids, top_scores):
+                item_ids[row], scores[row] = ids, values
+        return pd.DataFrame({"item_ids": item_ids, "scores": scores, "unknown_items": unknown})
+
+    def _rank(self, histories: list[list[tuple[int, int]]], k: int, exclude_history: bool):
+        """Top-k (item ids, scores) for non-empty histories of (item index, event-type index)."""
+        T = self.model.spec.max_seq_len
+        history = torch.zeros(len(histories), T, dtype=torch.long)  # left-padded, as in training
+        types = torch.zeros_like(history)
+        for row, pairs in enumerate(histories):
+            window = torch.tensor(pairs[-T:])
+            history[row, T - len(window):], types[row, T - len(window):] = window[:, 0], window[:, 1]
+        users = self.model.encode_users(self.representations[history], history, types)[:, -1]  # (B, d)
+        scores = users @ self.vectors.T  # (B, N + 1)
+        scores[:, 0] = float("-inf")  # padding
+        if exclude_history:
+            for row, pairs in enumerate(histories):
+                scores[row, [item for item, _ in pairs]] = float("-inf")
+        top = scores.topk(min(k, len(self.item_ids)), dim=1)
+        ids, values = [], []
+        for indices, row_scores in zip(top.indices.tolist(), top.values.tolist()):
+            kept = [(i, s) for i, s in zip(indices, row_scores) if s != float("-inf")]  # fewer left than k
+            ids.append([self.item_ids[i - 1] for i, _ in kept])
+            values.append([s for _, s in kept])
+        return ids, values
+
+
+class RecommenderModel(mlflow.pyfunc.PythonModel):
+    """The MLflow face of Recommender (see the module docstring for how it is logged).
+
+    Input: a DataFrame with a column `history` (per user, a list of raw item ids, oldest first)
+    and optionally `event_types` (per user, a list of event types aligned with the history).
+    Params: k (default 10), exclude_history (default True).
+    Output: a DataFrame with, per input row, item_ids (list of k raw item ids, best first),
+    scores (list of k floats, descending) and unknown_items (history items not in the catalogue)."""
+
+    def load_context(self, context):
+        self.recommender = Recommender(context.artifacts)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        params = PARAMS | (params or {})
+        event_types = model_input["event_types"].tolist() if "event_types" in model_input else None
+        return self.recommender.recommend(model_input["history"].tolist(), event_types, int(params["k"]),
+                                          bool(params["exclude_history"]))
