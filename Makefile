@@ -17,5 +17,5 @@ test: setup setup-browser  ## the whole suite (what CI runs)
 test-fast: setup  ## the fast subset, under 2 minutes
 	$(PY) -m pytest tests -m "not slow"
 
-sweep: setup  ## a small Ray Tune sweep over the demo
-	$(PY) -m tuning.sweep
+sweep: setup  ## a small ASHA sweep: 4 trials of the tiny config, a few minutes
+	$(PY) -m tuning.sweep --config configs/sweep_tiny.yaml

@@ -8,6 +8,7 @@ A file may build on another with `base: other.yaml`: configs that differ in a fe
 those (see configs/ml1m_*.yaml).
 """
 
+import copy
 import dataclasses
 import importlib.util
 import os
@@ -149,18 +150,71 @@ class ExperimentConfig:
 class TuneConfig:
     """A Ray Tune sweep over the training function (python -m tuning.sweep)."""
 
-    lr: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
-    """Learning rates tried (grid)."""
-    d_model: list[int] = field(default_factory=lambda: [32, 64])
-    """Model widths tried (grid); each trial also sets the encoders' widths to it."""
-    max_concurrent_trials: int = 1
-    """Trials run at once; each takes train.num_workers workers."""
+    search_space: dict[str, dict[str, list[Any]]] = field(default_factory=lambda: {
+        "train.lr": {"loguniform": [5e-4, 5e-3]},
+        "model.d_model": {"choice": [32, 64]},
+    })
+    """Config keys to search, each with one distribution: {choice: [values]}, {grid: [values]}
+    (every value, times num_samples), {uniform: [low, high]}, {loguniform: [low, high]} or
+    {randint: [low, high]} (both ends included). Any key of this schema may be searched, e.g.
+    model.n_layers, model.dropout, data.num_negatives, data.max_seq_len,
+    model.text.train_mode, train.zero_stage."""
+    num_samples: int = 4
+    """Trials sampled from the search space (with grid values: samples per grid point)."""
+    search: Literal["random", "optuna"] = "random"
+    """How trials are sampled: random (and grid), or optuna (a model-based TPE searcher that
+    learns from finished trials; no grid values)."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """asha: stop trials whose validation metric trails the others' at the same epoch
+    (asynchronous successive halving); fifo: every trial runs all its epochs."""
+    grace_period: int = 1
+    """Epochs every trial runs before ASHA may stop it."""
+    reduction_factor: int = 2
+    """ASHA keeps about 1 in reduction_factor trials at each rung."""
+    max_concurrent_trials: int = 0
+    """Trials run at once. 0: as many as the cluster's CPUs and GPUs hold, each trial taking
+    train.num_workers workers plus a CPU for its data pipeline."""
+    max_failures: int = 1
+    """Times one trial is retried after an error (it resumes from its own checkpoint)."""
+    fail_fast: bool = False
+    """Stop the whole sweep at the first trial that fails for good."""
     metric: str = "val_ndcg@10"
-    """Validation metric the best trial is chosen by (higher is better)."""
+    """Validation metric reported every epoch, which ASHA and the best trial are judged by
+    (higher is better)."""
+    registered_model: str = ""
+    """MLflow registered model name of the best trial's model. Empty: the sweep's name."""
 
     def __post_init__(self):
-        if not self.lr or not self.d_model:
-            raise ConfigError("lr" if not self.lr else "d_model", "needs at least one value")
+        for key in ("num_samples", "grace_period"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.reduction_factor < 2:
+            raise ConfigError("reduction_factor", f"must be >= 2, got {self.reduction_factor}")
+        if self.max_concurrent_trials < 0 or self.max_failures < -1:
+            raise ConfigError("max_concurrent_trials" if self.max_concurrent_trials < 0 else "max_failures",
+                              "must be >= 0 (max_failures: >= -1, -1 retries forever)")
+        if not self.metric.startswith("val_"):
+            raise ConfigError("metric", f"must be a validation metric (val_...), got {self.metric!r}: "
+                                        "the test split is read once, after model selection")
+        for key, spec in self.search_space.items():
+            where = f"search_space.{key}"
+            if len(spec) != 1 or next(iter(spec)) not in SEARCH_DISTRIBUTIONS:
+                raise ConfigError(where, f"must be one distribution, one of {list(SEARCH_DISTRIBUTIONS)}, "
+                                         f"e.g. {{choice: [32, 64]}}; got {spec!r}")
+            kind, values = next(iter(spec.items()))
+            if kind in ("choice", "grid") and not values:
+                raise ConfigError(f"{where}.{kind}", "needs at least one value")
+            if kind in ("uniform", "loguniform", "randint"):
+                numbers = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in values)
+                if not numbers or values[0] >= values[1] or (kind == "loguniform" and values[0] <= 0):
+                    raise ConfigError(f"{where}.{kind}", f"must be [low, high] with low < high"
+                                                         f"{' and low > 0' if kind == 'loguniform' else ''}, got {values!r}")
+            if kind == "grid" and self.search == "optuna":
+                raise ConfigError(f"{where}.grid", "optuna samples; it cannot search a grid: use choice")
+
+
+SEARCH_DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 
 @dataclass
@@ -189,6 +243,21 @@ class JobConfig:
             )
         if self.data.max_seq_len < 2:
             raise ConfigError("data.max_seq_len", "must be >= 2")
+        self._check_search_space()
+
+    def _check_search_space(self):
+        """Every searched key exists, and each value (or range end) it may take is valid there."""
+        base = dataclasses.asdict(self)
+        base["tune"]["search_space"] = {}
+        for key, spec in self.tune.search_space.items():
+            kind, values = next(iter(spec.items()))
+            for value in values:
+                trial = copy.deepcopy(base)
+                try:
+                    set_key(trial, key, int(value) if kind == "randint" else value)
+                    JobConfig.from_dict(trial)
+                except ConfigError as e:
+                    raise ConfigError(f"tune.search_space.{key}", f"{value!r} is not a valid value: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -207,13 +276,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
         key, sep, raw = override.partition("=")
         if not sep:
             raise ConfigError(override, "an override must look like section.key=value")
-        *parents, leaf = key.strip().split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(key, f"'{part}' is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        set_key(data, key.strip(), yaml.safe_load(raw))
     cfg = JobConfig.from_dict(data)
     for section, key in (("data", "prepared_dir"), ("data", "events_path"), ("data", "items_path"),
                          ("experiment", "storage_path")):
@@ -225,6 +288,17 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
         if encoder_cfg.pretrained_path:
             encoder_cfg.pretrained_path = _local_path(encoder_cfg.pretrained_path, f"model.{encoder}.pretrained_path")
     return cfg
+
+
+def set_key(data: dict, key: str, value: Any):
+    """Sets `section.key` (any depth) in a config's nested dict, creating sections as needed."""
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(key, f"'{part}' is not a section")
+    node[leaf] = value
 
 
 def read_yaml(path: str) -> dict:
@@ -293,6 +367,12 @@ def _coerce(hint, value: Any, path: str):
         if value is None and type(None) in args:
             return None
         return _coerce(next(a for a in args if a is not type(None)), value, path)
+    if hint is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(path, f"must be a mapping with text keys, got {type(value).__name__} {value!r}")
+        return {k: _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(path, f"must be a list, got {type(value).__name__} {value!r}")

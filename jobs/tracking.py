@@ -106,12 +106,62 @@ def experiment_id(uri: str, name: str) -> str:
 
 
 def start_parent_run(cfg: JobConfig, run_name: str) -> str:
-    """Opens the parent run of a sweep (its trials are child runs); returns its id."""
+    """Opens the parent run of a sweep (its trials are child runs), or reopens the one of the same
+    sweep (name and storage) when it is resumed; returns its id."""
     uri = tracking_uri(cfg)
-    run = _client(uri).create_run(experiment_id(uri, cfg.experiment.mlflow_experiment), run_name=run_name,
-                                  tags={"git_commit": _git_commit(), "kind": "sweep"})
+    client = _client(uri)
+    sweep_path = redact(os.path.join(cfg.experiment.storage_path, run_name))
+    experiment = experiment_id(uri, cfg.experiment.mlflow_experiment)
+    earlier = client.search_runs([experiment], f"tags.sweep_path = '{sweep_path}'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if earlier:
+        client.update_run(earlier[0].info.run_id, status="RUNNING")
+        return earlier[0].info.run_id
+    run = client.create_run(experiment, run_name=run_name,
+                            tags={"git_commit": _git_commit(), "kind": "sweep", "sweep_path": sweep_path,
+                                  "ray_version": _version("ray")})
     log_params(uri, run.info.run_id, flatten({"tune": cfg.to_dict()["tune"]}))
+    client.log_text(run.info.run_id, redact(json.dumps(cfg.to_dict(), indent=1)), "config/sweep_config.json")
     return run.info.run_id
+
+
+def child_run(uri: str, parent_run_id: str, run_name: str) -> str:
+    """The id of a sweep's child run by name."""
+    runs = _client(uri).search_runs(
+        [_client(uri).get_run(parent_run_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.mlflow.runName = '{run_name}'", max_results=1)
+    if not runs:
+        raise LookupError(f"no child run {run_name!r} under {parent_run_id}")
+    return runs[0].info.run_id
+
+
+def close_unfinished_children(uri: str, parent_run_id: str):
+    """Marks the child runs a sweep stopped (ASHA) or lost (errors) as KILLED: their trial
+    processes ended without closing them."""
+    client = _client(uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                                "attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, "stopped_early", "true")
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+def register_model(uri: str, run_id: str, name: str) -> str:
+    """Registers the run's logged model under `name`; returns 'name/version'."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name)
+    version = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
+    return f"{name}/{version.version}"
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]):
+    for key, value in tags.items():
+        _client(uri).set_tag(run_id, key, redact(str(value)))
 
 
 def start_run(cfg: JobConfig, ds_config: dict, data_report: dict, run_name: str, parent_run_id: str = "") -> str:

@@ -291,7 +291,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
         tracking.end_run(uri, run_id, "FAILED")
         raise
     summary = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "checkpoint": result.checkpoint.path,
-               "data": report}
+               "data": report, "validation": result.metrics}
     evaluations = {}
     for split in eval_splits:
         baseline = evaluate_most_popular(prepared, datasets[split].iter_torch_batches(batch_size=1), cfg, split)

@@ -1,4 +1,6 @@
-"""A tiny Ray Tune sweep over the real training job: child MLflow runs under a parent, best config."""
+"""A small ASHA sweep (3 trials, 2 epochs) over the real training job: a child MLflow run per trial under one parent,
+the best config written out (and it trains), the best trial's model registered in MLflow; the
+same sweep resumed afterwards finds nothing left to run and reports the same best trial."""
 
 import os
 
@@ -6,6 +8,7 @@ import mlflow
 import pytest
 
 from interestformer.jobs.config import load_config
+from interestformer.jobs.train import train
 from interestformer.tuning.sweep import sweep
 
 from conftest import PROJECT_DIR
@@ -13,30 +16,52 @@ from conftest import PROJECT_DIR
 pytestmark = pytest.mark.slow
 
 
-def test_sweep_records_each_trial_as_a_child_run(ray_local, tmp_path):
+def test_asha_sweep_records_trials_writes_the_best_config_and_registers_its_model(ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
+    overrides = [
         f"data.prepared_dir={tmp_path / 'prepared'}",
         f"experiment.storage_path={tmp_path / 'runs'}",
         f"experiment.tracking_uri={uri}",
-        "experiment.name=sweep-test",
-        "train.epochs=1",
-        "tune.lr=[0.001, 0.003]",
-        "tune.d_model=[16]",
-    ])
+        "train.epochs=2",
+        "tune.num_samples=3",
+    ]
+    cfg = load_config(os.path.join(PROJECT_DIR, "configs", "sweep_tiny.yaml"), overrides)
     results = sweep(cfg)
-    assert len(results) == 2 and not results.errors
+    assert len(results) == cfg.tune.num_samples == 3 and not results.errors
 
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.experiment.mlflow_experiment)
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("kind") == "sweep"]
-    assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(float(r.data.params["train.lr"]) for r in children) == [0.001, 0.003]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3
+    assert len({r.data.params["train.lr"] for r in children}) == 3  # sampled from the loguniform range
     for child in children:
-        assert child.data.params["model.d_model"] == "16"
-        assert "val_ndcg_at_10" in child.data.metrics and "test_ndcg_at_10" in child.data.metrics
+        assert child.data.params["model.d_model"] in ("16", "32")
+        assert 0.0 <= float(child.data.params["model.dropout"]) <= 0.3
+        epochs = len(client.get_metric_history(child.info.run_id, "val_ndcg_at_10"))
+        if child.info.status == "KILLED":  # ASHA stopped it after its first epoch
+            assert child.data.tags["stopped_early"] == "true" and epochs == 1
+        else:
+            assert child.info.status == "FINISHED" and epochs == 2
+            assert "test_ndcg_at_10" in child.data.metrics
+    assert any(c.info.status == "FINISHED" for c in children)
 
-    best = load_config(str(tmp_path / "runs" / "sweep-test" / "best_config.yaml"))
-    assert best.train.lr in (0.001, 0.003) and best.model.d_model == 16
+    best_run = parent.data.tags["best_run_id"]
+    assert best_run in {c.info.run_id for c in children}
+    name, version = parent.data.tags["registered_model"].split("/")
+    assert client.get_model_version(name, version).run_id == best_run
+    trials = client.list_artifacts(parent.info.run_id)
+    assert {"best_config.yaml", "trials.csv", "trials.md"} <= {a.path for a in trials}
+
+    best_path = tmp_path / "runs" / cfg.experiment.name / "best_config.yaml"
+    best = load_config(str(best_path), [f"experiment.tracking_uri={uri}", "train.epochs=1",
+                                        f"experiment.storage_path={tmp_path / 'best'}"])
+    assert str(best.train.lr) == client.get_run(best_run).data.params["train.lr"]
+    assert train(best)["test"]["users"] > 0  # the written config is ready to run
+
+    resumed = sweep(cfg, resume=True)  # nothing unfinished: the same trials, the same best
+    assert len(resumed) == 3
+    assert client.get_run(parent.info.run_id).data.tags["best_run_id"] == best_run

@@ -1,89 +1,209 @@
 """A Ray Tune sweep over the training job: each trial is a whole jobs.train run.
 
-    python -m tuning.sweep [--config configs/x.yaml] [--set tune.lr=[0.001,0.003]]
+    python -m tuning.sweep --config configs/sweep_tiny.yaml             # 4 tiny trials, a few minutes
+    python -m tuning.sweep --config configs/sweep_tiny.yaml --resume    # a stopped sweep goes on
+    ray job submit --working-dir . -- python -m tuning.sweep --config configs/my_sweep.yaml
 
-Each trial builds its own TorchTrainer (DeepSpeed workers and all) through jobs.train.train, the
-form Ray 2.60 recommends for Train V2 under Tune; Train's per-epoch reports reach Tune through
-TuneReportCallback. In MLflow the sweep is a parent run and each trial a child run. The grid is
-`tune.lr` x `tune.d_model` from the config; the best trial's config is written out as YAML.
+Each trial builds its own TorchTrainer (DeepSpeed workers and all) through jobs.train.train: a
+Tuner whose trials launch TorchTrainers is the form Ray 2.60 recommends for Train V2. Train's
+per-epoch reports reach Tune through TuneReportCallback, so ASHA can stop a weak trial after any
+epoch. The search space is `tune.search_space` in the config file: config keys and their
+distributions. In MLflow the sweep is a parent run with one child run per trial. At the end the
+best trial's config is written out as a ready-to-run YAML and its model is registered in MLflow.
 """
 
 import argparse
 import copy
 import os
+import sys
 
+import pandas as pd
+import ray
 import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from interestformer import ConfigError
 from interestformer.datasets.prepare import prepare
 from interestformer.jobs import tracking
-from interestformer.jobs.config import JobConfig, load_config
-from interestformer.jobs.train import ensure_ray, train
+from interestformer.jobs.config import JobConfig, load_config, set_key
+from interestformer.jobs.report import markdown
+from interestformer.jobs.train import check_cluster_fits, ensure_ray, train
 
 TRIAL_CPUS = 0.25  # a trial only drives its TorchTrainer; its workers reserve their own CPUs
+DISTRIBUTIONS = {
+    "choice": tune.choice,
+    "grid": tune.grid_search,
+    "uniform": lambda bounds: tune.uniform(*bounds),
+    "loguniform": lambda bounds: tune.loguniform(*bounds),
+    "randint": lambda bounds: tune.randint(bounds[0], bounds[1] + 1),  # both ends included, as written
+}
 
 
-def trial_config(base: dict, lr: float, d_model: int) -> JobConfig:
-    """The sweep's config with one grid point applied; encoders follow the model width."""
+def search_space(cfg: JobConfig) -> dict:
+    """Tune's distributions of the config's search space, keyed by config path."""
+    return {key: DISTRIBUTIONS[kind](values) for key, spec in cfg.tune.search_space.items()
+            for kind, values in spec.items()}
+
+
+def trial_config(base: dict, values: dict) -> JobConfig:
+    """The sweep's config with one trial's sampled values applied."""
     config = copy.deepcopy(base)
-    config["train"]["lr"] = lr
-    config["model"]["d_model"] = d_model
-    for encoder in ("text", "image"):
-        config["model"][encoder]["hidden_size"] = d_model
+    for key, value in values.items():
+        set_key(config, key, value)
     return JobConfig.from_dict(config)
 
 
+def trial_run_name(sweep_name: str, trial_id: str) -> str:
+    return f"{sweep_name}-{trial_id}"
+
+
+class EpochReports(TuneReportCallback):
+    """Passes each epoch's validation metrics on to Tune, except the last epoch's: the trial reports
+    that one itself once training has returned. A scheduler stops a trial on a report (ASHA always
+    does at its last epoch), and a stop on the last epoch's report would cut off the trial's test
+    evaluation and model logging."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics[0]["epoch"] + 1 < self.epochs:
+            super().after_report(run_context, metrics, checkpoint)
+
+
 def run_trial(params: dict):
-    """One Tune trial: a full training run whose epochs report to Tune."""
-    cfg = trial_config(params["config"], params["lr"], params["d_model"])
-    cfg.experiment.name = tune.get_context().get_trial_name()
-    train(cfg, parent_run_id=params["parent_run_id"], callbacks=[TuneReportCallback()])
+    """One Tune trial: a full training run whose epochs report to Tune. Its Ray Train run and MLflow
+    child run are named after the trial, so a retried or resumed trial continues both."""
+    cfg = trial_config(params["config"], params["values"])
+    cfg.experiment.name = trial_run_name(params["sweep_name"], tune.get_context().get_trial_id())
+    summary = train(cfg, parent_run_id=params["parent_run_id"], callbacks=[EpochReports(cfg.train.epochs)])
+    tune.report(summary["validation"])
 
 
-def sweep(cfg: JobConfig) -> tune.ResultGrid:
-    ensure_ray(cfg, concurrent_runs=cfg.tune.max_concurrent_trials)
-    prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)  # once, before trials share it
+def concurrent_trials(cfg: JobConfig) -> int:
+    """tune.max_concurrent_trials, or (0) as many trials as the cluster's CPUs and GPUs hold: each
+    takes its workers, one CPU for its data pipeline and TRIAL_CPUS for its driver."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    resources = ray.cluster_resources() if ray.is_initialized() else {"CPU": os.cpu_count() or 1}
+    per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker + 1 + TRIAL_CPUS
+    trials = int(resources.get("CPU", 1) // per_trial)
+    if cfg.train.use_gpu:
+        trials = min(trials, int(resources.get("GPU", 0) // cfg.train.num_workers))
+    return max(1, trials)
+
+
+def sweep(cfg: JobConfig, resume: bool = False) -> tune.ResultGrid:
     name = cfg.experiment.name or "sweep"
+    path = os.path.join(cfg.experiment.storage_path, name)
+    exists = tune.Tuner.can_restore(path)  # checked before any cluster resource is taken
+    if exists and not resume:
+        raise ConfigError("experiment.name", f"a sweep named {name!r} is already in {cfg.experiment.storage_path}: "
+                                             "pass --resume to continue it, or choose another name")
+    if resume and not exists:
+        raise ConfigError("experiment.name", f"no sweep named {name!r} in {cfg.experiment.storage_path} to resume")
     uri = tracking.tracking_uri(cfg)
+    tracking.check_reachable(uri)
+    if os.environ.get("RAY_ADDRESS"):
+        ensure_ray(cfg)  # joins the cluster, whose resources decide how many trials fit
+    concurrent = concurrent_trials(cfg)
+    ensure_ray(cfg, concurrent_runs=concurrent)  # locally: a Ray sized for that many trials
+    if os.environ.get("RAY_ADDRESS"):
+        check_cluster_fits(cfg, concurrent)
+    prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)  # once, before trials share it
     parent_run_id = tracking.start_parent_run(cfg, name)
-    tuner = tune.Tuner(
-        tune.with_resources(run_trial, {"CPU": TRIAL_CPUS}),
-        param_space={
-            "config": cfg.to_dict(),
-            "parent_run_id": parent_run_id,
-            "lr": tune.grid_search(cfg.tune.lr),
-            "d_model": tune.grid_search(cfg.tune.d_model),
-        },
-        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max",
-                                    max_concurrent_trials=cfg.tune.max_concurrent_trials),
-        run_config=tune.RunConfig(name=name, storage_path=cfg.experiment.storage_path),
-    )
+    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPUS})
+    if resume:
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"config": cfg.to_dict(), "parent_run_id": parent_run_id, "sweep_name": name,
+                         "values": search_space(cfg)},
+            tune_config=tune.TuneConfig(
+                metric=cfg.tune.metric, mode="max", num_samples=cfg.tune.num_samples,
+                search_alg=_searcher(cfg), scheduler=_scheduler(cfg), max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(
+                name=name, storage_path=cfg.experiment.storage_path,
+                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures, fail_fast=cfg.tune.fail_fast)),
+        )
+    print(f"Sweep {name}: {concurrent} trial(s) at once; MLflow parent run {parent_run_id} in {uri}", flush=True)
     results = tuner.fit()
-    best = results.get_best_result()
-    best_cfg = trial_config(cfg.to_dict(), best.config["lr"], best.config["d_model"])
-    best_path = os.path.join(cfg.experiment.storage_path, name, "best_config.yaml")
-    with open(best_path, "w") as f:
-        yaml.safe_dump(best_cfg.to_dict(), f, sort_keys=False)
-    tracking.log_text(uri, parent_run_id, yaml.safe_dump(best_cfg.to_dict(), sort_keys=False), "best_config.yaml")
-    tracking.log_metrics(uri, parent_run_id, {f"best_{cfg.tune.metric}": best.metrics[cfg.tune.metric]}, step=0)
-    tracking.end_run(uri, parent_run_id)
-    print(f"\n{'lr':>10} {'d_model':>8} {cfg.tune.metric:>14}")
+    return report(cfg, name, path, uri, parent_run_id, results)
+
+
+def _searcher(cfg: JobConfig):
+    if cfg.tune.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=cfg.train.seed)
+    return None  # Tune's random and grid search
+
+
+def _scheduler(cfg: JobConfig):
+    if cfg.tune.scheduler == "asha":  # a trial is stopped only at an epoch's end, after grace_period epochs
+        return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                             grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+                             reduction_factor=cfg.tune.reduction_factor)
+    return FIFOScheduler()
+
+
+def report(cfg: JobConfig, name: str, path: str, uri: str, parent_run_id: str, results: tune.ResultGrid):
+    """Writes the best trial's config, registers its model, closes the MLflow runs, prints a table."""
+    metric = cfg.tune.metric
+    tracking.close_unfinished_children(uri, parent_run_id)  # trials ASHA stopped, or that failed
+    rows = []
     for result in results:
-        print(f"{result.config['lr']:>10g} {result.config['d_model']:>8} {result.metrics.get(cfg.tune.metric, float('nan')):>14.4f}")
-    print(f"Best config: {best_path}\nBrowse the sweep: {tracking.ui_command(uri)}")
+        trial_id = result.metrics.get("trial_id", "") if result.metrics else ""
+        rows.append({"trial": trial_run_name(name, trial_id) if trial_id else os.path.basename(result.path),
+                     **{key: result.config["values"][key] for key in sorted(result.config["values"])},
+                     "epochs": (result.metrics or {}).get("training_iteration", 0),
+                     metric: (result.metrics or {}).get(metric, float("nan")),
+                     "error": type(result.error).__name__ if result.error else ""})
+    trials = pd.DataFrame(rows)
+    tracking.log_text(uri, parent_run_id, markdown(trials), "trials.md")
+    tracking.log_text(uri, parent_run_id, trials.to_csv(index=False), "trials.csv")
+    if all(r["error"] for r in rows):
+        tracking.end_run(uri, parent_run_id, "FAILED")
+        sys.exit(f"every trial failed; see {path}")
+    best = results.get_best_result(metric=metric, mode="max", scope="last", filter_nan_and_inf=True)
+    best_cfg = trial_config(cfg.to_dict(), best.config["values"])
+    best_cfg.tune = type(best_cfg.tune)()  # a training config: the sweep's own settings are not its
+    best_cfg.experiment.name = ""
+    best_yaml = yaml.safe_dump(best_cfg.to_dict(), sort_keys=False)
+    best_path = os.path.join(path, "best_config.yaml")
+    with open(best_path, "w") as f:
+        f.write(best_yaml)
+    best_run = tracking.child_run(uri, parent_run_id, trial_run_name(name, best.metrics["trial_id"]))
+    version = tracking.register_model(uri, best_run, cfg.tune.registered_model or name)
+    tracking.log_text(uri, parent_run_id, best_yaml, "best_config.yaml")
+    tracking.log_metrics(uri, parent_run_id, {f"best_{metric}": best.metrics[metric]}, step=0)
+    tracking.set_tags(uri, parent_run_id, {"best_run_id": best_run, "registered_model": version})
+    tracking.end_run(uri, parent_run_id)
+
+    print("\n" + markdown(trials))
+    print(f"Best config: {best_path}\nRegistered model: {version}\nBrowse the sweep: {tracking.ui_command(uri)}")
     return results
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tuning.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config file; without it, the demo config")
+    parser.add_argument("--config", help="YAML config file with a tune: section; without it, the demo config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set 'tune.d_model=[32,64]' (repeatable)")
+                        help="override one config key, e.g. --set tune.num_samples=8 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the stopped sweep of the same experiment.name and storage_path: "
+                             "finished trials are kept, unfinished and errored ones go on from their checkpoints")
     args = parser.parse_args(argv)
-    return sweep(load_config(args.config, args.set))
+    return sweep(load_config(args.config, args.set), resume=args.resume)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, tracking.TrackingUnavailable) as e:
+        sys.exit(f"error: {e}")
