@@ -149,12 +149,13 @@ def _progress(rank: int, total: int, done: int):
     return bar
 
 
-def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1):
+def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: float = 0.0):
     """Joins the cluster this job was submitted to, or starts a local Ray in this process.
 
     Locally, Ray is told of enough logical CPUs for the training workers AND the Ray Data
-    actors that feed them (for each of `concurrent_runs` trainings): on a 2-core machine the
-    workers would otherwise take every CPU and the pipeline would wait forever for one."""
+    actors that feed them, and `driver_cpus` for what drives each run (a Tune trial), for each of
+    `concurrent_runs` trainings: on a 2-core machine the workers would otherwise take every CPU
+    and the pipeline would wait forever for one."""
     if cfg.train.use_gpu and not os.environ.get("RAY_ADDRESS"):  # a local Ray gets this machine's GPUs only
         gpus = torch.cuda.device_count()
         if gpus < cfg.train.num_workers:
@@ -167,9 +168,10 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1):
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
-        check_cluster_fits(cfg, concurrent_runs)
+        check_cluster_fits(cfg, concurrent_runs, driver_cpus)
         return
-    needed = concurrent_runs * (cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.train.pipeline_workers + 1)
+    needed = concurrent_runs * (cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.train.pipeline_workers + 1
+                                + driver_cpus)
     # address="local": a new Ray for this job, even where `ray start` left a cluster running. The
     # dashboard (on 127.0.0.1) serves the State API, through which Ray Train removes the placement
     # group of a run whose controller is gone; without it every finished Tune trial keeps its
@@ -178,7 +180,7 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1):
              dashboard_host="127.0.0.1", runtime_env={"env_vars": _worker_env(cfg)})
 
 
-def check_cluster_fits(cfg: JobConfig, concurrent_runs: int = 1):
+def check_cluster_fits(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: float = 0.0):
     """On a running cluster, fails before taking anything when the training workers could never
     all be scheduled: Ray Train would otherwise wait for them until its start-up timeout.
 
@@ -189,7 +191,7 @@ def check_cluster_fits(cfg: JobConfig, concurrent_runs: int = 1):
 
     per_worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
     needed = {name: concurrent_runs * cfg.train.num_workers * amount for name, amount in per_worker.items()}
-    needed["CPU"] += concurrent_runs
+    needed["CPU"] += concurrent_runs * (1 + driver_cpus)
     autoscaler = state.get_cluster_config()
     if autoscaler is not None and autoscaler.node_group_configs:
         ceiling, source = state.get_max_resources_from_cluster_config() or {}, "the autoscaler's limit"
@@ -205,7 +207,7 @@ def check_cluster_fits(cfg: JobConfig, concurrent_runs: int = 1):
     for name, amount in needed.items():
         if amount > ceiling.get(name, 0):
             raise ConfigError("train.num_workers", f"{concurrent_runs} run(s) of {cfg.train.num_workers} workers "
-                                                   f"x {per_worker}, plus 1 CPU each for the data pipeline, need "
+                                                   f"x {per_worker}, plus {1 + driver_cpus:g} CPU each for the data pipeline and driver, need "
                                                    f"{amount:g} {name}; {source} has at most {ceiling.get(name, 0):g}")
 
 

@@ -110,9 +110,9 @@ def sweep(cfg: JobConfig, resume: bool = False) -> tune.ResultGrid:
     if os.environ.get("RAY_ADDRESS"):
         ensure_ray(cfg)  # joins the cluster, whose resources decide how many trials fit
     concurrent = concurrent_trials(cfg)
-    ensure_ray(cfg, concurrent_runs=concurrent)  # locally: a Ray sized for that many trials
+    ensure_ray(cfg, concurrent_runs=concurrent, driver_cpus=TRIAL_CPUS)  # locally: a Ray sized for that many trials
     if os.environ.get("RAY_ADDRESS"):
-        check_cluster_fits(cfg, concurrent)
+        check_cluster_fits(cfg, concurrent, TRIAL_CPUS)
     prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)  # once, before trials share it
     parent_run_id = tracking.start_parent_run(cfg, name)
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPUS})
@@ -132,6 +132,11 @@ def sweep(cfg: JobConfig, resume: bool = False) -> tune.ResultGrid:
         )
     print(f"Sweep {name}: {concurrent} trial(s) at once; MLflow parent run {parent_run_id} in {uri}", flush=True)
     results = tuner.fit()
+    if results.num_terminated + results.num_errors < len(results):  # stopped (Ctrl-C): nothing is final
+        tracking.end_run(uri, parent_run_id, "KILLED")
+        print(f"\nSweep {name} stopped with trials unfinished. Continue it with: "
+              f"python -m tuning.sweep --config <the same config> --resume", flush=True)
+        return results
     return report(cfg, name, path, uri, parent_run_id, results)
 
 
