@@ -254,7 +254,7 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_in_the_same_mlflow_run
         f"data.prepared_dir={reference_cfg.data.prepared_dir}",  # the same prepared data
         f"experiment.storage_path={tmp_path / 'runs'}",
         f"experiment.tracking_uri={reference['tracking_uri']}",
-        "experiment.name=killed", "train.epochs=4", "train.max_failures=1",
+        "experiment.name=killed", "train.epochs=3", "train.max_failures=1",
     ])
     outcome = {}
     job = threading.Thread(target=lambda: outcome.update(summary=train(cfg)))

@@ -74,17 +74,6 @@ def submit(address: str, env: dict, tmp_path, *args: str, options: tuple = ()) -
     return run
 
 
-def test_submitted_training_job_succeeds(ray_head, tmp_path):
-    address, env = ray_head
-    run = submit(address, env, tmp_path, "--set", "train.epochs=1")
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-5000:]
-    assert "succeeded" in output, output[-5000:]
-    assert "mlflow ui --backend-store-uri sqlite:///" in output
-    assert os.path.isfile(tmp_path / "mlflow.db")
-    assert any(name.startswith("run-") for name in os.listdir(tmp_path / "runs"))
-
-
 @pytest.mark.parametrize("override, key", [("train.num_workers=8", "train.num_workers"),
                                            ("train.cpus_per_worker=6", "train.cpus_per_worker")])
 def test_more_than_the_cluster_holds_fails_before_training(ray_head, tmp_path, override, key):
@@ -99,10 +88,11 @@ def test_more_than_the_cluster_holds_fails_before_training(ray_head, tmp_path, o
 
 
 def test_a_stopped_job_resumes_from_its_checkpoint_in_the_same_mlflow_run(ray_head, tmp_path):
-    """`ray job stop` once the first checkpoint exists, then the same command again: the job picks
-    up after the checkpointed epoch (not from scratch) and continues the same MLflow run."""
+    """`ray job submit`, then `ray job stop` once the first checkpoint exists, then the same
+    command again: the job picks up after the checkpointed epoch (not from scratch), succeeds,
+    prints how to browse its run, and continues the same MLflow run."""
     address, env = ray_head
-    args = ("--set", "experiment.name=stopped", "--set", "train.epochs=6")
+    args = ("--set", "experiment.name=stopped", "--set", "train.epochs=3")
     run = submit(address, env, tmp_path, *args, options=("--submission-id", "stop-me", "--no-wait"))
     assert run.returncode == 0, run.stdout + run.stderr
     run_folder = tmp_path / "runs" / "stopped"
@@ -119,10 +109,11 @@ def test_a_stopped_job_resumes_from_its_checkpoint_in_the_same_mlflow_run(ray_he
 
     resumed = submit(address, env, tmp_path, *args)
     output = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, output[-5000:]
+    assert resumed.returncode == 0 and "succeeded" in output, output[-5000:]
+    assert "mlflow ui --backend-store-uri sqlite:///" in output
     assert "Resumed from the checkpoint of epoch" in output, output[-5000:]
     epoch = int(output.split("Resumed from the checkpoint of epoch ")[1].split()[0])
-    assert 1 <= epoch < 6
+    assert 1 <= epoch < 3
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("interestformer").experiment_id])
@@ -131,4 +122,4 @@ def test_a_stopped_job_resumes_from_its_checkpoint_in_the_same_mlflow_run(ray_he
     validation = client.get_metric_history(runs[0].info.run_id, "val_ndcg_at_10")
     # Every epoch validated once, except perhaps the one the stop cut between validation and its
     # checkpoint; epochs before the checkpoint never again.
-    assert 6 <= len(validation) <= 7, [m.step for m in validation]
+    assert 3 <= len(validation) <= 4, [m.step for m in validation]

@@ -27,7 +27,7 @@ def test_training_goes_on_through_an_outage_and_every_metric_arrives(ray_local, 
         f"data.prepared_dir={tmp_path / 'prepared'}",
         f"experiment.storage_path={tmp_path / 'runs'}",
         f"experiment.tracking_uri={uri}",
-        "experiment.name=outage", "train.epochs=4", "train.log_every_steps=1",
+        "experiment.name=outage", "train.epochs=3", "train.log_every_steps=1",
     ])
     server = start_server(store, port)
     try:
