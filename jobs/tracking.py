@@ -295,6 +295,15 @@ class MetricsOutbox:
             self.waiting = self.waiting[-self.max_waiting:]
         self.flush()
 
+    def unsent(self) -> dict:
+        """What still waits, for a process that outlives this one to send (the driver, through
+        log_unsent): each metric as (key, value, timestamp, step), and the gap so far."""
+        outage = time.time() - self.outage_start if self.outage_start is not None else 0.0
+        return {"metrics": [(m.key, m.value, m.timestamp, m.step) for m in self.waiting],
+                "gap": {"tracking/delayed_batches": self.delayed,
+                        "tracking/outage_seconds": max(self.longest_outage, outage),
+                        "tracking/dropped_metrics": self.dropped}}
+
     def flush(self) -> bool:
         """Sends everything waiting; False when the server is still unreachable."""
         try:
@@ -340,6 +349,16 @@ def log_model(uri: str, run_id: str, checkpoint, step: int = 0) -> str:
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
     client.finalize_logged_model(model.model_id, "READY")
     return model.model_id
+
+
+def log_unsent(uri: str, run_id: str, unsent: dict):
+    """Logs what a worker's MetricsOutbox could not send before its process ended (see unsent)."""
+    from mlflow.entities import Metric
+
+    metrics = [Metric(*fields) for fields in unsent["metrics"]]
+    for i in range(0, len(metrics), 1000):
+        _client(uri).log_batch(run_id, metrics=metrics[i : i + 1000])
+    log_metrics(uri, run_id, unsent["gap"], step=0)
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str):

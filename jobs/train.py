@@ -110,9 +110,11 @@ def train_loop_per_worker(loop_config: dict):
             metrics_out.log({f"{METRIC_PREFIX[split]}{k}": v for k, v in totals.report().items()}, step=state["step"])
         if system_metrics:
             system_metrics.finish()
-        if not metrics_out.flush():
-            print(f"MLflow still unreachable at the end: {len(metrics_out.waiting)} metrics not logged", file=sys.stderr)
-        return {**results, "step": state["step"]}
+        unsent = None if metrics_out.flush() else metrics_out.unsent()
+        if unsent:  # the driver retries them for longer, with MLflow's own retries
+            print(f"MLflow still unreachable at the end: {len(unsent['metrics'])} metrics handed to the driver",
+                  file=sys.stderr)
+        return {**results, "step": state["step"], "unsent_metrics": unsent}
 
 
 def _eval_rows(split: str):
@@ -292,6 +294,8 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")
         raise
+    if result.return_value["unsent_metrics"]:
+        tracking.log_unsent(uri, run_id, result.return_value["unsent_metrics"])
     summary = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "checkpoint": result.checkpoint.path,
                "data": report, "validation": result.metrics}
     evaluations = {}

@@ -18,9 +18,10 @@ pytestmark = pytest.mark.slow  # a training run and an MLflow server started twi
 
 
 def test_training_goes_on_through_an_outage_and_every_metric_arrives(ray_local, tmp_path):
-    """The server dies once the first checkpoint exists and comes back a checkpoint later: the
-    workers never stop, rank 0's metrics wait and arrive with their steps, the gap is reported in
-    the run, and the driver closes the run once the server is back."""
+    """The server dies once the first checkpoint exists and comes back a checkpoint later, which
+    may be after the last epoch: the workers never stop, rank 0's metrics wait (and what is still
+    waiting when its process ends is handed to the driver), every one arrives with its step, the
+    gap is reported in the run, and the driver closes the run once the server is back."""
     store, port = f"sqlite:///{tmp_path / 'mlflow.db'}", free_port()
     uri = f"http://127.0.0.1:{port}"
     cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
