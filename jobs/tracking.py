@@ -112,17 +112,25 @@ def start_parent_run(cfg: JobConfig, run_name: str) -> str:
     client = _client(uri)
     sweep_path = redact(os.path.join(cfg.experiment.storage_path, run_name))
     experiment = experiment_id(uri, cfg.experiment.mlflow_experiment)
-    earlier = client.search_runs([experiment], f"tags.sweep_path = '{sweep_path}'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
+    earlier = _reopen_run(client, experiment, "sweep_path", sweep_path)
     if earlier:
-        client.update_run(earlier[0].info.run_id, status="RUNNING")
-        return earlier[0].info.run_id
+        return earlier.info.run_id
     run = client.create_run(experiment, run_name=run_name,
                             tags={"git_commit": _git_commit(), "kind": "sweep", "sweep_path": sweep_path,
                                   "ray_version": _version("ray")})
     log_params(uri, run.info.run_id, flatten({"tune": cfg.to_dict()["tune"]}))
     client.log_text(run.info.run_id, redact(json.dumps(cfg.to_dict(), indent=1)), "config/sweep_config.json")
     return run.info.run_id
+
+
+def _reopen_run(client, experiment: str, tag: str, value: str):
+    """The latest run of the experiment whose `tag` is `value`, set RUNNING again; None if none."""
+    earlier = client.search_runs([experiment], f"tags.{tag} = '{value}'", order_by=["attributes.start_time DESC"],
+                                 max_results=1)
+    if not earlier:
+        return None
+    client.update_run(earlier[0].info.run_id, status="RUNNING")
+    return earlier[0]
 
 
 def child_run(uri: str, parent_run_id: str, run_name: str) -> str:
@@ -188,13 +196,11 @@ def start_run(cfg: JobConfig, ds_config: dict, data_report: dict, run_name: str,
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     experiment = experiment_id(uri, cfg.experiment.mlflow_experiment)
-    earlier = client.search_runs([experiment], f"tags.train_run_path = '{train_run_path}'",
-                                 order_by=["attributes.start_time DESC"], max_results=1) if cfg.experiment.name else []
+    earlier = _reopen_run(client, experiment, "train_run_path", train_run_path) if cfg.experiment.name else None
     params = {key: redact(value)[:6000] for key, value in flatten(cfg.to_dict()).items()}
     if earlier:
-        run_id, logged = earlier[0].info.run_id, earlier[0].data.params
-        resumes = int(earlier[0].data.tags.get("resumes", "0")) + 1
-        client.update_run(run_id, status="RUNNING")
+        run_id, logged = earlier.info.run_id, earlier.data.params
+        resumes = int(earlier.data.tags.get("resumes", "0")) + 1
         for key, value in {**tags, "resumes": str(resumes)}.items():
             client.set_tag(run_id, key, value)
         log_params(uri, run_id, {key: value for key, value in params.items() if key not in logged})
@@ -298,17 +304,19 @@ class MetricsOutbox:
     def unsent(self) -> dict:
         """What still waits, for a process that outlives this one to send (the driver, through
         log_unsent): each metric as (key, value, timestamp, step), and the gap so far."""
-        outage = time.time() - self.outage_start if self.outage_start is not None else 0.0
-        return {"metrics": [(m.key, m.value, m.timestamp, m.step) for m in self.waiting],
-                "gap": {"tracking/delayed_batches": self.delayed,
-                        "tracking/outage_seconds": max(self.longest_outage, outage),
-                        "tracking/dropped_metrics": self.dropped}}
+        return {"metrics": [(m.key, m.value, m.timestamp, m.step) for m in self.waiting], "gap": self.gap()}
+
+    def gap(self) -> dict[str, float]:
+        """The outage report: batches that had to wait, the longest wait so far, metrics dropped."""
+        ongoing = time.time() - self.outage_start if self.outage_start is not None else 0.0
+        return {"tracking/delayed_batches": self.delayed,
+                "tracking/outage_seconds": max(self.longest_outage, ongoing),
+                "tracking/dropped_metrics": self.dropped}
 
     def flush(self) -> bool:
         """Sends everything waiting; False when the server is still unreachable."""
         try:
-            for i in range(0, len(self.waiting), 1000):  # MLflow takes at most 1000 metrics per batch
-                _client(self.uri).log_batch(self.run_id, metrics=self.waiting[i : i + 1000])
+            _log_metric_batches(self.uri, self.run_id, self.waiting)
         except Exception as e:  # any failure of the tracking server; training goes on
             if self.outage_start is None:
                 self.outage_start = time.time()
@@ -319,9 +327,7 @@ class MetricsOutbox:
         if self.outage_start is not None:
             self.longest_outage = max(self.longest_outage, time.time() - self.outage_start)
             self.outage_start = None
-            log_metrics(self.uri, self.run_id, {"tracking/delayed_batches": self.delayed,
-                                                "tracking/outage_seconds": self.longest_outage,
-                                                "tracking/dropped_metrics": self.dropped}, step=0)
+            log_metrics(self.uri, self.run_id, self.gap(), step=0)
         return True
 
 
@@ -355,10 +361,13 @@ def log_unsent(uri: str, run_id: str, unsent: dict):
     """Logs what a worker's MetricsOutbox could not send before its process ended (see unsent)."""
     from mlflow.entities import Metric
 
-    metrics = [Metric(*fields) for fields in unsent["metrics"]]
-    for i in range(0, len(metrics), 1000):
-        _client(uri).log_batch(run_id, metrics=metrics[i : i + 1000])
+    _log_metric_batches(uri, run_id, [Metric(*fields) for fields in unsent["metrics"]])
     log_metrics(uri, run_id, unsent["gap"], step=0)
+
+
+def _log_metric_batches(uri: str, run_id: str, metrics: list):
+    for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+        _client(uri).log_batch(run_id, metrics=metrics[i : i + 1000])
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str):
