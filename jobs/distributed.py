@@ -14,11 +14,13 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 
 import ray.train
 import torch
 from safetensors.torch import load_file, save_file
 
+from interestformer.datasets.pipeline import unpack
 from interestformer.models.interest_former import DataSpec, InterestFormer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -93,20 +95,76 @@ def setup_engine(model: InterestFormer, train) -> tuple[object, dict | None]:
     return engine, state
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """The whole model's weights on CPU. Under ZeRO-3 every rank must call this (it gathers the
-    partitions); rank 0 gets the weights, other ranks may get None."""
-    if engine.zero_optimization_partition_weights():
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = engine.module.state_dict()
-    if state is None:
-        return None
-    return {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU, on every rank (each evaluates its share of the users).
+    Under ZeRO-3 every rank must call this: the partitions are gathered, copied and let go."""
+    import deepspeed
+
+    gathered = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+                if engine.zero_optimization_partition_weights() else contextlib.nullcontext())
+    with gathered:
+        return {name: tensor.detach().cpu().clone() for name, tensor in engine.module.state_dict().items()}
+
+
+class ExactSplit(ray.train.DataConfig):
+    """Splits the training and evaluation datasets across workers without dropping or repeating
+    a row. Ray Train's own split (streaming_split with equal=True) gives every worker the same
+    number of rows by dropping up to world_size - 1 of them each epoch, and a row here is a whole
+    packed batch: its users' events would silently never train (or, for evaluation, never
+    count). Workers may then hold a batch more or less than others: the training loop evens that
+    out (train_steps), and evaluation sums each worker's share (RankTotals.merge).
+
+    ExactSplit(datasets_to_split=[...]) names the datasets split this way; the others reach every
+    worker whole."""
+
+    def configure(self, datasets: dict, world_size: int, worker_handles, worker_node_ids, **kwargs):
+        split = [name for name in datasets if name in self._datasets_to_split]
+        output = super().configure({name: ds for name, ds in datasets.items() if name not in split},
+                                   world_size, worker_handles, worker_node_ids, **kwargs)
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name in split:
+            ds = datasets[name].copy(datasets[name])
+            if ds.name is None:
+                ds.set_name(name)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for rank, share in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                output[rank][name] = share
+        return output
+
+
+def train_steps(rows, device):
+    """Yields (batch, loss weight, seconds spent waiting for the batch) for one epoch of this
+    worker's packed rows, in step with every other worker: each step all workers learn which of
+    them still have a batch. A worker whose share ran out steps again on its last batch (or, if it
+    had none this epoch, on one sent by a worker that has) with weight 0, so collective calls
+    (gradient all-reduce, ZeRO-3 gathers) stay matched; the others weigh their loss by
+    world_size / (workers with a batch), so the averaged gradient is the mean over real batches."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    rows, last = iter(rows), None
+    while True:
+        asked = time.perf_counter()
+        row = next(rows, None)
+        waited = time.perf_counter() - asked
+        if row is not None:
+            last = {name: value.to(device, non_blocking=True) for name, value in unpack(row).items()}
+        mine = torch.tensor([row is not None, last is None], dtype=torch.float32, device=device)
+        flags = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(flags, mine)
+        has_batch = [bool(f[0]) for f in flags]
+        if not any(has_batch):
+            return
+        if any(bool(f[1]) for f in flags):  # someone has nothing to step on: the first with a batch lends one
+            lent = [{name: value.cpu() for name, value in last.items()} if last is not None else None]
+            dist.broadcast_object_list(lent, src=has_batch.index(True))
+            if last is None:
+                last = {name: value.to(device) for name, value in lent[0].items()}
+        yield last, (world / sum(has_batch) if row is not None else 0.0), waited
 
 
 def save_and_report(engine, weights: dict | None, metrics: dict, state: dict):
-    """Saves a checkpoint on every rank (weights: rank 0's gathered ones) and reports it with the
+    """Saves a checkpoint on every rank (rank 0 writes the gathered weights) and reports it with the
     metrics to Ray Train."""
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)

@@ -26,21 +26,24 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from interestformer import ConfigError
-from interestformer.datasets.pipeline import sequence_batches, unpack
+from interestformer.datasets.pipeline import sequence_batches
 from interestformer.datasets.prepare import PreparedData, input_paths, prepare
 from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, field_docs, load_config
 from interestformer.jobs.content_features import content_features, load_features, with_feature_widths
 from interestformer.jobs.distributed import (
     deepspeed_config,
+    ExactSplit,
     full_state_dict,
     model_from_weights,
     save_and_report,
     setup_engine,
+    train_steps,
 )
 from interestformer.jobs.evaluate import eval_datasets, evaluate, evaluate_most_popular
 from interestformer.jobs.report import log_report
 from interestformer.models.interest_former import DataSpec, InterestFormer
+from interestformer.models.ranking import RankTotals
 
 HEADLINE = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
 METRIC_PREFIX = {"test": "test_", "cold": "cold_test_"}  # MLflow names of each split's metrics
@@ -67,6 +70,7 @@ def train_loop_per_worker(loop_config: dict):
     train_rows = ray.train.get_dataset_shard("train")
     steps_per_epoch = math.ceil(loop_config["train_users"] / (cfg.train.micro_batch_size * world))
     progress = _progress(rank, cfg.train.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch)
+    throughput = []  # per epoch run here: users, events, seconds, samples/s, data wait
     metrics_out = tracking.MetricsOutbox(uri, run_id)  # rank 0's logging; survives a tracking outage
     system_metrics = None  # rank 0 samples the machine it trains on (the driver's may not train at all)
     if rank == 0:
@@ -74,38 +78,44 @@ def train_loop_per_worker(loop_config: dict):
 
     for epoch in range(state["epoch"], cfg.train.epochs):
         engine.train()
-        window = {"loss": 0.0, "batches": 0, "users": 0, "events": 0, "start": time.perf_counter()}
-        for row in train_rows.iter_torch_batches(batch_size=1, prefetch_batches=4):
-            batch = {name: value.to(device, non_blocking=True) for name, value in unpack(row).items()}
+        window = {"loss": 0.0, "batches": 0, "users": 0, "events": 0, "wait": 0.0, "start": time.perf_counter()}
+        seen = torch.zeros(2, dtype=torch.float64)  # users and events (targets) this worker trained on
+        started, waits = time.perf_counter(), []
+        for batch, weight, wait in train_steps(train_rows.iter_torch_batches(batch_size=1, prefetch_batches=4), device):
             loss = engine(batch)
-            engine.backward(loss)
+            engine.backward(loss * weight)
             engine.step()
-            window["loss"] += loss.item()
-            window["batches"] += 1
-            window["users"] += len(batch["history"])
-            window["events"] += int((batch["targets"] > 0).sum())
-            progress.update(1)
+            waits.append(wait)
+            if weight:  # a real batch, not a worker stepping along after its share ran out
+                users, events = len(batch["history"]), int((batch["targets"] > 0).sum())
+                window.update(loss=window["loss"] + loss.item(), batches=window["batches"] + 1,
+                              users=window["users"] + users, events=window["events"] + events)
+                seen += torch.tensor([users, events])
+                progress.update(1)
+            window["wait"] += wait
             if engine.is_gradient_accumulation_boundary():
                 state["step"] += 1
                 if rank == 0 and state["step"] % cfg.train.log_every_steps == 0:
                     _log_window(metrics_out, window, world, engine, state["step"])
-        weights = full_state_dict(engine)  # every rank takes part (ZeRO-3 gathers)
+        throughput.append(_epoch_throughput(seen, time.perf_counter() - started, waits, device))
+        weights = full_state_dict(engine)  # on every rank; ZeRO-3 gathers the partitions
+        model = model_from_weights(weights, cfg, spec, device)
+        val = _evaluate_share(model, "validation", cfg, device)  # every rank takes part
         metrics = {"epoch": epoch}
         if rank == 0:
-            model = model_from_weights(weights, cfg, spec, device)
-            val = evaluate(model, *_eval_rows("validation"), cfg, device).metrics()
-            metrics.update({f"val_{k}": v for k, v in val.items()})
+            metrics.update({f"val_{k}": v for k, v in val.metrics().items()},
+                           epoch_samples_per_s=throughput[-1]["samples_per_s"],
+                           epoch_data_wait_fraction=throughput[-1]["data_wait_fraction"])
             metrics_out.log({k: v for k, v in metrics.items() if k != "epoch"}, step=state["step"])
-            progress.set_description(f"epoch {epoch + 1}/{cfg.train.epochs} val ndcg@10 {val['ndcg@10']:.4f}")
+            progress.set_description(f"epoch {epoch + 1}/{cfg.train.epochs} val ndcg@10 {metrics['val_ndcg@10']:.4f}")
         state["epoch"] = epoch + 1
         save_and_report(engine, weights, metrics, state)
 
-    weights = full_state_dict(engine)
+    model = model_from_weights(full_state_dict(engine), cfg, spec, device)
+    splits = ["test", "cold"] if cfg.data.cold_item_fraction else ["test"]
+    results = {split: _evaluate_share(model, split, cfg, device) for split in splits}
     progress.close()
     if rank == 0:
-        model = model_from_weights(weights, cfg, spec, device)
-        splits = ["test", "cold"] if cfg.data.cold_item_fraction else ["test"]
-        results = {split: evaluate(model, *_eval_rows(split), cfg, device) for split in splits}
         for split, totals in results.items():
             metrics_out.log({f"{METRIC_PREFIX[split]}{k}": v for k, v in totals.report().items()}, step=state["step"])
         if system_metrics:
@@ -114,12 +124,36 @@ def train_loop_per_worker(loop_config: dict):
         if unsent:  # the driver retries them for longer, with MLflow's own retries
             print(f"MLflow still unreachable at the end: {len(unsent['metrics'])} metrics handed to the driver",
                   file=sys.stderr)
-        return {**results, "step": state["step"], "unsent_metrics": unsent}
+        return {**results, "step": state["step"], "unsent_metrics": unsent, "throughput": throughput}
 
 
-def _eval_rows(split: str):
-    return (ray.train.get_dataset_shard("items").iter_torch_batches(batch_size=1),
-            ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=1))
+def _epoch_throughput(seen: torch.Tensor, seconds: float, waits: list[float], device) -> dict:
+    """One epoch's training rate over all workers (users and events summed, the slowest worker's
+    seconds), and the data waits of the worker that waited most: for its first batch (the
+    pipeline starting up; Ray Data starts each epoch's anew) and, as a share of the epoch's
+    time, for every later one (steady state)."""
+    import torch.distributed as dist
+
+    total = seen.to(device)
+    dist.all_reduce(total)
+    first = waits[0] if waits else 0.0
+    slowest = torch.tensor([seconds, first, sum(waits[1:]) / seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return {"users": int(total[0]), "events": int(total[1]), "seconds": slowest[0].item(),
+            "samples_per_s": total[0].item() / slowest[0].item(), "first_batch_wait_s": slowest[1].item(),
+            "data_wait_fraction": slowest[2].item()}
+
+
+def _evaluate_share(model, split: str, cfg: JobConfig, device) -> RankTotals:
+    """Full ranking of this worker's share of the split's users; every worker calls it and gets
+    the totals over all workers' users."""
+    import torch.distributed as dist
+
+    share = evaluate(model, ray.train.get_dataset_shard("items").iter_torch_batches(batch_size=1),
+                     ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=1), cfg, device)
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, share)
+    return RankTotals.merge(shares)
 
 
 def _log_window(metrics_out, window, world, engine, step):
@@ -131,8 +165,9 @@ def _log_window(metrics_out, window, world, engine, step):
         "samples_per_s": window["users"] * world / seconds,
         "events_per_s": window["events"] * world / seconds,
         "lr": engine.get_lr()[0],
+        "data_wait_fraction": window["wait"] / seconds,  # rank 0's time blocked on its next batch
     }, step=step)
-    window.update(loss=0.0, batches=0, users=0, events=0, start=time.perf_counter())
+    window.update(loss=0.0, batches=0, users=0, events=0, wait=0.0, start=time.perf_counter())
 
 
 class _NoProgress:
@@ -236,6 +271,13 @@ def data_spec(prepared: PreparedData, cfg: JobConfig) -> DataSpec:
     )
 
 
+def training_batches(prepared: PreparedData, cfg: JobConfig):
+    """The packed training batches that stream to the workers (split across them by ExactSplit)."""
+    text, image = cfg.model.live_content()
+    return sequence_batches(prepared, "train", cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.num_negatives,
+                            text, image, cfg.train.seed, cfg.train.pipeline_workers, cfg.data.cold_item_fraction)
+
+
 def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict:
     """Prepare, fit, evaluate, log. Returns the run's id, test metrics, baseline and checkpoint."""
     tracking.check_reachable(tracking.tracking_uri(cfg))  # before any Ray resource is taken
@@ -252,13 +294,10 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
     tracking.log_training_data(uri, run_id, dataset_name, events_path, prepared.meta["fingerprint"], prepared.report())
     print(f"MLflow run {run_id} in {uri}; data: {prepared.report()}", flush=True)
 
-    text, image = cfg.model.live_content()
     items, validation = eval_datasets(prepared, cfg, "validation")
     eval_splits = ["test", "cold"] if cfg.data.cold_item_fraction else ["test"]
     datasets = {
-        "train": sequence_batches(prepared, "train", cfg.train.micro_batch_size, cfg.data.max_seq_len,
-                                  cfg.data.num_negatives, text, image, cfg.train.seed, cfg.train.pipeline_workers,
-                                  cfg.data.cold_item_fraction),
+        "train": training_batches(prepared, cfg),
         "validation": validation,
         "items": items,
         **{split: eval_datasets(prepared, cfg, split)[1] for split in eval_splits},
@@ -286,8 +325,9 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
             callbacks=list(callbacks),
         ),
         datasets=datasets,
-        # Only training batches are split across workers; evaluation runs on rank 0 over all users.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # Every worker trains on, and evaluates, its own share of the users; each encodes the whole
+        # catalogue for full ranking.
+        dataset_config=ExactSplit(datasets_to_split=["train", "validation", *eval_splits]),
     )
     try:
         result = trainer.fit()
@@ -297,7 +337,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
     if result.return_value["unsent_metrics"]:
         tracking.log_unsent(uri, run_id, result.return_value["unsent_metrics"])
     summary = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "checkpoint": result.checkpoint.path,
-               "data": report, "validation": result.metrics}
+               "data": report, "validation": result.metrics, "throughput": result.return_value["throughput"]}
     evaluations = {}
     for split in eval_splits:
         baseline = evaluate_most_popular(prepared, datasets[split].iter_torch_batches(batch_size=1), cfg, split)

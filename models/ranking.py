@@ -106,6 +106,19 @@ class RankTotals:
         counts = rank_histogram(ranks, max(self.ks))
         self.histogram = [a + b for a, b in zip(self.histogram, counts)] if self.histogram else counts
 
+    @staticmethod
+    def merge(parts: list["RankTotals"]) -> "RankTotals":
+        """The totals over every part's users (e.g. each worker's share of a split)."""
+        total = RankTotals(parts[0].ks)
+        for part in parts:
+            total.users += part.users
+            total.sums = add_sums(total.sums, part.sums)
+            total.segment_sums = add_sums(total.segment_sums, part.segment_sums)
+            if part.histogram:
+                total.histogram = [a + b for a, b in zip(total.histogram, part.histogram)] if total.histogram \
+                    else list(part.histogram)
+        return total
+
     def metrics(self) -> dict[str, float]:
         """Means over users of the metrics at ks and mrr, and the user count ('users')."""
         return {**mean_metrics(self.sums, self.users), "users": self.users}

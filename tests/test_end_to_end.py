@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
+from interestformer.datasets.pipeline import unpack
 from interestformer.datasets.prepare import PreparedData, input_paths
 from interestformer.jobs import evaluate, tracking
 from interestformer.jobs.config import load_config
 from interestformer.jobs.distributed import load_model
-from interestformer.jobs.train import train
+from interestformer.jobs.train import train, training_batches
 
 from conftest import PROJECT_DIR
 
@@ -44,6 +45,20 @@ def test_run_reports_test_metrics_and_baseline(finished_run):
         assert metrics["users"] == summary["data"]["users"]
         for k in (10, 50, 200):
             assert 0.0 <= metrics[f"ndcg@{k}"] <= metrics[f"hr@{k}"] <= 1.0
+
+
+def test_every_training_event_is_trained_once_per_epoch_across_workers(finished_run):
+    cfg, summary = finished_run
+    users = events = 0
+    for row in training_batches(PreparedData.load(cfg.data.prepared_dir), cfg).iter_torch_batches(batch_size=1):
+        batch = unpack(row)
+        users, events = users + len(batch["history"]), events + int((batch["targets"] > 0).sum())
+    assert len(summary["throughput"]) == cfg.train.epochs
+    for epoch in summary["throughput"]:  # summed over both workers: nothing dropped, nothing twice
+        assert (epoch["users"], epoch["events"]) == (users, events)
+        assert epoch["samples_per_s"] > 0 and 0 <= epoch["data_wait_fraction"] < 1
+    for key in ("epoch_samples_per_s", "epoch_data_wait_fraction"):
+        assert len(tracking.metric_history(summary["tracking_uri"], summary["run_id"], key)) == cfg.train.epochs
 
 
 def test_loss_falls(finished_run):
