@@ -1,0 +1,46 @@
+"""What every benchmark records beside its figures: the machine, the date and the commit."""
+
+import json
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+
+from interestformer.jobs.config import PROJECT_DIR
+
+RESULTS_DIR = os.path.join(PROJECT_DIR, "benchmarks", "results")
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except Exception:  # the description must never fail the benchmark
+        gpu = "GPU unknown"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} CPU cores ({cpu}), {memory:.0f} GiB, {gpu}"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_DIR,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def write_results(name: str, figures: dict) -> str:
+    """Writes benchmarks/results/<name>.json: the figures with machine, date and commit; returns its path."""
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    stamp = {"machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit()}
+    with open(path, "w") as f:
+        json.dump({**figures, **stamp}, f, indent=1)
+    return path
