@@ -13,8 +13,9 @@ For each catalogue size N, a fresh Python process (so its peak memory is that si
     eval.item_chunk_size items at a time), timed -> `seconds`;
   - then the serving top-k, ranking.chunked_top_k (k = the largest of eval.ks, history items
     excluded, as served), timed -> `top_k_seconds`;
-  - reports its peak resident memory (getrusage ru_maxrss) after set-up and at the end -> `peak_mb`.
-The difference of the two peaks is what ranking adds; with chunking it is bounded by about
+  - reports its resident memory after set-up (`setup_mb`) and its peak at the end (getrusage
+    ru_maxrss) -> `peak_mb`.
+The difference is what ranking adds; with chunking it is bounded by about
 eval.batch_size x eval.item_chunk_size scores (`chunk_bound_mb`) and does not grow with N, while
 scoring whole rows would take eval.batch_size x (N + 1) scores (`whole_rows_mb`). What grows with
 N is the item vectors and the model's ID table, both reported. Results go to
@@ -23,6 +24,7 @@ benchmarks/results/catalog.json: `seconds` and `peak_mb` keyed by item count, an
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -31,10 +33,15 @@ import time
 MB = 2**20
 
 
+def resident_mb() -> float:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
+
+
 def measure(num_items: int, num_users: int, seed: int = 0) -> dict:
     """One catalogue size, in this process: times, peak memory and the sizes that explain it."""
     import torch
-    import torch.nn.functional as F
 
     from interestformer.jobs.config import JobConfig
     from interestformer.models.interest_former import DataSpec, InterestFormer
@@ -47,7 +54,8 @@ def measure(num_items: int, num_users: int, seed: int = 0) -> dict:
     spec = DataSpec(num_items=num_items, num_event_types=1, max_seq_len=T, text_vocab_size=0, text_max_tokens=0,
                     image_size=0)
     model = InterestFormer(cfg.model, spec).eval()
-    items = F.normalize(torch.randn(num_items + 1, cfg.model.d_model), dim=-1)
+    items = torch.randn(num_items + 1, cfg.model.d_model)
+    items /= items.norm(dim=1, keepdim=True)  # L2-normalised in place: no second table at set-up
     items[0] = 0  # padding
 
     batches = []
@@ -59,7 +67,7 @@ def measure(num_items: int, num_users: int, seed: int = 0) -> dict:
                         "unique_items": torch.unique(torch.cat([history.ravel(), torch.tensor([0])])),
                         "targets": torch.randint(1, num_items + 1, (B,)), "history_length": lengths,
                         "target_cold": torch.zeros(B, dtype=torch.bool)})
-    setup_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    setup_mb = resident_mb()
 
     started = time.perf_counter()
     totals = evaluate_model(model, items, batches, cfg.eval.ks, cfg.eval.exclude_history, chunk)

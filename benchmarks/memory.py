@@ -10,9 +10,11 @@ parameters) and wrap it with jobs/distributed.py's setup_engine, which builds th
 and targets are random items. Every worker reports:
   peak_mb    its process's peak resident memory (getrusage ru_maxrss), all of it: Python, torch
              and Ray take `start_mb` before the model exists;
-  state_mb   the bytes of every distinct tensor storage alive in the process (gc), at its highest
-             after a backward or a step: weights, gradients, optimizer moments and DeepSpeed's
-             flat buffers and fp32 partitions, free of allocator noise;
+  state_mb   the bytes of the tensors this rank holds for training, each counted once, at their
+             highest (as the optimizer is about to step): its weights, their gradients, and the
+             optimizer's parameters (ZeRO's fp32 partitions), gradients and AdamW moments; free of
+             allocator noise, and of DeepSpeed's communication buckets (allocated up to
+             reduce_bucket_size, 5e8 values, but touched only as far as used);
   params_mb  the weights this rank holds (its ZeRO-3 partition, param.ds_tensor, at stage 3);
   moments_mb AdamW's exp_avg and exp_avg_sq on this rank.
 At stage 0 every worker holds everything (4 x 4 bytes per parameter, plus buffers); stage 1
@@ -23,7 +25,6 @@ stage 3 still includes one whole table at start-up. Results go to benchmarks/res
 """
 
 import argparse
-import gc
 import json
 import os
 import resource
@@ -40,14 +41,18 @@ def rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def live_tensor_mb() -> float:
-    """Bytes of the distinct storages of every tensor the Python heap holds (views counted once)."""
-    storages = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
-            storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
-    return sum(storages.values()) / MB
+def held_state_mb(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    """Bytes of the weights this rank holds (param.ds_tensor, its partition, under ZeRO-3), their
+    gradients, and what the optimizer steps on: its parameters (ZeRO's fp32 partitions), their
+    gradients and its moments; each tensor once."""
+    tensors = {}
+    for p in module.parameters():
+        tensors.update({t.data_ptr(): t.nbytes for t in (getattr(p, "ds_tensor", p), p.grad) if t is not None})
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            tensors.update({t.data_ptr(): t.nbytes for t in (p, p.grad) if t is not None})
+            tensors.update({t.data_ptr(): t.nbytes for t in optimizer.state.get(p, {}).values() if torch.is_tensor(t)})
+    return sum(tensors.values()) / MB
 
 
 def synthetic_batch(num_items: int, batch_size: int, T: int, gen: torch.Generator) -> dict:
@@ -76,20 +81,24 @@ def measure_worker(loop_config: dict):
     spec = DataSpec(num_items=num_items, num_event_types=1, max_seq_len=T, text_vocab_size=0, text_max_tokens=0,
                     image_size=0)
     engine, _ = setup_engine(InterestFormer(cfg.model, spec), cfg.train)
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch AdamW (ZeRO wraps it)
+    state_mb = [0.0]  # its highest, taken as the optimizer is about to step: gradients in place
+
+    def before_step(optimizer, args, kwargs):
+        state_mb[0] = max(state_mb[0], held_state_mb(engine.module, optimizer))
+
+    optimizer.register_step_pre_hook(before_step)
     gen = torch.Generator().manual_seed(cfg.train.seed + rank)  # each rank its own items
-    state_mb, started = 0.0, time.perf_counter()
+    started = time.perf_counter()
     for _ in range(loop_config["steps"]):
         loss = engine(synthetic_batch(num_items, cfg.train.micro_batch_size, T, gen))
         engine.backward(loss)
-        state_mb = max(state_mb, live_tensor_mb())  # gradients at their fullest
         engine.step()
-        state_mb = max(state_mb, live_tensor_mb())  # moments and updated weights
 
     params = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]  # ZeRO-3: this rank's partition
-    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO's wrapped torch AdamW
     moments = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim()]
     figures = {"rank": rank, "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()),
-               "start_mb": start_mb, "peak_mb": rss_peak_mb(), "state_mb": state_mb,
+               "start_mb": start_mb, "peak_mb": rss_peak_mb(), "state_mb": state_mb[0],
                "params_mb": sum(p.nbytes for p in params) / MB, "moments_mb": sum(t.nbytes for t in moments) / MB,
                "step_seconds": (time.perf_counter() - started) / loop_config["steps"], "loss": loss.item()}
     with open(os.path.join(loop_config["out_dir"], f"rank{rank}.json"), "w") as f:
