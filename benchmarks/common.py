@@ -37,11 +37,10 @@ def commit() -> str:
 
 
 def write_results(name: str, figures: dict) -> str:
-    """Writes benchmarks/results/<name>.json: the figures plus machine, date and commit."""
-    stamp = {"machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit()}
+    """Writes benchmarks/results/<name>.json: the figures with machine, date and commit; returns its path."""
     path = os.path.join(RESULTS_DIR, f"{name}.json")
     os.makedirs(RESULTS_DIR, exist_ok=True)
+    stamp = {"machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit()}
     with open(path, "w") as f:
         json.dump({**figures, **stamp}, f, indent=1)
-    print(f"wrote {path}")
     return path

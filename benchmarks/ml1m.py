@@ -21,7 +21,7 @@ import os
 import time
 from datetime import datetime, timezone
 
-from benchmarks.common import commit, machine
+from interestformer.benchmarks.common import commit, machine
 from interestformer.datasets.movielens import convert_movielens
 from interestformer.jobs.config import PROJECT_DIR, load_config
 from interestformer.jobs.train import train

@@ -8,7 +8,8 @@ this environment can then load and call it:
 
 What is logged is what serving reads, and nothing more (`export`):
     user_model.safetensors   the user Transformer's weights (no item encoder)
-    user_model.json          its model config, data spec and the event-type vocabulary
+    user_model.json          its model config, data spec, the event-type vocabulary and the
+                             run's eval.item_chunk_size
     catalogue.safetensors    every catalogue item's representation, computed once when the model
                              is logged with the run's item encoder; each item's count of events
                              (every user's but the last: the most popular, for empty histories)
@@ -18,8 +19,10 @@ No user id or anything else about a user is among them, nor the job config's dat
 Serving reads no image, token or content encoder: a history's items are looked up among the
 precomputed representations and read by the user Transformer (InterestFormer.encode_users), and
 every catalogue item is scored by cosine against the user, as evaluation ranks them
-(models/ranking.py). The model is logged as code (jobs/serving_model.py, MLflow's "models from
-code"), so loading it unpickles nothing; our layers travel with it as MLflow code paths.
+(models/ranking.py), item_chunk_size items at a time into a running top-k (chunked_top_k), so
+memory stays bounded however large the catalogue. The model is logged as code
+(jobs/serving_model.py, MLflow's "models from code"), so loading it unpickles nothing; our layers
+travel with it as MLflow code paths.
 """
 
 import dataclasses
@@ -34,9 +37,11 @@ import torch.nn.functional as F
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from safetensors.torch import load_file, save_file
+from torch.nn.utils.rnn import pad_sequence
 
-from interestformer.jobs.config import PROJECT_DIR, build
+from interestformer.jobs.config import PROJECT_DIR, EvalConfig, build
 from interestformer.models.interest_former import DataSpec, InterestFormer, ModelConfig
+from interestformer.models.ranking import chunked_top_k
 
 USER_WEIGHTS, USER_MODEL, CATALOGUE, ITEM_IDS = (
     "user_model.safetensors", "user_model.json", "catalogue.safetensors", "item_ids.json")
@@ -82,7 +87,8 @@ def export(checkpoint_folder: str, out: str) -> dict[str, str]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, state = load_model(checkpoint_folder, device)
     prepared = PreparedData.load(state["prepared_path"])
-    batch_size = JobConfig.from_dict(state["config"]).eval.batch_size
+    eval_cfg = JobConfig.from_dict(state["config"]).eval
+    batch_size = eval_cfg.batch_size
     rows = item_batches(prepared, batch_size, *model.cfg.live_content()).iter_torch_batches(batch_size=1)
     representations = item_representations(model, device_batches(rows, device), prepared.num_items).cpu()
 
@@ -92,7 +98,7 @@ def export(checkpoint_folder: str, out: str) -> dict[str, str]:
                     if not name.startswith("item_encoder.")}  # the item encoder's work is in the catalogue
     save_file(user_weights, paths[USER_WEIGHTS])
     about = {"model": dataclasses.asdict(model.cfg), "spec": dataclasses.asdict(model.spec),
-             "event_types": prepared.meta["event_types"]}
+             "event_types": prepared.meta["event_types"], "item_chunk_size": eval_cfg.item_chunk_size}
     with open(paths[USER_MODEL], "w") as f:
         f.write(redact(json.dumps(about, indent=1)))  # a pretrained_path might carry credentials
     popularity = torch.tensor(prepared.meta["popularity_pretest"], dtype=torch.int64)
@@ -119,6 +125,9 @@ class Recommender:
                                     with_item_encoder=False)
         self.model.load_state_dict(load_file(artifacts[USER_WEIGHTS]))
         self.model.eval()
+        # Items scored at once: the run's eval.item_chunk_size (models logged before it was
+        # recorded: the default).
+        self.item_chunk_size = about.get("item_chunk_size", EvalConfig.item_chunk_size)
         catalogue = load_file(artifacts[CATALOGUE])
         self.representations = catalogue["representations"]  # (N + 1, d); what the user Transformer reads
         self.vectors = F.normalize(self.representations, dim=-1)  # what users are scored against
@@ -171,14 +180,13 @@ class Recommender:
             window = torch.tensor(pairs[-T:])
             history[row, T - len(window):], types[row, T - len(window):] = window[:, 0], window[:, 1]
         users = self.model.encode_users(self.representations[history], history, types)[:, -1]  # (B, d)
-        scores = users @ self.vectors.T  # (B, N + 1)
-        scores[:, 0] = float("-inf")  # padding
-        if exclude_history:
-            for row, pairs in enumerate(histories):
-                scores[row, [item for item, _ in pairs]] = float("-inf")
-        top = scores.topk(min(k, len(self.item_ids)), dim=1)
+        seen = None
+        if exclude_history:  # every item of the history, also those older than the window
+            seen = pad_sequence([torch.tensor([item for item, _ in pairs]) for pairs in histories], batch_first=True)
+        top_scores, top_indices = chunked_top_k(lambda a, b: users @ self.vectors[a:b].T, len(self.vectors), k,
+                                                seen, self.item_chunk_size)  # ties: the lower item index first
         ids, values = [], []
-        for indices, row_scores in zip(top.indices.tolist(), top.values.tolist()):
+        for indices, row_scores in zip(top_indices.tolist(), top_scores.tolist()):
             kept = [(i, s) for i, s in zip(indices, row_scores) if s != float("-inf")]  # fewer left than k
             ids.append([self.item_ids[i - 1] for i, _ in kept])
             values.append([s for _, s in kept])

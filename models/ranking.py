@@ -196,16 +196,70 @@ def chunked_target_ranks(
         if start == 0:
             scores[:, 0] = float("-inf")
         if history is not None:
-            local = history - start
-            in_chunk = (local >= 0) & (local < stop - start)
-            seen = torch.zeros_like(scores, dtype=torch.bool)
-            rows, positions = in_chunk.nonzero(as_tuple=True)
-            seen[rows, local[rows, positions]] = True
+            seen = seen_in_chunk(history, start, stop)
             target_here = (targets >= start) & (targets < stop)
             seen[target_here, targets[target_here] - start] = False
             scores = scores.masked_fill(seen, float("-inf"))
         at_least_as_good += (scores >= target_scores[:, None]).sum(1)
     return at_least_as_good - 1  # the target itself
+
+
+def seen_in_chunk(history: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """(B, stop - start) bool: which of item columns start..stop-1 occur in each row of history (B, T)."""
+    local = history - start
+    in_chunk = (local >= 0) & (local < stop - start)
+    seen = torch.zeros(len(history), stop - start, dtype=torch.bool, device=history.device)
+    rows, positions = in_chunk.nonzero(as_tuple=True)
+    seen[rows, local[rows, positions]] = True
+    return seen
+
+
+def best_columns(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """Column indices (B, width), in increasing order, of each row's `width` highest scores
+    (B, C); of columns tied at the cut, the lower indices."""
+    top = scores.topk(width, dim=1)
+    kth, local = top.values[:, -1:], top.indices  # (B, 1), (B, width)
+    # topk may take any of the columns tied at a row's k-th score; where it left one of them out
+    # (rare with float scores), keep those with the lowest indices.
+    cut_ties = (scores == kth).sum(1) > (top.values == kth).sum(1)
+    if cut_ties.any():
+        rows, cut = scores[cut_ties], kth[cut_ties]
+        above, tied = rows > cut, rows == cut
+        keep = above | (tied & (tied.cumsum(1, dtype=torch.int32) <= width - above.sum(1, keepdim=True)))
+        local[cut_ties] = keep.nonzero(as_tuple=True)[1].view(-1, width)  # exactly `width` per row
+    return local.sort(dim=1).values
+
+
+@torch.no_grad()
+def chunked_top_k(
+    score_columns: Callable[[int, int], torch.Tensor],
+    num_columns: int,
+    k: int,
+    history: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k best item columns among 1..num_columns-1 (column 0 is padding): (scores,
+    indices), each (B, min(k, num_columns - 1)), best first. The score matrix is made
+    `chunk_size` columns at a time (score_columns(start, stop) -> (B, stop - start)) and merged
+    into a running top-k, so memory stays O(B * (k + chunk_size)) however large the catalogue.
+    With history (B, T), items in it score -inf: a row with fewer than k other items ends in -inf.
+
+    Ties go to the lower item index, so the result is one fixed order whatever the chunk size:
+    the rows' columns 1.. sorted by score, descending, with a stable sort."""
+    top_scores = top_indices = None
+    for start in range(1, num_columns, chunk_size):
+        stop = min(start + chunk_size, num_columns)
+        scores = score_columns(start, stop).float()  # (B, C)
+        if history is not None:
+            scores = scores.masked_fill(seen_in_chunk(history, start, stop), float("-inf"))
+        local = best_columns(scores, min(k, stop - start))
+        chunk_scores, chunk_indices = scores.gather(1, local), local + start
+        if top_scores is not None:  # the running top-k holds lower indices, in tie order already
+            chunk_scores = torch.cat([top_scores, chunk_scores], dim=1)
+            chunk_indices = torch.cat([top_indices, chunk_indices], dim=1)
+        order = chunk_scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        top_scores, top_indices = chunk_scores.gather(1, order), chunk_indices.gather(1, order)
+    return top_scores, top_indices
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Full-ranking metrics against a brute-force reference and hand-computed values; metrics at every
 K from the rank histogram, and per-segment metrics, against the same metric functions."""
 
+import itertools
 import math
 
 import torch
@@ -8,7 +9,8 @@ import torch
 import pytest
 
 from interestformer.models.ranking import (
-    RankTotals, chunked_target_ranks, histogram_metrics, metric_sums, rank_histogram, row_ranks,
+    RankTotals, chunked_target_ranks, chunked_top_k, histogram_metrics, metric_sums, rank_histogram, row_ranks,
+    seen_in_chunk,
 )
 
 
@@ -80,6 +82,24 @@ def test_chunked_ranking_with_history_equals_whole_rows():
     whole = chunked_target_ranks(lambda a, b: user @ items[a:b].T, 501, targets, history, 501)
     for chunk in (1, 13, 250):
         assert torch.equal(chunked_target_ranks(lambda a, b: user @ items[a:b].T, 501, targets, history, chunk), whole)
+
+
+def test_chunked_top_k_equals_a_stable_sort_of_whole_rows():
+    # The tie rule: equal scores go to the lower item index, i.e. a stable descending sort.
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(16, 101, generator=gen)
+    history = torch.randint(0, 101, (16, 30), generator=gen)
+    history[0] = torch.arange(71, 101)  # row 0 keeps only 70 candidates: its last 10 of k = 80 are -inf
+    for scores, excluded in itertools.product((scores, scores.round(decimals=1)), (None, history)):  # rounded: ties
+        whole = scores[:, 1:] if excluded is None else scores[:, 1:].masked_fill(seen_in_chunk(excluded, 1, 101),
+                                                                                 float("-inf"))
+        reference = whole.sort(dim=1, descending=True, stable=True)
+        for k in (1, 10, 80, 200):
+            for chunk in (1, 7, 32, 100, 1000):
+                top_scores, top_indices = chunked_top_k(lambda a, b: scores[:, a:b], 101, k, excluded, chunk)
+                assert torch.equal(top_indices, reference.indices[:, :k] + 1), (k, chunk)
+                assert torch.equal(top_scores, reference.values[:, :k]), (k, chunk)
+    assert torch.isinf(top_scores[0, 70:]).all() and not torch.isinf(top_scores[0, :70]).any()
 
 
 def test_metrics_at_every_k_from_the_rank_histogram_equal_the_metric_functions():
