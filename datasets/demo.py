@@ -22,16 +22,16 @@ bad-input reporting gets exercised. Shards are shuffled, because real logs are n
 
 import colorsys
 import io
-import json
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from interestformer import ConfigError
+from interestformer.datasets.storage import absolute, filesystem, join, read_json, write_json
 
 
 @dataclass
@@ -256,14 +256,16 @@ def _make_events(rng, cfg, sampler):
 def generate_demo(out_dir: str, cfg: DemoDataConfig) -> dict:
     """Write events/part-00000.parquet ... (cfg.num_shards files) and items/part-00000.parquet
     under out_dir. Returns {"events", "users", "items", "bad_events", "bad_images", "path"}.
-    A `_SUCCESS` file holding the same config means the data is already there: reuse it."""
-    marker = os.path.join(out_dir, SUCCESS)
-    if os.path.exists(marker):
-        with open(marker) as f:
-            done = json.load(f)
+    A `_SUCCESS` file holding the same config means the data is already there: reuse it.
+    out_dir is a local folder or an object-store URI (s3://...)."""
+    uri = absolute(out_dir)
+    fs, root = filesystem(uri)
+    marker = f"{root}/{SUCCESS}"
+    done = read_json(join(uri, SUCCESS))
+    if done is not None:
         if done.get("config") == asdict(cfg):
             return {**done["summary"], "path": out_dir}
-        os.remove(marker)  # different config: regenerate, and never leave a stale marker behind
+        fs.delete_file(marker)  # different config: regenerate, and never leave a stale marker behind
 
     rng = np.random.default_rng(cfg.seed)
     topics = _make_topics(rng, cfg.num_topics)
@@ -285,21 +287,21 @@ def generate_demo(out_dir: str, cfg: DemoDataConfig) -> dict:
     })
 
     for sub in ("events", "items"):  # drop shards of an earlier, different config
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-        for name in os.listdir(os.path.join(out_dir, sub)):
-            if name.startswith("part-") and name.endswith(".parquet"):
-                os.remove(os.path.join(out_dir, sub, name))
+        fs.create_dir(f"{root}/{sub}", recursive=True)
+        for info in fs.get_file_info(pafs.FileSelector(f"{root}/{sub}")):
+            if info.base_name.startswith("part-") and info.base_name.endswith(".parquet"):
+                fs.delete_file(info.path)
     shard = users % cfg.num_shards  # a user's events live in one shard, in shuffled row order
     for s in range(cfg.num_shards):
         rows = rng.permutation(np.flatnonzero(shard == s))
-        pq.write_table(events.take(rows), os.path.join(out_dir, "events", f"part-{s:05d}.parquet"))
-    pq.write_table(item_table, os.path.join(out_dir, "items", "part-00000.parquet"))
+        pq.write_table(events.take(rows), f"{root}/events/part-{s:05d}.parquet", filesystem=fs)
+    pq.write_table(item_table, f"{root}/items/part-00000.parquet", filesystem=fs)
 
     summary = dict(events=n, users=cfg.num_users, items=cfg.num_items, bad_events=n_bad,
                    bad_images=cfg.num_bad_images, path=out_dir)
-    with open(marker + ".tmp", "w") as f:  # written last and atomically: present means complete
-        json.dump({"config": asdict(cfg), "summary": summary}, f, indent=2, sort_keys=True)
-    os.replace(marker + ".tmp", marker)
+    # Written last and atomically: present means complete.
+    write_json(join(uri, SUCCESS + ".tmp"), {"config": asdict(cfg), "summary": summary})
+    fs.move(marker + ".tmp", marker)
     return summary
 
 

@@ -35,13 +35,13 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
 
-from interestformer.datasets.prepare import PreparedData, absolute
+from interestformer.datasets.prepare import PreparedData
 from interestformer.datasets.schema import load_image
+from interestformer.datasets.storage import filesystem
 
 Split = Literal["train", "validation", "test", "cold"]
 COLD_ITEM_SEED = 20261124  # fixed, so every config of a benchmark holds out the same items
@@ -61,7 +61,7 @@ def is_cold_mask(num_items: int, fraction: float) -> np.ndarray:
 
 
 def _read_item_table(items_path: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = pafs.FileSystem.from_uri(absolute(items_path))
+    fs, path = filesystem(items_path)
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 

@@ -36,6 +36,7 @@ from interestformer.datasets.schema import (
     EVENT_REQUIRED, ITEM_REQUIRED, ITEM_TABLE_SCHEMA, REASONS, SEQUENCE_SCHEMA, load_image, normalise_items, png_bytes,
     shard_problem, tag_events,
 )
+from interestformer.datasets.storage import absolute, filesystem, join, local_folder, read_json, write_json
 
 TEXT_CHARS_PER_TOKEN = 32  # generous: word pieces are rarely longer than a few characters
 META_VERSION = 2  # bump when the prepared layout changes: cached data is then rebuilt
@@ -78,15 +79,6 @@ class PreparedData:
         return self.meta["report"]
 
 
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
-def absolute(path: str) -> str:
-    """URIs stay as they are; local paths become absolute, so every Ray worker finds them."""
-    return path if "://" in path else os.path.abspath(path)
-
-
 def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
     """Prepares cfg's input (generating the demo data first if asked) or reuses a cached result.
 
@@ -113,15 +105,16 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
 
     items = read_shards(items_fs, item_files, normalise_items, "pyarrow", text_columns=cfg.text_columns)
     item_ids, duplicated = _catalogue_ids(items)
-    tokenizer_dir = tokenizer_path or _train_tokenizer(items, cfg, join(out, "tokenizer"))
     if tokenizer_path:
         _save_tokenizer(tokenizer_path, join(out, "tokenizer"))
+    else:
+        _train_tokenizer(items, cfg, join(out, "tokenizer"))
     if duplicated:
         items = items.groupby("item_id").map_groups(_mark_duplicate_items, batch_format="pandas")
     processed = items.map_batches(
         ItemRows,
         fn_constructor_kwargs=dict(
-            item_ids=item_ids, tokenizer_dir=tokenizer_dir, cfg=cfg, duplicated=bool(duplicated)
+            item_ids=item_ids, tokenizer_uri=join(out, "tokenizer"), cfg=cfg, duplicated=bool(duplicated)
         ),
         batch_format="pandas",
         batch_size=256,
@@ -157,11 +150,12 @@ def input_paths(cfg: DataConfig) -> tuple[str, str]:
 class ItemRows:
     """Catalogue rows -> item table rows: index, tokens, a validated and resized image."""
 
-    def __init__(self, item_ids: list[str], tokenizer_dir: str, cfg: DataConfig, duplicated: bool):
+    def __init__(self, item_ids: list[str], tokenizer_uri: str, cfg: DataConfig, duplicated: bool):
         from transformers import AutoTokenizer
 
         self.index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        # The prepared data's copy: an actor may run on a node that has no other.
+        self.tokenizer = AutoTokenizer.from_pretrained(local_folder(tokenizer_uri))
         self.cfg = cfg
         self.duplicated = duplicated
 
@@ -217,7 +211,7 @@ class ItemRows:
         if not isinstance(uri, str) or not uri:
             return None
         try:
-            fs, path = pafs.FileSystem.from_uri(absolute(uri))
+            fs, path = filesystem(uri)
             with fs.open_input_stream(path) as f:
                 return f.read()
         except (OSError, ValueError):
@@ -291,8 +285,8 @@ def _catalogue_ids(items: ray.data.Dataset) -> tuple[list[str], list[str]]:
     return sorted(counts.index), sorted(counts.index[counts > 1])
 
 
-def _train_tokenizer(items: ray.data.Dataset, cfg: DataConfig, out: str) -> str:
-    """Trains a lower-casing word-piece vocabulary on the catalogue text; returns its local folder."""
+def _train_tokenizer(items: ray.data.Dataset, cfg: DataConfig, out: str):
+    """Trains a lower-casing word-piece vocabulary on the catalogue text and saves it to `out`."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -310,18 +304,19 @@ def _train_tokenizer(items: ray.data.Dataset, cfg: DataConfig, out: str) -> str:
         tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
         sep_token="[SEP]", mask_token="[MASK]",
     )
-    local = tempfile.mkdtemp(prefix="tokenizer-") if "://" in out else out
-    wrapped.save_pretrained(local)
-    if local != out:
+    if "://" not in out:
+        wrapped.save_pretrained(out)
+        return
+    with tempfile.TemporaryDirectory() as local:  # Hugging Face saves to local folders only
+        wrapped.save_pretrained(local)
         _save_tokenizer(local, out)
-    return local
 
 
 def _save_tokenizer(local_dir: str, out: str):
     """Copies a tokenizer folder into the prepared data, so checkpoints name one place for it."""
     if os.path.abspath(local_dir) == out:
         return
-    fs, path = pafs.FileSystem.from_uri(out)
+    fs, path = filesystem(out)
     fs.create_dir(path, recursive=True)
     pafs.copy_files(os.path.abspath(local_dir), out)
 
@@ -355,7 +350,7 @@ def screen_shards(uri: str, required: tuple[str, ...]) -> tuple[pafs.FileSystem,
     """Reads only the Parquet footers under `uri` -> (its filesystem, usable files grouped by
     schema, files set aside). A file set aside is {"path", "reason", "rows" (None when even the footer is
     unreadable), "detail"}. Empty files are neither: they hold nothing to use or to lose."""
-    fs, path = pafs.FileSystem.from_uri(absolute(uri))
+    fs, path = filesystem(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"no input at {uri}")
@@ -470,28 +465,3 @@ def _fingerprint(cfg: DataConfig, tokenizer_path: str, *inputs: str) -> str:
         parts.append(hmac.new(pseudonym_key(), b"fingerprint", hashlib.sha256).hexdigest()[:16])
     payload = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def read_bytes(uri: str) -> bytes | None:
-    """A local file's or object's bytes; None when there is none."""
-    fs, path = pafs.FileSystem.from_uri(absolute(uri))
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def write_bytes(uri: str, payload: bytes):
-    fs, path = pafs.FileSystem.from_uri(absolute(uri))
-    fs.create_dir(os.path.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(payload)
-
-
-def read_json(uri: str) -> dict | None:
-    payload = read_bytes(uri)
-    return None if payload is None else json.loads(payload)
-
-
-def write_json(uri: str, payload: dict):
-    write_bytes(uri, json.dumps(payload, indent=1).encode())

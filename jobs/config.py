@@ -37,6 +37,10 @@ class TrainConfig:
     cpus_per_worker: float = 0.5
     """CPUs Ray reserves per training worker. Keep CPUs free for the Ray Data pipeline, or it
     starves and training waits forever."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the training workers on nodes: PACK on as few nodes as fit them (Ray's
+    default), SPREAD over as many as it can, STRICT_PACK all on one node, STRICT_SPREAD each on a
+    node of its own (needs num_workers nodes)."""
     pipeline_workers: int = 1
     """Most Ray Data actors that pack batches (decode images, sample negatives) at once."""
     epochs: int = 6

@@ -18,7 +18,8 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from interestformer.datasets.pipeline import item_batches
-from interestformer.datasets.prepare import PreparedData, join, read_bytes, write_bytes
+from interestformer.datasets.prepare import PreparedData
+from interestformer.datasets.storage import join, read_bytes, write_bytes
 from interestformer.jobs.config import JobConfig
 from interestformer.models.interest_former import DataSpec, build_image_encoder, build_text_encoder
 

@@ -18,9 +18,11 @@ import time
 
 import ray.train
 import torch
+from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file, save_file
 
 from interestformer.datasets.pipeline import unpack
+from interestformer.datasets.storage import join, read_bytes, read_json
 from interestformer.models.interest_former import DataSpec, InterestFormer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -209,14 +211,21 @@ def check_pickles(folder: str):
 
 
 def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[InterestFormer, dict]:
-    """A plain fp32 model from a checkpoint folder's gathered weights, and its saved state."""
+    """A plain fp32 model from a checkpoint folder's gathered weights, and its saved state. The
+    folder may be in object storage (checkpoint_uri); DeepSpeed's shards are not read."""
     from interestformer.jobs.config import JobConfig
 
-    with open(os.path.join(folder, STATE_FILE)) as f:
-        state = json.load(f)
-    model = model_from_weights(load_file(os.path.join(folder, WEIGHTS_FILE)),
+    state = read_json(join(folder, STATE_FILE))
+    model = model_from_weights(load_tensors(read_bytes(join(folder, WEIGHTS_FILE))),
                                JobConfig.from_dict(state["config"]), DataSpec(**state["spec"]), device)
     return model, state
+
+
+def checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
+    """Where a checkpoint is, for jobs.evaluate and people: its local folder, or its URI
+    (s3://bucket/...) where Ray's `path` is only the path inside the object store."""
+    fs = checkpoint.filesystem
+    return checkpoint.path if fs.type_name == "local" else f"{fs.type_name}://{checkpoint.path}"
 
 
 def model_from_weights(weights: dict, cfg, spec: DataSpec, device) -> InterestFormer:

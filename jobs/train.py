@@ -28,10 +28,12 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from interestformer import ConfigError
 from interestformer.datasets.pipeline import sequence_batches
 from interestformer.datasets.prepare import PreparedData, input_paths, prepare
+from interestformer.datasets.storage import local_folder
 from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, field_docs, load_config
 from interestformer.jobs.content_features import content_features, load_features, with_feature_widths
 from interestformer.jobs.distributed import (
+    checkpoint_uri,
     deepspeed_config,
     ExactSplit,
     full_state_dict,
@@ -265,7 +267,7 @@ def data_spec(prepared: PreparedData, cfg: JobConfig) -> DataSpec:
         num_items=prepared.num_items,
         num_event_types=len(prepared.meta["event_types"]),
         max_seq_len=cfg.data.max_seq_len,
-        text_vocab_size=len(AutoTokenizer.from_pretrained(prepared.tokenizer_path)),
+        text_vocab_size=len(AutoTokenizer.from_pretrained(local_folder(prepared.tokenizer_path))),
         text_max_tokens=prepared.meta["text_max_tokens"],
         image_size=prepared.meta["image_size"],
     )
@@ -315,7 +317,8 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
             "train_users": report["users"] - report["users_too_short"],
         },
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+                                     placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(
             name=run_name,
             storage_path=cfg.experiment.storage_path,
@@ -336,8 +339,9 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
         raise
     if result.return_value["unsent_metrics"]:
         tracking.log_unsent(uri, run_id, result.return_value["unsent_metrics"])
-    summary = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri, "checkpoint": result.checkpoint.path,
-               "data": report, "validation": result.metrics, "throughput": result.return_value["throughput"]}
+    summary = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri,
+               "checkpoint": checkpoint_uri(result.checkpoint), "data": report, "validation": result.metrics,
+               "throughput": result.return_value["throughput"]}
     evaluations = {}
     for split in eval_splits:
         baseline = evaluate_most_popular(prepared, datasets[split].iter_torch_batches(batch_size=1), cfg, split)
@@ -347,7 +351,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
         summary[split], summary[f"most_popular_{split}"] = result.return_value[split].report(), baseline.report()
     summary["most_popular"] = summary.pop("most_popular_test")
     log_report(uri, run_id, evaluations)
-    tracking.log_text(uri, run_id, result.checkpoint.path, "checkpoint_path.txt")
+    tracking.log_text(uri, run_id, summary["checkpoint"], "checkpoint_path.txt")
     tracking.log_model(uri, run_id, result.checkpoint, step=result.return_value["step"])
     tracking.end_run(uri, run_id)
     return summary

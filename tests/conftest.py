@@ -40,11 +40,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(store: str, port: int) -> subprocess.Popen:
-    """`mlflow server` (the venv's) on 127.0.0.1, in a process group of its own; returns once it answers."""
+def start_server(store: str, port: int, artifacts: str = "") -> subprocess.Popen:
+    """`mlflow server` (the venv's) on 127.0.0.1, in a process group of its own; returns once it answers.
+    Artifacts go through it to `artifacts` (default: mlartifacts/ in the current folder)."""
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
     server = subprocess.Popen([mlflow, "server", "--backend-store-uri", store, "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"],
+                               "--port", str(port), "--workers", "1",
+                               *(["--artifacts-destination", artifacts] if artifacts else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -61,3 +63,52 @@ def stop_server(server: subprocess.Popen):
     """Kills the server and its workers: the process group start_server made, nothing else."""
     os.killpg(server.pid, 9)
     server.wait()
+
+
+BIN = os.path.dirname(sys.executable)
+
+
+def ray_node_command(*args: str) -> list[str]:
+    """`ray start --block` of one node on 127.0.0.1 with `args`. Every port is its own: the in-process
+    Ray of other tests already holds Ray's default agent ports, and a node whose dashboard agent cannot
+    bind never accepts a job. Ending the process stops exactly this node (`ray stop` would stop every
+    Ray on the machine)."""
+    own_ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    return [f"{BIN}/ray", "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+            *own_ports, *args]
+
+
+def ray_env(**extra: str) -> dict:
+    """The environment of `ray start` and the job CLI: token authentication on both sides (the head
+    creates ~/.ray/auth_token if there is none; Ray 2.60's CLI does not turn it on by itself), and no
+    RAY_ADDRESS of another cluster."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "token",
+           **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def wait_for_job_api(address: str, env: dict, head: subprocess.Popen, log: str):
+    """Returns once the head at `address` (its dashboard) answers the Jobs API."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        probe = subprocess.run([f"{BIN}/ray", "job", "list", "--address", address], env=env,
+                               capture_output=True, text=True, timeout=60)
+        if probe.returncode == 0:
+            return
+        assert head.poll() is None, open(log).read()
+        time.sleep(2)
+    pytest.fail("the Ray head did not answer: " + open(log).read())
+
+
+def submit_job(address: str, env: dict, entrypoint: list[str], options: tuple = ()) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir . [options] -- entrypoint` from the project folder."""
+    command = [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", *options, "--", *entrypoint]
+    for _ in range(30):  # the head's job agent comes up a little after its dashboard answers
+        run = subprocess.run(command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=1500)
+        if "No available agent to submit job" not in run.stderr:
+            return run
+        time.sleep(2)
+    return run

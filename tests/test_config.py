@@ -34,6 +34,7 @@ def test_demo_config_file_is_the_embedded_default():
     (["train.epochs=2.5"], "train.epochs", "must be int"),
     (["train.use_gpu=1"], "train.use_gpu", "must be bool"),
     (["train.precision=fp8"], "train.precision", "['fp32', 'bf16']"),
+    (["train.placement_strategy=spread"], "train.placement_strategy", "'STRICT_SPREAD'"),
     (["train.zero_stage=0", "train.offload_optimizer=true"], "train.offload_optimizer", "zero_stage to 1, 2 or 3"),
     (["tune.search_space={model.widht: {choice: [16]}}"], "tune.search_space.model.widht", "unknown key"),
     (["tune.search_space={model.d_model: {choice: [16, 33]}}"], "tune.search_space.model.d_model", "divide d_model"),

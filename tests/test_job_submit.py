@@ -5,50 +5,29 @@ submitted again. The head this module started is stopped at the end."""
 
 import os
 import subprocess
-import sys
 import time
 
 import mlflow
 import pytest
 
-from conftest import PROJECT_DIR, free_port
+from conftest import BIN, free_port, ray_env, ray_node_command, submit_job, wait_for_job_api
 
 pytestmark = pytest.mark.slow
-BIN = os.path.dirname(sys.executable)
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """`ray start --head --block` in its own process: ending it stops exactly the processes it
-    started (unlike `ray stop`, which would stop every Ray on the machine)."""
-    tmp_path = tmp_path_factory.mktemp("ray_head")
+    """`ray start --head --block` in its own process (see conftest.ray_node_command)."""
+    log = str(tmp_path_factory.mktemp("ray_head") / "head.log")
     gcs_port, dashboard_port = free_port(), free_port()
-    # Every port of its own: the in-process Ray of other tests already holds Ray's default agent
-    # ports, and a head whose dashboard agent cannot bind never accepts a job.
-    own_ports = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
-    # Token authentication on both sides: the head creates ~/.ray/auth_token if there is none,
-    # and the job CLI sends it (Ray 2.60's CLI does not turn it on by itself).
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
+    env = ray_env()
     head = subprocess.Popen(
-        [f"{BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=4",
-         "--disable-usage-stats", *own_ports],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        ray_node_command("--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+                         f"--dashboard-port={dashboard_port}", "--num-cpus=4"),
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        probe = subprocess.run([f"{BIN}/ray", "job", "list", "--address", address], env=env,
-                               capture_output=True, text=True, timeout=60)
-        if probe.returncode == 0:
-            break
-        assert head.poll() is None, (tmp_path / "head.log").read_text()
-        time.sleep(2)
-    else:
-        pytest.fail("the Ray head did not answer: " + (tmp_path / "head.log").read_text())
+    wait_for_job_api(address, env, head, log)
     yield address, env
     head.terminate()
     head.wait(timeout=120)
@@ -61,17 +40,11 @@ def ray_head(tmp_path_factory):
 def submit(address: str, env: dict, tmp_path, *args: str, options: tuple = ()) -> subprocess.CompletedProcess:
     """`ray job submit [options]` of jobs.train on the tiny config with `args`, this test's storage
     and MLflow store."""
-    command = [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", *options, "--",
-               "python", "-m", "jobs.train", "--config", "configs/tiny.yaml",
-               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-               "--set", f"experiment.storage_path={tmp_path / 'runs'}",
-               "--set", f"data.prepared_dir={tmp_path / 'prepared'}", *args]
-    for _ in range(30):  # the head's job agent comes up a little after its dashboard answers
-        run = subprocess.run(command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=900)
-        if "No available agent to submit job" not in run.stderr:
-            return run
-        time.sleep(2)
-    return run
+    return submit_job(address, env, [
+        "python", "-m", "jobs.train", "--config", "configs/tiny.yaml",
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--set", f"experiment.storage_path={tmp_path / 'runs'}",
+        "--set", f"data.prepared_dir={tmp_path / 'prepared'}", *args], options)
 
 
 @pytest.mark.parametrize("override, key", [("train.num_workers=8", "train.num_workers"),

@@ -1,0 +1,69 @@
+"""Reading and writing files at a local path or an object-store URI (s3://, gs://, ...).
+
+Everything the jobs keep between processes (generated demo logs, prepared data, cached encoder
+features) goes through pyarrow's filesystems, so on a cluster it lives in storage that every node
+reaches. Credentials and endpoints come from each process's environment (AWS_* variables, IAM
+roles), never from a config file.
+"""
+
+import atexit
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import pyarrow.fs as pafs
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def absolute(path: str) -> str:
+    """URIs stay as they are; local paths become absolute, so every Ray worker finds them."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) of a local path or URI."""
+    return pafs.FileSystem.from_uri(absolute(uri))
+
+
+def read_bytes(uri: str) -> bytes | None:
+    """A local file's or object's bytes; None when there is none."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, payload: bytes):
+    fs, path = filesystem(uri)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(payload)
+
+
+def read_json(uri: str) -> dict | None:
+    payload = read_bytes(uri)
+    return None if payload is None else json.loads(payload)
+
+
+def write_json(uri: str, payload: dict):
+    write_bytes(uri, json.dumps(payload, indent=1).encode())
+
+
+@functools.cache
+def local_folder(uri: str) -> str:
+    """A local folder with the files of folder `uri`: the folder itself when it is local, else a
+    copy downloaded once per process (and removed when the process ends). For readers of local
+    files only, such as Hugging Face's `from_pretrained`."""
+    if "://" not in uri:
+        return os.path.abspath(uri)
+    local = tempfile.mkdtemp(prefix=f"interestformer-{hashlib.sha256(uri.encode()).hexdigest()[:8]}-")
+    atexit.register(shutil.rmtree, local, ignore_errors=True)
+    pafs.copy_files(uri, local)
+    return local

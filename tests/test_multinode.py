@@ -1,0 +1,145 @@
+"""A 2-node Ray cluster on this machine, reached the way a real cluster is: two `ray start`
+processes (a head and a worker node, each with its own temp folder), an S3-compatible object store
+(moto's server) for the prepared data, the frozen encoder's features and the checkpoints, a
+`mlflow server` over HTTP, and the code sent with `ray job submit --working-dir .`. The two
+training workers are placed STRICT_SPREAD, one per node, so nothing works only because rank 0
+shares a disk with the driver. Credentials are in the nodes' environment (as an IAM role would
+be), never in the job; this test process sets no AWS or Ray variable of its own."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import mlflow
+import pyarrow.fs as pafs
+import pytest
+
+from conftest import BIN, free_port, ray_env, ray_node_command, start_server, stop_server, submit_job, wait_for_job_api
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+BUCKET = "interestformer"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def object_store(tmp_path):
+    """moto's S3 server on 127.0.0.1 with an empty bucket; yields its endpoint."""
+    port = free_port()
+    server = subprocess.Popen([f"{BIN}/moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=open(tmp_path / "s3.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()
+            break
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, (tmp_path / "s3.log").read_text()
+            time.sleep(0.5)
+    bucket_maker = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True,
+                                     access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                     secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region=CREDENTIALS["AWS_REGION"])
+    bucket_maker.create_dir(BUCKET)
+    yield endpoint
+    stop_server(server)
+
+
+@pytest.fixture
+def two_nodes(object_store, tmp_path):
+    """A head and a worker node of 2 CPUs each; yields (job API address, CLI env, temp folders)."""
+    env = ray_env(AWS_ENDPOINT_URL=object_store, **CREDENTIALS)
+    # Short temp folders of their own: Ray's socket paths must stay under 108 characters.
+    temp_dirs = [tempfile.mkdtemp(prefix="ray-head-"), tempfile.mkdtemp(prefix="ray-node-")]
+    gcs_port, dashboard_port = free_port(), free_port()
+    common = ["--num-cpus=2", "--object-store-memory=300000000"]
+    head = subprocess.Popen(
+        ray_node_command("--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+                         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dirs[0]}", *common),
+        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    nodes = [head]
+    try:
+        address = f"http://127.0.0.1:{dashboard_port}"
+        wait_for_job_api(address, env, head, str(tmp_path / "head.log"))
+        nodes.append(subprocess.Popen(
+            ray_node_command(f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={temp_dirs[1]}", *common),
+            env=env, stdout=open(tmp_path / "node.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.time() + 120
+        while len(ray_list(address, env, "nodes", "state=ALIVE")) < 2:
+            assert time.time() < deadline and nodes[1].poll() is None, (tmp_path / "node.log").read_text()
+            time.sleep(2)
+        yield address, env, temp_dirs
+    finally:
+        for node in reversed(nodes):
+            node.terminate()
+            node.wait(timeout=120)
+        for folder in temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def ray_list(address: str, env: dict, what: str, *filters: str) -> list[dict]:
+    """`ray list <what> --detail` through the State API of the head at `address`."""
+    command = [f"{BIN}/ray", "list", what, "--address", address, "--detail", "--format", "json", "--limit", "1000"]
+    for condition in filters:
+        command += ["--filter", condition]
+    listing = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    return json.loads(listing.stdout)
+
+
+def test_two_nodes_train_through_object_storage_and_an_mlflow_server(two_nodes, object_store, tmp_path):
+    address, env, temp_dirs = two_nodes
+    mlflow_port = free_port()
+    server = start_server(f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow_port, artifacts=str(tmp_path / "artifacts"))
+    tracking_uri = f"http://127.0.0.1:{mlflow_port}"
+    try:
+        run = submit_job(address, env, [
+            "python", "-m", "jobs.train", "--config", "configs/tiny.yaml", "--tracking-uri", tracking_uri,
+            "--set", f"data.prepared_dir=s3://{BUCKET}/prepared", "--set", f"experiment.storage_path=s3://{BUCKET}/runs",
+            "--set", "experiment.name=two-nodes", "--set", "train.epochs=1",
+            "--set", "train.placement_strategy=STRICT_SPREAD", "--set", "model.text.train_mode=frozen"])
+        output = run.stdout + run.stderr
+        assert run.returncode == 0 and "succeeded" in output, output[-5000:]
+
+        # One worker on each node, as Ray's State API saw them.
+        workers = ray_list(address, env, "actors", "class_name=RayTrainWorker")
+        assert len(workers) == 2 and len({worker["node_id"] for worker in workers}) == 2, workers
+
+        # The run, read back through the server: finished, with test metrics, the checkpoint's
+        # URI and the model (whose artifacts went through the server).
+        client = mlflow.MlflowClient(tracking_uri)
+        runs = client.search_runs([client.get_experiment_by_name("interestformer").experiment_id])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert "test_ndcg_at_10" in runs[0].data.metrics
+        run_id = runs[0].info.run_id
+        checkpoint = client.download_artifacts(run_id, "checkpoint_path.txt", str(tmp_path))
+        assert open(checkpoint).read().startswith(f"s3://{BUCKET}/runs/two-nodes/checkpoint_")
+        assert client.search_logged_models([runs[0].info.experiment_id])  # the model, through the server
+
+        # Everything the job kept is in the bucket: prepared data, the frozen text encoder's
+        # features, and checkpoints holding both ranks' DeepSpeed shards.
+        store = pafs.S3FileSystem(endpoint_override=object_store, scheme="http",
+                                  access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                  secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region=CREDENTIALS["AWS_REGION"])
+        objects = [info.path for info in store.get_file_info(pafs.FileSelector(BUCKET, recursive=True)) if info.is_file]
+        assert f"{BUCKET}/prepared/meta.json" in objects
+        assert any(path.startswith(f"{BUCKET}/prepared/tokenizer/") for path in objects)
+        assert any(path.startswith(f"{BUCKET}/prepared/features/") for path in objects), objects
+        shards = {path.rsplit("/", 1)[1] for path in objects if path.startswith(f"{BUCKET}/runs/two-nodes/checkpoint_")}
+        assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= shards
+
+        # Nothing was written beside the code either node ran: the job's working folder, which
+        # `--working-dir .` unpacked on each node, holds no runs/, data/, MLflow store or a local
+        # folder named after the bucket (what the demo generator wrote before it used pyarrow).
+        copies = [folder for temp_dir in temp_dirs
+                  for folder in glob.glob(f"{temp_dir}/session_*/runtime_resources/working_dir_files/*/")]
+        assert {folder.split("/session_")[0] for folder in copies} == set(temp_dirs), copies
+        for folder in copies:
+            written = {"runs", "data", "mlruns", "mlartifacts", "mlflow.db", "s3:"} & set(os.listdir(folder))
+            assert not written, (folder, written)
+    finally:
+        stop_server(server)
