@@ -16,7 +16,7 @@ import torch
 from interestformer.datasets.pipeline import PackBatches, unpack
 from interestformer.datasets.prepare import PreparedData
 from interestformer.jobs.config import JobConfig
-from interestformer.jobs.content_features import content_features, with_feature_widths
+from interestformer.jobs.embed_items import feature_store, load_features
 from interestformer.jobs.train import data_spec
 from interestformer.models.interest_former import InterestFormer
 
@@ -39,11 +39,10 @@ def plain_training(prepared: PreparedData, cfg: JobConfig, threads: int) -> list
     """Trains for cfg.train.epochs over the packed batches in this process; per epoch: users,
     seconds and samples/s."""
     torch.set_num_threads(threads)
-    spec = data_spec(prepared, cfg)
-    features_uri, features = content_features(prepared, cfg, spec)
+    features_uri, spec, _ = feature_store(prepared, cfg, data_spec(prepared, cfg))
     torch.manual_seed(cfg.train.seed)
-    model = InterestFormer(cfg.model, with_feature_widths(spec, features))
-    model.item_encoder.load_content_features(features)
+    model = InterestFormer(cfg.model, spec)
+    model.item_encoder.load_content_features(load_features(features_uri))
     optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr), betas=(0.9, 0.98),
                                   weight_decay=cfg.train.weight_decay)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / max(cfg.train.warmup_steps, 1)))

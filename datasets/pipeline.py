@@ -20,6 +20,14 @@ for reports by user segment (models/ranking.py):
                                 excluded), counted before the max_seq_len cut
     target_cold    (B,) bool    the target never occurs in training: held out, or no training event
 
+Item content at scale: catalogue passes (evaluation's item vectors, the frozen encoders' feature
+store, serving's export) stream the item table (`catalogue_rows`), reading only the content
+columns asked for and decoding images in the map, so no process holds the catalogue's images.
+Training batches look their items' content up by index (`ItemContent`), which reads only the
+live encoders' columns. The remaining limit: with a live (top or full) image encoder, each
+packing actor holds the whole catalogue's encoded (PNG) image bytes. At catalogue scale, freeze
+the image encoder and train from the Parquet feature store (jobs/embed_items.py).
+
 Splits by time, per user with n events (oldest first): test target = event n, validation target =
 event n-1, training = events 1..n-2. Users with 2 events train on both; users with 1 event
 cannot form a pair and are counted in the prepare report (users_too_short).
@@ -71,13 +79,36 @@ def catalogue_ids(prepared: PreparedData) -> list[str]:
     return table.column("item_id").to_pylist()
 
 
+def content_columns(text: bool, image: bool) -> list[str]:
+    """The item table's columns that hold the content a batch needs (raw tokens, image bytes)."""
+    return (["text_tokens", "text_mask"] if text else []) + (["image"] if image else [])
+
+
+def decoded_images(images, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Encoded images (bytes or None each) -> pixels (U, 3, S, S) uint8, has_image (U,) bool."""
+    pixels = np.zeros((len(images), 3, size, size), dtype=np.uint8)
+    has_image = np.zeros(len(images), dtype=bool)
+    for j, data in enumerate(images):
+        decoded = load_image(data, size) if data is not None else None
+        if decoded is not None:
+            pixels[j], has_image[j] = decoded, True
+    return pixels, has_image
+
+
 class ItemContent:
-    """Text tokens and prepared images of the catalogue, looked up by item index."""
+    """Text tokens and prepared images of the catalogue, looked up by item index (live encoders).
+
+    Reads only the columns the live encoders need: nothing when neither text nor images are
+    live. A live image encoder's actor holds the catalogue's encoded (PNG) image bytes, decoding
+    only the batch's items; at catalogue scale, freeze the image encoder and train from the
+    feature store (jobs/embed_items.py), which streams the catalogue instead."""
 
     def __init__(self, prepared: PreparedData, text: bool, image: bool):
         n, L, S = prepared.num_items, prepared.meta["text_max_tokens"], prepared.meta["image_size"]
         self.text, self.image, self.image_size = text, image, S
-        table = _read_item_table(prepared.items_path).to_pydict()
+        if not (text or image):
+            return
+        table = _read_item_table(prepared.items_path, ["item_index", *content_columns(text, image)]).to_pydict()
         index = np.asarray(table["item_index"], dtype=np.int64)
         if text:  # rows of items without text stay all padding
             self.tokens = np.zeros((n + 1, L), dtype=np.int64)
@@ -96,14 +127,7 @@ class ItemContent:
             content["text_tokens"] = self.tokens[items]
             content["text_mask"] = self.mask[items]
         if self.image:
-            S = self.image_size
-            pixels = np.zeros((len(items), 3, S, S), dtype=np.uint8)
-            has_image = np.zeros(len(items), dtype=bool)
-            for j, i in enumerate(items):
-                decoded = load_image(self.images[i], S) if self.images[i] is not None else None
-                if decoded is not None:
-                    pixels[j], has_image[j] = decoded, True
-            content["pixels"], content["has_image"] = pixels, has_image
+            content["pixels"], content["has_image"] = decoded_images([self.images[i] for i in items], self.image_size)
         return content
 
 
@@ -165,18 +189,6 @@ class PackBatches:
         return {name: value[None] for name, value in packed.items()}  # one row holds the batch
 
 
-class PackItems:
-    """A chunk of the item table -> one packed batch of items (for encoding the catalogue)."""
-
-    def __init__(self, prepared: PreparedData, text: bool, image: bool):
-        self.content = ItemContent(prepared, text, image)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = np.sort(batch["item_index"].astype(np.int64))
-        packed = {"unique_items": items, **self.content(items)}
-        return {name: value[None] for name, value in packed.items()}
-
-
 def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_seq_len: int,
                      num_negatives: int = 0, text: bool = True, image: bool = True, seed: int = 0,
                      pipeline_workers: int = 1, cold_fraction: float = 0.0) -> ray.data.Dataset:
@@ -210,15 +222,43 @@ class _TargetIsCold:
         return bool(self.is_cold[row["items"][-1]])
 
 
+def catalogue_rows(prepared: PreparedData, batch_size: int, text: bool = True, image: bool = True) -> ray.data.Dataset:
+    """The catalogue streamed from the item table, one row per item: item_index, item_id and, as
+    asked, text_tokens (L,) int64, text_mask (L,) int64, pixels (3, S, S) uint8 and has_image.
+
+    Only the asked columns are read, and images are decoded in the map, `batch_size` items at
+    a time: no process holds the whole catalogue's images."""
+    rows = ray.data.read_parquet(prepared.items_path).select_columns(
+        ["item_index", "item_id", *content_columns(text, image)])  # pushed down into the read
+    if not (text or image):
+        return rows
+    return rows.map_batches(_item_content, fn_kwargs=dict(image_size=prepared.meta["image_size"]),
+                            batch_size=batch_size, batch_format="pyarrow")
+
+
+def _item_content(table: pa.Table, image_size: int) -> dict[str, np.ndarray]:
+    rows = {"item_index": table["item_index"].to_numpy(), "item_id": np.asarray(table["item_id"].to_pylist(), object)}
+    if "text_tokens" in table.column_names:  # prepare pads every item's tokens to text_max_tokens
+        for name in ("text_tokens", "text_mask"):
+            column = table[name].combine_chunks()
+            rows[name] = column.flatten().to_numpy().astype(np.int64).reshape(len(column), -1)
+    if "image" in table.column_names:
+        rows["pixels"], rows["has_image"] = decoded_images(table["image"].to_pylist(), image_size)
+    return rows
+
+
 def item_batches(prepared: PreparedData, batch_size: int, text: bool = True, image: bool = True) -> ray.data.Dataset:
     """A dataset whose rows are packed batches of catalogue items (every item exactly once)."""
-    return ray.data.read_parquet(prepared.items_path).select_columns(["item_index"]).map_batches(
-        PackItems,
-        fn_constructor_kwargs=dict(prepared=prepared, text=text, image=image),
-        batch_size=batch_size,
-        batch_format="numpy",
-        concurrency=1,
-    )
+    return catalogue_rows(prepared, batch_size, text, image).map_batches(
+        _pack_items, batch_size=batch_size, batch_format="numpy")
+
+
+def _pack_items(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch of catalogue rows -> one packed batch of items, sorted by item index."""
+    order = np.argsort(rows["item_index"])
+    packed = {"unique_items": rows["item_index"][order].astype(np.int64)}
+    packed.update({name: values[order] for name, values in rows.items() if name not in ("item_index", "item_id")})
+    return {name: value[None] for name, value in packed.items()}
 
 
 def unpack(row: dict) -> dict:

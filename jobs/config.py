@@ -43,6 +43,9 @@ class TrainConfig:
     node of its own (needs num_workers nodes)."""
     pipeline_workers: int = 1
     """Most Ray Data actors that pack batches (decode images, sample negatives) at once."""
+    embed_workers: int = 1
+    """Ray Data actors that run the frozen encoders over the catalogue into the feature store
+    (jobs.embed_items, or jobs.train when the store is missing); one GPU each when use_gpu."""
     epochs: int = 6
     """Passes over the training sequences."""
     micro_batch_size: int = 32
@@ -83,7 +86,8 @@ class TrainConfig:
             raise ConfigError("num_workers", f"must be >= 1, got {self.num_workers}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("zero_stage", f"must be one of 0, 1, 2, 3, got {self.zero_stage}")
-        for key in ("epochs", "micro_batch_size", "grad_accum_steps", "log_every_steps", "pipeline_workers"):
+        for key in ("epochs", "micro_batch_size", "grad_accum_steps", "log_every_steps", "pipeline_workers",
+                    "embed_workers"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         if self.max_failures < -1:

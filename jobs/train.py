@@ -31,7 +31,7 @@ from interestformer.datasets.prepare import PreparedData, input_paths, prepare
 from interestformer.datasets.storage import local_folder
 from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, field_docs, load_config
-from interestformer.jobs.content_features import content_features, load_features, with_feature_widths
+from interestformer.jobs.embed_items import feature_store, load_features
 from interestformer.jobs.distributed import (
     checkpoint_uri,
     deepspeed_config,
@@ -260,7 +260,7 @@ def _worker_env(cfg: JobConfig) -> dict:
 
 
 def data_spec(prepared: PreparedData, cfg: JobConfig) -> DataSpec:
-    """The model's view of the prepared data (frozen features' widths: with_feature_widths)."""
+    """The model's view of the prepared data (frozen features' widths: embed_items.feature_store)."""
     from transformers import AutoTokenizer
 
     return DataSpec(
@@ -285,9 +285,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
     tracking.check_reachable(tracking.tracking_uri(cfg))  # before any Ray resource is taken
     ensure_ray(cfg)
     prepared = prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)
-    spec = data_spec(prepared, cfg)
-    features_uri, features = content_features(prepared, cfg, spec)
-    spec = with_feature_widths(spec, features)
+    features_uri, spec, _ = feature_store(prepared, cfg, data_spec(prepared, cfg))
     run_name = cfg.experiment.name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_run(cfg, deepspeed_config(cfg.train), prepared.report(), run_name, parent_run_id)

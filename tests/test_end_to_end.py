@@ -187,10 +187,10 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
 
 
 def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp_path):
-    """Frozen text (features computed once and cached), the image encoder's top layer training at
-    its own lr, ZeRO-3 in bf16, 20% of items held out: the run reports cold-start metrics beside
+    """Frozen text (features computed once into the Parquet feature store), the image encoder's
+    top layer training at its own lr, ZeRO-3 in bf16, 20% of items held out: the run reports cold-start metrics beside
     most-popular's, and its checkpoint (frozen features inside) re-evaluates the cold split exactly."""
-    from interestformer.jobs.content_features import content_features
+    from interestformer.jobs.embed_items import feature_store, load_features
     from interestformer.jobs.train import data_spec
 
     overrides = [
@@ -214,8 +214,8 @@ def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp
     assert logged["cold_test_segment/target_cold/users"] == summary["cold"]["users"]  # every target held out
 
     prepared = PreparedData.load(str(tmp_path / "prepared"))
-    uri, features = content_features(prepared, cfg, data_spec(prepared, cfg))  # cached: no second pass
-    assert os.path.isfile(uri) and set(features) == {"text_features"}
+    uri, _, store = feature_store(prepared, cfg, data_spec(prepared, cfg))  # the store: no second pass
+    assert store["items"] == prepared.num_items and set(load_features(uri)) == {"text_features"}
     weights = load_file(os.path.join(summary["checkpoint"], "model.safetensors"))
     assert "item_encoder.text_features" in weights and "item_encoder.text_encoder" not in " ".join(weights)
     metrics = evaluate.main(["--checkpoint", summary["checkpoint"], "--split", "cold"])
