@@ -23,6 +23,7 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
+import torch.nn.functional as F
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from interestformer import ConfigError
@@ -42,10 +43,10 @@ from interestformer.jobs.distributed import (
     setup_engine,
     train_steps,
 )
-from interestformer.jobs.evaluate import eval_datasets, evaluate, evaluate_most_popular
+from interestformer.jobs.evaluate import device_batches, eval_datasets, evaluate_most_popular
 from interestformer.jobs.report import log_report
 from interestformer.models.interest_former import DataSpec, InterestFormer
-from interestformer.models.ranking import RankTotals
+from interestformer.models.ranking import RankTotals, evaluate_model, item_representations
 
 HEADLINE = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
 METRIC_PREFIX = {"test": "test_", "cold": "cold_test_"}  # MLflow names of each split's metrics
@@ -147,12 +148,17 @@ def _epoch_throughput(seen: torch.Tensor, seconds: float, waits: list[float], de
 
 
 def _evaluate_share(model, split: str, cfg: JobConfig, device) -> RankTotals:
-    """Full ranking of this worker's share of the split's users; every worker calls it and gets
-    the totals over all workers' users."""
+    """Full ranking of the split's users, shared by every worker (each must call it): a worker
+    encodes its share of the catalogue and the shares are summed into the whole table, then it
+    ranks its share of the users, and every worker gets the totals over all users."""
     import torch.distributed as dist
 
-    share = evaluate(model, ray.train.get_dataset_shard("items").iter_torch_batches(batch_size=1),
-                     ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=1), cfg, device)
+    items = item_representations(model, device_batches(ray.train.get_dataset_shard("items").iter_torch_batches(
+        batch_size=1), device), model.spec.num_items)
+    dist.all_reduce(items)  # each item's row was encoded by exactly one worker, the others hold 0
+    share = evaluate_model(model, F.normalize(items, dim=-1),
+                           device_batches(ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=1), device),
+                           cfg.eval.ks, cfg.eval.exclude_history, cfg.eval.item_chunk_size)
     shares = [None] * dist.get_world_size()
     dist.all_gather_object(shares, share)
     return RankTotals.merge(shares)
@@ -326,9 +332,9 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
             callbacks=list(callbacks),
         ),
         datasets=datasets,
-        # Every worker trains on, and evaluates, its own share of the users; each encodes the whole
-        # catalogue for full ranking.
-        dataset_config=ExactSplit(datasets_to_split=["train", "validation", *eval_splits]),
+        # Every worker trains on, and evaluates, its own share of the users, and encodes its own
+        # share of the catalogue for full ranking.
+        dataset_config=ExactSplit(datasets_to_split=list(datasets)),
     )
     try:
         result = trainer.fit()

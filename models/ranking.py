@@ -35,7 +35,11 @@ def mean_metrics(sums: dict[str, float], num_users: float) -> dict[str, float]:
 
 
 def add_sums(total: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
-    return {name: total.get(name, 0.0) + value for name, value in sums.items()}
+    """total + sums, key by key; a key missing on one side counts as 0 there."""
+    out = dict(total)
+    for name, value in sums.items():
+        out[name] = out.get(name, 0.0) + value
+    return out
 
 
 def rank_histogram(ranks: torch.Tensor, max_k: int) -> list[int]:
@@ -145,14 +149,13 @@ class RankTotals:
 
 @torch.no_grad()
 def item_representations(model: InterestFormer, item_batches: Iterable[dict], num_items: int) -> torch.Tensor:
-    """Encodes the whole catalogue, a batch at a time -> (num_items + 1, d) item representations,
-    what the user Transformer reads (InterestFormer.encode_users); row 0 (padding) is 0."""
-    table = None
+    """Encodes the catalogue's items in `item_batches`, a batch at a time -> (num_items + 1, d)
+    item representations, what the user Transformer reads (InterestFormer.encode_users); rows of
+    items not in the batches (row 0, padding, among them) are 0, so the tables of disjoint shares
+    of the catalogue add up to the whole catalogue's."""
+    table = torch.zeros(num_items + 1, model.cfg.d_model, device=model.position.weight.device)
     for batch in item_batches:
-        representations = model.encode_items(batch["unique_items"], batch)  # (U, d)
-        if table is None:
-            table = torch.zeros(num_items + 1, representations.shape[1], device=representations.device)
-        table[batch["unique_items"]] = representations.float()
+        table[batch["unique_items"]] = model.encode_items(batch["unique_items"], batch).float()  # (U, d)
     return table
 
 

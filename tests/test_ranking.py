@@ -149,3 +149,18 @@ def test_segment_metrics_match_hand_computed_values_and_add_up_over_batches():
         assert segments[f"segment/{name}/ndcg@10"] == pytest.approx(sum(map(ndcg, hits)) / users)
         assert segments[f"segment/{name}/mrr"] == pytest.approx(sum(1 / (r + 1) for r in segment_ranks) / users)
     assert whole.metrics()["users"] == 6 and whole.metrics()["hr@10"] == pytest.approx(4 / 6)
+
+
+def test_totals_of_worker_shares_merge_to_the_totals_of_all_users_even_with_an_empty_share():
+    ranks, lengths = torch.tensor([0, 3, 70, 250]), torch.tensor([2, 9, 30, 300])
+    cold = torch.tensor([False, True, False, False])
+    whole = RankTotals((10, 50))
+    whole.add(ranks, lengths, cold)
+    first, second, empty = RankTotals((10, 50)), RankTotals((10, 50)), RankTotals((10, 50))
+    first.add(ranks[:1], lengths[:1], cold[:1])
+    second.add(ranks[1:], lengths[1:], cold[1:])
+    for parts in ([first, second], [empty, first, second], [second, empty, first]):
+        merged = RankTotals.merge(parts)
+        assert merged.metrics() == pytest.approx(whole.metrics())
+        assert merged.report() == pytest.approx(whole.report())
+        assert merged.histogram == whole.histogram
