@@ -18,11 +18,9 @@ and printed as a Markdown table beside the published numbers.
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
-from datetime import datetime, timezone
 
+from interestformer.benchmarks.stamp import stamp as benchmark_stamp
 from interestformer.datasets.movielens import convert_movielens
 from interestformer.jobs.config import PROJECT_DIR, load_config
 from interestformer.jobs.train import train
@@ -61,31 +59,6 @@ def run_config(name: str, overrides: list[str], cold: bool) -> dict:
     summary["minutes"] = (time.perf_counter() - started) / 60
     summary["epochs"] = cfg.train.epochs
     return summary
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    except Exception:  # the description must never fail the benchmark
-        gpu = "GPU unknown"
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} CPU cores ({cpu}), {memory:.0f} GiB, {gpu}"
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_DIR,
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def markdown_table(results: dict) -> str:
@@ -131,7 +104,7 @@ def main(argv=None) -> dict:
     if os.path.exists(args.out):
         with open(args.out) as f:
             results = json.load(f)
-    stamp = {"machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit()}
+    stamp = benchmark_stamp()
     for name in names:
         standard = run_config(name, args.set, cold=False)
         row = {m: standard["test"][m] for m in METRICS}

@@ -14,6 +14,11 @@ Training uses a sampled softmax: the candidates of a batch are all unique items 
 the data pipeline adds). Each unique item is encoded exactly once per step, however often it
 appears. Scores are cosine similarities divided by a temperature.
 
+For scale: item IDs may be hashed into a fixed number of embedding rows (`item_id_buckets`);
+a batch without padding attends causally without any mask (the flash kernel on a GPU; no (T, T)
+mask in memory), and `activation_checkpointing` recomputes each block in the backward pass, so
+histories of thousands of events fit.
+
 Imports nothing of Ray, DeepSpeed or MLflow: the model runs the same in a notebook.
 """
 
