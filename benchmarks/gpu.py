@@ -91,8 +91,8 @@ def synthetic_batch(batch_size: int, seq_len: int, num_items: int, negatives: in
     items = torch.randint(1, num_items + 1, (batch_size, seq_len + 1), generator=generator)
     sampled = torch.randint(1, num_items + 1, (negatives,), generator=generator)
     batch = {
-        "history": items[:, :-1],
-        "targets": items[:, 1:],
+        "history": items[:, :-1].contiguous(),
+        "targets": items[:, 1:].contiguous(),
         "event_types": torch.ones(batch_size, seq_len, dtype=torch.long),
         "unique_items": torch.unique(torch.cat([items.ravel(), sampled, torch.tensor([0])])),
     }
