@@ -11,11 +11,16 @@ from interestformer.jobs.config import PROJECT_DIR
 RESULTS_DIR = os.path.join(PROJECT_DIR, "benchmarks", "results")
 
 
-def machine() -> str:
-    cpu = platform.machine()
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.machine())
+    return platform.machine()
+
+
+def machine() -> str:
     try:
         import torch
 
@@ -23,7 +28,7 @@ def machine() -> str:
     except Exception:  # the description must never fail the benchmark
         gpu = "GPU unknown"
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} CPU cores ({cpu}), {memory:.0f} GiB, {gpu}"
+    return f"{os.cpu_count()} CPU cores ({cpu_name()}), {memory:.0f} GiB, {gpu}"
 
 
 def commit() -> str:
@@ -36,11 +41,16 @@ def commit() -> str:
         return "unknown"
 
 
+def stamp() -> dict:
+    """machine, date (UTC) and commit, as every benchmarks/results/*.json records them."""
+    return {"machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit()}
+
+
 def write_results(name: str, figures: dict) -> str:
     """Writes benchmarks/results/<name>.json: the figures with machine, date and commit; returns its path."""
     path = os.path.join(RESULTS_DIR, f"{name}.json")
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    stamp = {"machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit()}
     with open(path, "w") as f:
-        json.dump({**figures, **stamp}, f, indent=1)
+        json.dump({**figures, **stamp()}, f, indent=1)
+    print(f"wrote {path}")
     return path

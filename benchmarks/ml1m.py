@@ -19,9 +19,8 @@ import argparse
 import json
 import os
 import time
-from datetime import datetime, timezone
 
-from interestformer.benchmarks.common import commit, machine
+from interestformer.benchmarks.common import stamp as benchmark_stamp
 from interestformer.datasets.movielens import convert_movielens
 from interestformer.jobs.config import PROJECT_DIR, load_config
 from interestformer.jobs.train import train
@@ -105,7 +104,7 @@ def main(argv=None) -> dict:
     if os.path.exists(args.out):
         with open(args.out) as f:
             results = json.load(f)
-    stamp = {"machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit()}
+    stamp = benchmark_stamp()
     for name in names:
         standard = run_config(name, args.set, cold=False)
         row = {m: standard["test"][m] for m in METRICS}

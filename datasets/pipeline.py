@@ -38,6 +38,7 @@ are never sampled as negatives, and split `cold` holds the test users whose targ
 (the model must rank an item it has never seen).
 """
 
+import hashlib
 import zlib
 from typing import Literal
 
@@ -93,6 +94,18 @@ def decoded_images(images, size: int) -> tuple[np.ndarray, np.ndarray]:
         if decoded is not None:
             pixels[j], has_image[j] = decoded, True
     return pixels, has_image
+
+
+def id_buckets(item_ids: list[str], buckets: int) -> np.ndarray:
+    """(len(item_ids) + 1,) int64: for item ids in index order (catalogue_ids), each item index's
+    hashed ID row, 1..buckets; row 0, padding, stays 0. The row depends on the raw item id alone
+    (the first 8 bytes of its BLAKE2b digest modulo `buckets`), so an item keeps its row in any
+    catalogue version or order, on every machine."""
+    rows = np.zeros(len(item_ids) + 1, dtype=np.int64)
+    for index, item_id in enumerate(item_ids, start=1):
+        digest = int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little")
+        rows[index] = 1 + digest % buckets
+    return rows
 
 
 class ItemContent:

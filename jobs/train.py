@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from interestformer import ConfigError
-from interestformer.datasets.pipeline import sequence_batches
+from interestformer.datasets.pipeline import catalogue_ids, id_buckets, sequence_batches
 from interestformer.datasets.prepare import PreparedData, input_paths, prepare
 from interestformer.datasets.storage import local_folder
 from interestformer.jobs import tracking
@@ -66,6 +66,9 @@ def train_loop_per_worker(loop_config: dict):
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = InterestFormer(cfg.model, spec)
     model.item_encoder.load_content_features(load_features(loop_config["features_uri"]))
+    if cfg.model.item_id_buckets:
+        catalogue = catalogue_ids(PreparedData.load(loop_config["prepared_path"]))
+        model.item_encoder.load_id_buckets(torch.from_numpy(id_buckets(catalogue, cfg.model.item_id_buckets)))
     engine, state = setup_engine(model, cfg.train)  # resumed from the run's latest checkpoint, if any
     state = state or {"epoch": 0, "step": 0}
     state.update(config=loop_config["config"], spec=loop_config["spec"], prepared_path=loop_config["prepared_path"],

@@ -14,6 +14,11 @@ Training uses a sampled softmax: the candidates of a batch are all unique items 
 the data pipeline adds). Each unique item is encoded exactly once per step, however often it
 appears. Scores are cosine similarities divided by a temperature.
 
+For scale: item IDs may be hashed into a fixed number of embedding rows (`item_id_buckets`);
+a batch without padding attends causally without any mask (the flash kernel on a GPU; no (T, T)
+mask in memory), and `activation_checkpointing` recomputes each block in the backward pass, so
+histories of thousands of events fit.
+
 Imports nothing of Ray, DeepSpeed or MLflow: the model runs the same in a notebook.
 """
 
@@ -24,6 +29,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from interestformer import ConfigError
 
@@ -94,6 +100,14 @@ class ModelConfig:
     """Dropout in the user Transformer and on item representations."""
     use_item_id: bool = True
     """Learn an embedding per item ID. Off gives a content-only model that ranks unseen items."""
+    item_id_buckets: int = 0
+    """0: one ID embedding row per catalogue item. N > 0: N rows shared by hashing, for catalogues
+    too large (or too changeable) for a row each: an item's row is a stable hash of its raw item
+    id modulo N (datasets.pipeline.id_buckets), so it keeps its row across catalogue versions;
+    items whose hashes collide share a row."""
+    activation_checkpointing: bool = False
+    """Recompute each Transformer block's activations in the backward pass instead of keeping
+    them: less memory for long sequences, about a third more compute."""
     temperature: float = 0.05
     """Softmax temperature over cosine scores."""
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -121,6 +135,10 @@ class ModelConfig:
             raise ConfigError("dropout", f"must be within [0, 1), got {self.dropout}")
         if self.temperature <= 0:
             raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
+        if self.item_id_buckets < 0:
+            raise ConfigError("item_id_buckets", f"must be >= 0, got {self.item_id_buckets}")
+        if self.item_id_buckets and not self.use_item_id:
+            raise ConfigError("item_id_buckets", "hashes item IDs into embedding rows: needs use_item_id true")
 
 
 @dataclass
@@ -142,15 +160,21 @@ class ItemEncoder(nn.Module):
 
     A frozen encoder is not held at all: its features for the whole catalogue live in buffers
     (`text_features`, `image_features`, `has_image`), filled by `load_content_features` before
-    training and saved with the weights, so a checkpoint evaluates without the encoder."""
+    training and saved with the weights, so a checkpoint evaluates without the encoder. Hashed
+    item IDs (item_id_buckets > 0) likewise keep each item's embedding row in a buffer
+    (`id_bucket`), filled by `load_id_buckets`."""
 
     def __init__(self, cfg: ModelConfig, spec: DataSpec):
         super().__init__()
         d, rows = cfg.d_model, spec.num_items + 1
         parts = 0
         self.id_embedding = None
+        # Hashed IDs: item index -> embedding row; -1 until load_id_buckets, so that an unfilled map
+        # fails the lookup instead of quietly reading the padding row.
+        hashed = cfg.item_id_buckets > 0  # validated: only with use_item_id
+        self.register_buffer("id_bucket", torch.full((rows,), -1, dtype=torch.long) if hashed else None)
         if cfg.use_item_id:
-            self.id_embedding = nn.Embedding(rows, d, padding_idx=0)
+            self.id_embedding = nn.Embedding(cfg.item_id_buckets + 1 if hashed else rows, d, padding_idx=0)
             nn.init.normal_(self.id_embedding.weight, std=0.02)
             parts += 1
         self.text_encoder = self.text_proj = None
@@ -182,7 +206,7 @@ class ItemEncoder(nn.Module):
         order: text_tokens (U, L), text_mask (U, L), pixels (U, 3, S, S) uint8, has_image (U,)."""
         parts = []
         if self.id_embedding is not None:
-            parts.append(self.id_embedding(items))  # (U, d)
+            parts.append(self.id_embedding(items if self.id_bucket is None else self.id_bucket[items]))  # (U, d)
         if self.text_proj is not None:
             if self.text_encoder is None:
                 features = self.text_features[items]
@@ -215,6 +239,12 @@ class ItemEncoder(nn.Module):
         for name, tensor in features.items():
             if hasattr(self, name):
                 getattr(self, name).copy_(tensor)
+
+    @torch.no_grad()
+    def load_id_buckets(self, id_bucket: torch.Tensor):
+        """Fills the hashed-ID map: id_bucket (N+1,) is each item index's embedding row, 0 for padding
+        (datasets.pipeline.id_buckets)."""
+        self.id_bucket.copy_(id_bucket)
 
 
 class TextEncoder(nn.Module):
@@ -269,7 +299,10 @@ class ImageEncoder(nn.Module):
 
 
 class CausalBlock(nn.Module):
-    """Pre-norm Transformer block; attention through PyTorch's scaled_dot_product_attention."""
+    """Pre-norm Transformer block; attention through PyTorch's scaled_dot_product_attention.
+
+    Without a mask the attention is plain causal (`is_causal`), which lets a GPU take the flash
+    kernel and never builds a (T, T) mask; a mask is passed only for batches with padding."""
 
     def __init__(self, d: int, n_heads: int, dropout: float):
         super().__init__()
@@ -281,12 +314,14 @@ class CausalBlock(nn.Module):
         self.ln2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, d); attn_mask (B, 1, T, T) bool (True: may attend), or None for causal."""
         B, T, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(  # (B, nh, T, hs)
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))
         return x + self.mlp(self.ln2(x))
@@ -337,12 +372,12 @@ class InterestFormer(nn.Module):
         positions = (T - 1 - torch.arange(T, device=history.device)).clamp(max=self.spec.max_seq_len - 1)
         x = history_vectors * is_real.unsqueeze(-1) + self.position(positions) + self.event_type(event_types)
         x = self.dropout(x)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
-        # Every query may see itself, so rows of padding never softmax over nothing.
-        attn_mask = (causal & is_real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=x.device)
-        attn_mask = attn_mask.unsqueeze(1)  # (B, 1, T, T)
+        attn_mask = None if bool(is_real.all()) else padding_mask(is_real)  # None: causal, no mask needed
         for block in self.blocks:
-            x = block(x, attn_mask)
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)  # activations recomputed in backward
+            else:
+                x = block(x, attn_mask)
         return F.normalize(self.ln_f(x), dim=-1)
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -364,6 +399,15 @@ class InterestFormer(nn.Module):
         history = batch["history"]
         users = self.encode_users(vectors[torch.searchsorted(items, history)], history, batch["event_types"])
         return users[:, -1]
+
+
+def padding_mask(is_real: torch.Tensor) -> torch.Tensor:
+    """is_real (B, T) -> (B, 1, T, T) bool attention mask: causal, padding keys hidden."""
+    T = is_real.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=is_real.device).tril()  # (T, T)
+    # Every query may see itself, so rows of padding never softmax over nothing.
+    attn_mask = (causal & is_real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=is_real.device)
+    return attn_mask.unsqueeze(1)
 
 
 def build_text_encoder(cfg: TextEncoderConfig, spec: DataSpec) -> TextEncoder:

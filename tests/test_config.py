@@ -45,6 +45,8 @@ def test_demo_config_file_is_the_embedded_default():
     (["train.zero_stage=2", "train.offload_params=true"], "train.offload_params", "zero_stage=3"),
     (["model.dropout=1.5"], "model.dropout", "[0, 1)"),
     (["model.n_heads=3"], "model.n_heads", "divide d_model"),
+    (["model.item_id_buckets=-1"], "model.item_id_buckets", ">= 0"),
+    (["model.item_id_buckets=64", "model.use_item_id=false"], "model.item_id_buckets", "use_item_id"),
     (["model.image.patch_size=5"], "model.image.patch_size", "divide data.image_size"),
     (["model.text.hidden_sise=8"], "model.text.hidden_sise", "unknown key"),
     (["trian.epochs=1"], "trian", "unknown key"),

@@ -7,9 +7,10 @@ import os
 
 import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from interestformer.datasets.pipeline import unpack
+from interestformer.datasets.pipeline import catalogue_ids, id_buckets, unpack
 from interestformer.datasets.prepare import PreparedData, input_paths
 from interestformer.jobs import evaluate, tracking
 from interestformer.jobs.config import load_config
@@ -152,7 +153,8 @@ def test_checkpoint_reloads_into_evaluate_with_the_same_metrics(finished_run):
 def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, tmp_path):
     """ZeRO-3 partitions the weights, so the checkpoint's model.safetensors must be gathered from
     both workers; a rerun with the same name and storage resumes from the latest checkpoint, on
-    one worker (consolidated weights) or on two (DeepSpeed's shards)."""
+    one worker (consolidated weights) or on two (DeepSpeed's shards). Item IDs are hashed (their
+    map is a buffer, gathered and saved with the weights) and blocks recompute their activations."""
     overrides = [
         f"data.prepared_dir={tmp_path / 'prepared'}",
         f"experiment.storage_path={tmp_path / 'runs'}",
@@ -161,13 +163,17 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
         "train.zero_stage=3",
         "train.precision=bf16",
         "train.grad_accum_steps=2",
+        "model.item_id_buckets=32",
+        "model.activation_checkpointing=true",
     ]
     config = os.path.join(PROJECT_DIR, "configs", "tiny.yaml")
     first = train(load_config(config, overrides + ["train.epochs=1"]))
     weights = load_file(os.path.join(first["checkpoint"], "model.safetensors"))
-    model, _ = load_model(first["checkpoint"])
+    model, state = load_model(first["checkpoint"])
     assert set(weights) == set(model.state_dict())  # every weight, gathered whole
     assert all(w.shape == model.state_dict()[name].shape for name, w in weights.items())
+    buckets = id_buckets(catalogue_ids(PreparedData.load(state["prepared_path"])), 32)
+    assert torch.equal(weights["item_encoder.id_bucket"], torch.from_numpy(buckets))  # filled by every worker
 
     # One worker instead of two, nothing left to train: the weights must come back exactly.
     resharded = train(load_config(config, overrides + ["train.epochs=1", "train.num_workers=1"]))

@@ -14,7 +14,7 @@ import pytest
 import ray.train
 import torch
 
-from interestformer.datasets.pipeline import ItemContent, catalogue_ids, item_batches, left_pad
+from interestformer.datasets.pipeline import ItemContent, catalogue_ids, id_buckets, item_batches, left_pad
 from interestformer.datasets.prepare import prepare
 from interestformer.jobs import tracking
 from interestformer.jobs.config import load_config
@@ -47,18 +47,21 @@ print(json.dumps({"item_ids": [list(ids) for ids in out["item_ids"]],
 @pytest.fixture(scope="module")
 def logged(ray_local, tmp_path_factory):
     """A tiny config's freshly initialised model, saved as a training checkpoint is, logged into
-    an MLflow run."""
+    an MLflow run. Its item IDs are hashed (fewer rows than items), whose map travels in the weights."""
     tmp = tmp_path_factory.mktemp("mlflow_model")
     cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
         f"data.prepared_dir={tmp / 'prepared'}",
         f"experiment.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        "model.item_id_buckets=16",
     ])
     prepared = prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)
     spec = data_spec(prepared, cfg)
     torch.manual_seed(0)
+    model = InterestFormer(cfg.model, spec)
+    model.item_encoder.load_id_buckets(torch.from_numpy(id_buckets(catalogue_ids(prepared), 16)))  # as training does
     checkpoint = tmp / "checkpoint"
     checkpoint.mkdir()
-    write_weights_and_state(str(checkpoint), InterestFormer(cfg.model, spec).state_dict(), {
+    write_weights_and_state(str(checkpoint), model.state_dict(), {
         "epoch": 0, "step": 0, "config": cfg.to_dict(), "spec": vars(spec), "prepared_path": prepared.path,
         "world_size": 1})
     uri = tracking.tracking_uri(cfg)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from interestformer.datasets.pipeline import left_pad
+from interestformer.datasets.pipeline import id_buckets, left_pad
 from interestformer.models.interest_former import (
     DataSpec, ImageEncoderConfig, InterestFormer, ModelConfig, TextEncoderConfig,
 )
@@ -12,15 +12,18 @@ from interestformer.models.interest_former import (
 SPEC = DataSpec(num_items=30, num_event_types=3, max_seq_len=8, text_vocab_size=50, text_max_tokens=6, image_size=16)
 
 
-def tiny_model(**overrides) -> InterestFormer:
-    cfg = ModelConfig(
-        d_model=16, n_layers=2, n_heads=2, dropout=0.0,
-        text=TextEncoderConfig(hidden_size=16, num_layers=1, num_heads=2),
-        image=ImageEncoderConfig(hidden_size=16, num_layers=1, num_heads=2, patch_size=8),
+def tiny_model(spec: DataSpec = SPEC, **overrides) -> InterestFormer:
+    cfg = ModelConfig(**{
+        "d_model": 16, "n_layers": 2, "n_heads": 2, "dropout": 0.0,
+        "text": TextEncoderConfig(hidden_size=16, num_layers=1, num_heads=2),
+        "image": ImageEncoderConfig(hidden_size=16, num_layers=1, num_heads=2, patch_size=8),
         **overrides,
-    )
+    })
     torch.manual_seed(0)
-    return InterestFormer(cfg, SPEC).eval()
+    return InterestFormer(cfg, spec).eval()
+
+
+ID_ONLY = {"text": TextEncoderConfig(enabled=False), "image": ImageEncoderConfig(enabled=False)}
 
 
 def batch_of(histories: list[list[int]], seed: int = 0) -> dict:
@@ -102,3 +105,64 @@ def test_config_needs_at_least_one_item_input():
 
     with pytest.raises(ConfigError, match="use_item_id"):
         ModelConfig(use_item_id=False, text=TextEncoderConfig(enabled=False), image=ImageEncoderConfig(enabled=False))
+
+
+def test_hashed_item_ids_keep_their_row_in_any_catalogue_and_colliding_items_share_it():
+    catalogue = [f"i{n:06d}" for n in range(SPEC.num_items)]
+    rows = id_buckets(catalogue, 8)
+    assert rows[0] == 0 and set(rows[1:]) <= set(range(1, 9))
+    later = id_buckets(["new"] + catalogue[::-1], 8)  # another version: reordered, one item more
+    assert dict(zip(catalogue, rows[1:])) == dict(zip(catalogue[::-1], later[2:]))
+
+    model = tiny_model(item_id_buckets=8, **ID_ONLY)
+    assert sum(p.numel() for p in model.parameters()) == (
+        sum(p.numel() for p in tiny_model(**ID_ONLY).parameters()) - (SPEC.num_items - 8) * 16)
+    with pytest.raises(IndexError):  # an unfilled map fails rather than reading the padding row
+        model.encode_items(torch.tensor([1, 2]), {})
+    model.item_encoder.load_id_buckets(torch.from_numpy(rows))
+    a, b = np.flatnonzero(rows == rows[1])[:2]  # 30 items in 8 rows: item 1 collides with another
+    with torch.no_grad():
+        vectors = model.encode_items(torch.tensor([a, b, 2]), {})
+    assert torch.equal(vectors[0], vectors[1]) and not torch.equal(vectors[0], vectors[2])
+
+    model.train()
+    model(batch_of([[1, 2, 3, 4, 5], [6, 7, 8, 9]])).backward()  # a training step reaches the shared rows
+    used = model.item_encoder.id_embedding.weight.grad.abs().sum(1) > 0
+    assert used[torch.from_numpy(rows[1:10])].all() and not used[0]
+    assert torch.equal(model.state_dict()["item_encoder.id_bucket"], torch.from_numpy(rows))  # saved with weights
+
+
+def test_causal_attention_without_a_mask_equals_the_masked_path():
+    model = tiny_model()
+    full, padded = [1, 2, 3, 4, 5, 6, 7, 8, 9], [3, 4, 5]
+    with torch.no_grad():
+        unmasked = model.user_vectors(batch_of([full]))  # no padding: is_causal, no mask
+        masked = model.user_vectors(batch_of([full, padded]))  # padding in the batch: the mask path
+    assert torch.allclose(unmasked[0], masked[0], atol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    batch = batch_of([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11]])
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(activation_checkpointing=checkpointing).train()
+        loss = model(batch)
+        loss.backward()
+        results.append((loss, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    assert torch.allclose(loss, loss_ckpt)
+    assert grads.keys() == grads_ckpt.keys()
+    assert all(torch.allclose(grads[name], grads_ckpt[name], atol=1e-6) for name in grads)
+
+
+def test_a_sequence_of_4096_trains_on_cpu():
+    T = 4096
+    spec = DataSpec(num_items=100, num_event_types=1, max_seq_len=T, text_vocab_size=2, text_max_tokens=2,
+                    image_size=16)
+    model = tiny_model(spec, n_layers=1, activation_checkpointing=True, **ID_ONLY).train()
+    items = torch.randint(1, spec.num_items + 1, (1, T + 1))
+    batch = {"history": items[:, :-1], "targets": items[:, 1:], "event_types": torch.ones(1, T, dtype=torch.long),
+             "unique_items": torch.unique(torch.cat([items.ravel(), torch.tensor([0])]))}
+    loss = model(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.position.weight.grad[T - 1].abs().sum() > 0  # the oldest position learns
