@@ -205,7 +205,10 @@ class PackBatches:
 def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_seq_len: int,
                      num_negatives: int = 0, text: bool = True, image: bool = True, seed: int = 0,
                      pipeline_workers: int = 1, cold_fraction: float = 0.0) -> ray.data.Dataset:
-    """A dataset whose rows are packed batches of `batch_size` users for `split`."""
+    """A dataset whose rows are packed batches of `batch_size` users for `split`, one batch per
+    block: a map task packs a whole input block (a few hundred users) into one output block of
+    several batches, and a split across workers hands out whole blocks, each to the worker that
+    has had the fewest rows so far; with one batch per block the shares differ by a batch at most."""
     ds = ray.data.read_parquet(prepared.sequences_path).select_columns(
         ["user_id", "items", "event_types", "num_events"])
     # Training needs a pair of events; evaluation a history and a target beyond the validation one.
@@ -222,7 +225,7 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=(1, pipeline_workers),
-    )
+    ).repartition(target_num_rows_per_block=1)
 
 
 class _TargetIsCold:
@@ -263,7 +266,7 @@ def _item_content(table: pa.Table, image_size: int) -> dict[str, np.ndarray]:
 def item_batches(prepared: PreparedData, batch_size: int, text: bool = True, image: bool = True) -> ray.data.Dataset:
     """A dataset whose rows are packed batches of catalogue items (every item exactly once)."""
     return catalogue_rows(prepared, batch_size, text, image).map_batches(
-        _pack_items, batch_size=batch_size, batch_format="numpy")
+        _pack_items, batch_size=batch_size, batch_format="numpy").repartition(target_num_rows_per_block=1)
 
 
 def _pack_items(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
