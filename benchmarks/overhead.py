@@ -17,7 +17,7 @@ from interestformer.benchmarks.common import write_results
 from interestformer.benchmarks.plain_loop import plain_training
 from interestformer.datasets.prepare import prepare
 from interestformer.jobs.config import load_config
-from interestformer.jobs.train import train
+from interestformer.jobs.train import ensure_ray, train
 
 
 def steady_rate(epochs: list[dict]) -> float:
@@ -38,6 +38,7 @@ def main(argv=None):
               "experiment.mlflow_experiment=benchmarks", "experiment.system_metrics_interval_s=0", *args.set]
     configs = {workers: load_config(args.config, [*common, f"train.num_workers={workers}"]) for workers in (1, 2)}
 
+    ensure_ray(configs[2])  # before Ray Data starts a Ray of its own, too small for the workers and the pipeline
     prepared = prepare(configs[1].data, tokenizer_path=configs[1].model.text.pretrained_path)
     plain = plain_training(prepared, configs[1], args.threads)
     ours = {workers: train(cfg)["throughput"] for workers, cfg in configs.items()}

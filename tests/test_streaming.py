@@ -20,7 +20,8 @@ WORKERS = 2
 
 
 def user_windows(rows) -> Counter:
-    """Each packed row's users as (history, targets) tuples: one per user window trained on."""
+    """Each packed row's users as (history, targets) tuples, counted: the multiset of user windows
+    trained on (windows that happen to be equal are counted, not merged)."""
     seen = Counter()
     for row in rows:
         batch = unpack(row)
@@ -39,7 +40,6 @@ def test_every_user_window_reaches_exactly_one_worker_each_epoch(ray_local, tmp_
     batches = sequence_batches(prepared, "train", 3, cfg.data.max_seq_len, num_negatives=4, text=False, image=False)
     expected = user_windows(batches.iter_torch_batches(batch_size=1))
     assert sum(expected.values()) == prepared.report()["users"] - prepared.report()["users_too_short"]
-    assert max(expected.values()) == 1  # each user's window is distinct, so a Counter tells them apart
 
     shares = ExactSplit(datasets_to_split=["train"]).configure({"train": batches}, WORKERS, None, None)
     for epoch in range(2):

@@ -2,7 +2,10 @@
 (ZeRO-0): the same model, seeds and per-rank batches through jobs/distributed.py's DeepSpeed
 config and engine, on gloo."""
 
+import sys
+
 import pytest
+import ray.cloudpickle
 import ray.train
 import torch
 from ray.train import ScalingConfig
@@ -57,6 +60,7 @@ def losses_at_stage(stage: int, tmp_path) -> list[float]:
 
 
 def test_zero3_on_two_workers_follows_the_zero0_loss_trajectory(ray_local, tmp_path):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     plain, zero3 = losses_at_stage(0, tmp_path), losses_at_stage(3, tmp_path)
     assert plain[-1] < plain[0]  # it learns
     assert zero3 == pytest.approx(plain, rel=1e-5), (plain, zero3)
