@@ -50,7 +50,7 @@ from ray.data.expressions import col
 
 from interestformer.datasets.prepare import PreparedData
 from interestformer.datasets.schema import load_image
-from interestformer.datasets.storage import filesystem
+from interestformer.datasets.storage import filesystem, read_parquet
 
 Split = Literal["train", "validation", "test", "cold"]
 COLD_ITEM_SEED = 20261124  # fixed, so every config of a benchmark holds out the same items
@@ -209,7 +209,7 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
     block: a map task packs a whole input block (a few hundred users) into one output block of
     several batches, and a split across workers hands out whole blocks, each to the worker that
     has had the fewest rows so far; with one batch per block the shares differ by a batch at most."""
-    ds = ray.data.read_parquet(prepared.sequences_path).select_columns(
+    ds = read_parquet(prepared.sequences_path).select_columns(
         ["user_id", "items", "event_types", "num_events"])
     # Training needs a pair of events; evaluation a history and a target beyond the validation one.
     ds = ds.filter(expr=col("num_events") >= (2 if split == "train" else 3))
@@ -244,7 +244,7 @@ def catalogue_rows(prepared: PreparedData, batch_size: int, text: bool = True, i
 
     Only the asked columns are read, and images are decoded in the map, `batch_size` items at
     a time: no process holds the whole catalogue's images."""
-    rows = ray.data.read_parquet(prepared.items_path).select_columns(
+    rows = read_parquet(prepared.items_path).select_columns(
         ["item_index", "item_id", *content_columns(text, image)])  # pushed down into the read
     if not (text or image):
         return rows

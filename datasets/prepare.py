@@ -36,7 +36,7 @@ from interestformer.datasets.schema import (
     EVENT_REQUIRED, ITEM_REQUIRED, ITEM_TABLE_SCHEMA, REASONS, SEQUENCE_SCHEMA, load_image, normalise_items, png_bytes,
     shard_problem, tag_events,
 )
-from interestformer.datasets.storage import absolute, filesystem, join, local_folder, read_json, write_json
+from interestformer.datasets.storage import absolute, filesystem, join, local_folder, read_json, read_parquet, write_json
 
 TEXT_CHARS_PER_TOKEN = 32  # generous: word pieces are rarely longer than a few characters
 META_VERSION = 2  # bump when the prepared layout changes: cached data is then rebuilt
@@ -381,7 +381,7 @@ def screen_shards(uri: str, required: tuple[str, ...]) -> tuple[pafs.FileSystem,
 def read_shards(fs: pafs.FileSystem, groups: list[list[str]], normalise, batch_format: str, **kwargs) -> ray.data.Dataset:
     """Files grouped by schema -> one dataset in one schema. Each group is normalised before the
     groups meet: Ray Data cannot put, e.g., integer and string user ids into one block."""
-    parts = [ray.data.read_parquet(files, filesystem=fs).map_batches(normalise, fn_kwargs=kwargs,
+    parts = [read_parquet(files, filesystem=fs).map_batches(normalise, fn_kwargs=kwargs,
                                                                     batch_format=batch_format)
              for files in groups]
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -389,7 +389,7 @@ def read_shards(fs: pafs.FileSystem, groups: list[list[str]], normalise, batch_f
 
 def _summarise(out: str, num_items: int, cfg: DataConfig, fingerprint: str, shards_aside: dict) -> dict:
     stats = (
-        ray.data.read_parquet(join(out, "sequences"))
+        read_parquet(join(out, "sequences"))
         .map_batches(_sequence_stats, fn_kwargs={"num_items": num_items}, batch_format="pandas")
         .to_pandas()
     )
@@ -431,7 +431,7 @@ def _summarise(out: str, num_items: int, cfg: DataConfig, fingerprint: str, shar
 
 def _reason_counts(path: str) -> dict[str, int]:
     try:
-        reasons = ray.data.read_parquet(path).select_columns(["reason"]).to_pandas()["reason"]
+        reasons = read_parquet(path).select_columns(["reason"]).to_pandas()["reason"]
     except (ValueError, OSError, KeyError):  # an empty quarantine has no files to read
         return {}
     return {str(k): int(v) for k, v in reasons.value_counts().items()}

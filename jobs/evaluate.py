@@ -17,7 +17,7 @@ import torch
 from interestformer.datasets.pipeline import cold_items, item_batches, sequence_batches, unpack
 from interestformer.datasets.prepare import PreparedData
 from interestformer.jobs.config import JobConfig
-from interestformer.models.ranking import RankTotals, evaluate_model, evaluate_popularity, item_vectors
+from interestformer.models.ranking import RankTotals, evaluate_model, evaluate_popularity, item_representations
 
 
 def device_batches(rows, device):
@@ -30,7 +30,7 @@ def evaluate(model, item_rows, eval_rows, cfg: JobConfig, device) -> RankTotals:
     """Rank totals (metrics, per-segment metrics, HR/NDCG at every K) of `model` over an iterable
     of packed evaluation rows (any Ray Data iterator's iter_torch_batches(batch_size=1)), with the
     catalogue from packed item rows."""
-    items = item_vectors(model, device_batches(item_rows, device), model.spec.num_items)
+    items = item_representations(model, device_batches(item_rows, device), model.spec.num_items)
     return evaluate_model(model, items, device_batches(eval_rows, device), cfg.eval.ks, cfg.eval.exclude_history,
                           cfg.eval.item_chunk_size)
 
@@ -44,10 +44,11 @@ def evaluate_most_popular(prepared: PreparedData, eval_rows, cfg: JobConfig, spl
 
 
 def eval_datasets(prepared: PreparedData, cfg: JobConfig, split: str):
-    """The packed item rows and the split's packed user rows, as the model's inputs need them."""
+    """The packed item rows, with the content the model's live encoders read, and the split's
+    packed user rows, without content: users read the encoded catalogue (evaluate_model)."""
     text, image = cfg.model.live_content()
     items = item_batches(prepared, cfg.eval.batch_size, text=text, image=image)
-    users = sequence_batches(prepared, split, cfg.eval.batch_size, cfg.data.max_seq_len, text=text, image=image,
+    users = sequence_batches(prepared, split, cfg.eval.batch_size, cfg.data.max_seq_len, text=False, image=False,
                              pipeline_workers=cfg.train.pipeline_workers, cold_fraction=cfg.data.cold_item_fraction)
     return items, users
 

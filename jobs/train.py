@@ -23,7 +23,6 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-import torch.nn.functional as F
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from interestformer import ConfigError
@@ -159,7 +158,7 @@ def _evaluate_share(model, split: str, cfg: JobConfig, device) -> RankTotals:
     items = item_representations(model, device_batches(ray.train.get_dataset_shard("items").iter_torch_batches(
         batch_size=1), device), model.spec.num_items)
     dist.all_reduce(items)  # each item's row was encoded by exactly one worker, the others hold 0
-    share = evaluate_model(model, F.normalize(items, dim=-1),
+    share = evaluate_model(model, items,
                            device_batches(ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=1), device),
                            cfg.eval.ks, cfg.eval.exclude_history, cfg.eval.item_chunk_size)
     shares = [None] * dist.get_world_size()

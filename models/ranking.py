@@ -159,12 +159,6 @@ def item_representations(model: InterestFormer, item_batches: Iterable[dict], nu
     return table
 
 
-def item_vectors(model: InterestFormer, item_batches: Iterable[dict], num_items: int) -> torch.Tensor:
-    """The whole catalogue's L2-normalised item representations (num_items + 1, d), what users
-    are scored against; row 0 (padding) is 0."""
-    return F.normalize(item_representations(model, item_batches, num_items), dim=-1)
-
-
 @torch.no_grad()
 def chunked_target_ranks(
     score_columns: Callable[[int, int], torch.Tensor],
@@ -276,20 +270,25 @@ def row_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor
 @torch.no_grad()
 def evaluate_model(
     model: InterestFormer,
-    items: torch.Tensor,
+    representations: torch.Tensor,
     eval_batches: Iterable[dict],
     ks: Iterable[int],
     exclude_history: bool,
     chunk_size: int = 65536,
 ) -> RankTotals:
-    """The rank totals of `model` over eval batches, with item vectors `items` (N+1, d), scored
-    `chunk_size` items at a time."""
+    """The rank totals of `model` over eval batches, with the catalogue's item representations
+    (N+1, d) from item_representations, scored `chunk_size` items at a time. Users read their
+    histories' rows of the table, so each item is encoded once per evaluation, not once per
+    batch it occurs in, and eval batches need no item content. Each chunk is L2-normalised as it
+    is scored, so no second catalogue-sized table is made."""
     totals = RankTotals(tuple(ks))
     for batch in eval_batches:
-        user = model.user_vectors(batch).float()  # (B, d)
+        history = batch["history"]
+        user = model.encode_users(representations[history], history, batch["event_types"])[:, -1]  # (B, d)
         # Cosine scores; the temperature does not change the order.
-        ranks = chunked_target_ranks(lambda a, b: user @ items[a:b].T, len(items), batch["targets"],
-                                     batch["history"] if exclude_history else None, chunk_size)
+        ranks = chunked_target_ranks(lambda a, b: user @ F.normalize(representations[a:b], dim=-1).T,
+                                     len(representations), batch["targets"],
+                                     history if exclude_history else None, chunk_size)
         totals.add(ranks, batch["history_length"], batch["target_cold"])
     return totals
 

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray.train
 import torch
+import torch.nn.functional as F
 
 from interestformer.datasets.pipeline import ItemContent, catalogue_ids, id_buckets, item_batches, left_pad
 from interestformer.datasets.prepare import prepare
@@ -22,7 +23,7 @@ from interestformer.jobs.distributed import load_model, write_weights_and_state
 from interestformer.jobs.evaluate import device_batches
 from interestformer.jobs.train import data_spec
 from interestformer.models.interest_former import InterestFormer
-from interestformer.models.ranking import item_vectors
+from interestformer.models.ranking import item_representations
 
 from conftest import PROJECT_DIR
 
@@ -81,11 +82,12 @@ def real_histories(prepared, users: int, T: int) -> tuple[list[list[int]], list[
 
 def ranked_by_the_evaluation_code(cfg, prepared, checkpoint, histories, event_types):
     """Top-K (item indices, scores) of the checkpoint's model for the histories, through
-    InterestFormer.user_vectors and ranking.item_vectors, history items excluded."""
+    InterestFormer.user_vectors (items encoded from their content) against the normalised
+    ranking.item_representations, history items excluded."""
     model, _ = load_model(checkpoint)
     text, image = cfg.model.live_content()
     rows = item_batches(prepared, cfg.eval.batch_size, text, image).iter_torch_batches(batch_size=1)
-    items = item_vectors(model, device_batches(rows, "cpu"), prepared.num_items)
+    items = F.normalize(item_representations(model, device_batches(rows, "cpu"), prepared.num_items), dim=-1)
     type_index = {name: i + 1 for i, name in enumerate(prepared.meta["event_types"])}
     history = torch.from_numpy(left_pad([np.array(h) for h in histories], model.spec.max_seq_len))
     types = torch.from_numpy(left_pad([np.array([type_index[t] for t in row]) for row in event_types],
