@@ -14,13 +14,12 @@ Writes benchmarks/results/ingest.json. Targets (issue 4): pipeline >= 3x trainin
 under 5% of step time.
 """
 
-import argparse
 import time
 
 from interestformer.benchmarks.common import write_results
 from interestformer.benchmarks.overhead import steady_rate
 from interestformer.datasets.prepare import prepare
-from interestformer.jobs.config import load_config
+from interestformer.jobs.config import config_parser, load_config
 from interestformer.jobs.train import ensure_ray, train, training_batches
 
 
@@ -41,10 +40,7 @@ def pipeline_alone(dataset, epochs: int) -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ingest", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="job config (default: the demo)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser = config_parser("python -m benchmarks.ingest", __doc__)
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each part; the first is not counted")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, [f"train.epochs={args.epochs}", "experiment.mlflow_experiment=benchmarks",

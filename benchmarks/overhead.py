@@ -11,12 +11,11 @@ pass) is left out of every figure. Writes benchmarks/results/overhead.json.
 Targets (issue 4): our 1-worker run within 10% of the plain loop; 2 workers faster than 1.
 """
 
-import argparse
 
 from interestformer.benchmarks.common import write_results
 from interestformer.benchmarks.plain_loop import plain_training
 from interestformer.datasets.prepare import prepare
-from interestformer.jobs.config import load_config
+from interestformer.jobs.config import config_parser, load_config
 from interestformer.jobs.train import ensure_ray, train
 
 
@@ -27,10 +26,7 @@ def steady_rate(epochs: list[dict]) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="job config (default: the demo)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser = config_parser("python -m benchmarks.overhead", __doc__)
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is not counted")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per worker and for the plain loop")
     args = parser.parse_args(argv)

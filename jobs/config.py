@@ -416,3 +416,18 @@ def field_docs(cls=JobConfig, prefix: str = "") -> list[tuple[str, str, str]]:
         else:
             rows.append((_join(prefix, f.name), repr(value), docs.get(f.name, "")))
     return rows
+
+
+def config_parser(prog: str, description: str, example: str = "train.zero_stage=3"):
+    """The command line every job, sweep and benchmark shares: --config and repeatable --set,
+    with every config key, its default and its doc in --help. Callers add their own flags."""
+    import argparse
+
+    keys = "\n".join(f"  {key} (default {default}): {doc}" for key, default, doc in field_docs())
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     epilog=f"config keys (YAML sections, or --set section.key=value):\n{keys}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file; without it, the demo config (all defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one config key, e.g. --set {example} (repeatable)")
+    return parser

@@ -25,7 +25,6 @@ batches look items up by index. At catalogue scale, freeze the image encoder and
 the feature store.
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -43,7 +42,7 @@ from interestformer import ConfigError
 from interestformer.datasets.pipeline import catalogue_rows
 from interestformer.datasets.prepare import PreparedData, prepare
 from interestformer.datasets.storage import filesystem, join, read_json, write_json
-from interestformer.jobs.config import JobConfig, field_docs, load_config
+from interestformer.jobs.config import JobConfig, config_parser, load_config
 from interestformer.models.interest_former import DataSpec, build_image_encoder, build_text_encoder
 
 SUMMARY = "_summary.json"  # the leading underscore keeps Parquet readers from taking it for data
@@ -170,26 +169,12 @@ def _fixed_size_lists(features: torch.Tensor) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1])
 
 
-def parse_args(argv=None):
-    keys = "\n".join(f"  {key} (default {default}): {doc}" for key, default, doc in field_docs())
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.embed_items",
-        description=__doc__,
-        epilog=f"config keys (YAML sections, or --set section.key=value):\n{keys}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", help="YAML config file; without it, the demo config (all defaults)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set model.text.train_mode=frozen (repeatable)")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> dict:
     """Prepares the data (cached) and computes its feature store unless it is there already;
     returns {uri, items, seconds, computed}."""
     from interestformer.jobs.train import data_spec, ensure_ray
 
-    args = parse_args(argv)
+    args = config_parser("python -m jobs.embed_items", __doc__, "model.text.train_mode=frozen").parse_args(argv)
     cfg = load_config(args.config, args.set)  # every config mistake stops here, before Ray starts
     if not cfg.model.frozen_encoders():
         raise ConfigError("model.text.train_mode", "no enabled encoder is frozen, so there is nothing to embed: "

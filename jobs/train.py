@@ -10,7 +10,6 @@ final report (jobs/report.py), close the run and print the headline metrics with
 browses them.
 """
 
-import argparse
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ from interestformer.datasets.pipeline import catalogue_ids, id_buckets, sequence
 from interestformer.datasets.prepare import PreparedData, input_paths, prepare
 from interestformer.datasets.storage import local_folder
 from interestformer.jobs import tracking
-from interestformer.jobs.config import JobConfig, field_docs, load_config
+from interestformer.jobs.config import JobConfig, config_parser, load_config
 from interestformer.jobs.embed_items import feature_store, load_features
 from interestformer.jobs.distributed import (
     checkpoint_uri,
@@ -364,16 +363,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
 
 
 def parse_args(argv=None):
-    keys = "\n".join(f"  {key} (default {default}): {doc}" for key, default, doc in field_docs())
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.train",
-        description=__doc__,
-        epilog=f"config keys (YAML sections, or --set section.key=value):\n{keys}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", help="YAML config file; without it, the demo config (all defaults)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set train.zero_stage=3 (repeatable)")
+    parser = config_parser("python -m jobs.train", __doc__)
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (same as --set experiment.tracking_uri=...)")
     return parser.parse_args(argv)
 

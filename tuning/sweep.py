@@ -12,7 +12,6 @@ distributions. In MLflow the sweep is a parent run with one child run per trial.
 best trial's config is written out as a ready-to-run YAML and its model is registered in MLflow.
 """
 
-import argparse
 import copy
 import os
 import sys
@@ -27,7 +26,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from interestformer import ConfigError
 from interestformer.datasets.prepare import prepare
 from interestformer.jobs import tracking
-from interestformer.jobs.config import JobConfig, load_config, set_key
+from interestformer.jobs.config import JobConfig, config_parser, load_config, set_key
 from interestformer.jobs.report import markdown
 from interestformer.jobs.train import check_cluster_fits, ensure_ray, train
 
@@ -195,11 +194,7 @@ def report(cfg: JobConfig, name: str, path: str, uri: str, parent_run_id: str, r
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tuning.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config file with a tune: section; without it, the demo config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set tune.num_samples=8 (repeatable)")
+    parser = config_parser("python -m tuning.sweep", __doc__, "tune.num_samples=8")
     parser.add_argument("--resume", action="store_true",
                         help="continue the stopped sweep of the same experiment.name and storage_path: "
                              "finished trials are kept, unfinished and errored ones go on from their checkpoints")
