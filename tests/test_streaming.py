@@ -57,5 +57,6 @@ def test_every_user_window_reaches_exactly_one_worker_each_epoch(ray_local, tmp_
         for thread in threads:
             thread.join(timeout=300)
         assert all(rows_per_worker), rows_per_worker  # every worker got a share
+        # Counted windows: a lost or repeated one changes a count (equal windows of different
+        # users, which the tiny data has, may land on both workers).
         assert seen[0] + seen[1] == expected, f"epoch {epoch}: lost or repeated user windows"
-        assert not set(seen[0]) & set(seen[1])
