@@ -46,7 +46,7 @@ class TrainConfig:
     embed_workers: int = 1
     """Ray Data actors that run the frozen encoders over the catalogue into the feature store
     (jobs.embed_items, or jobs.train when the store is missing); one GPU each when use_gpu."""
-    epochs: int = 6
+    epochs: int = 3
     """Passes over the training sequences."""
     micro_batch_size: int = 32
     """Users per batch on each worker."""
