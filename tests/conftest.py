@@ -107,7 +107,7 @@ def submit_job(address: str, env: dict, entrypoint: list[str], options: tuple = 
     """`ray job submit --working-dir . [options] -- entrypoint` from the project folder."""
     command = [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", *options, "--", *entrypoint]
     for _ in range(30):  # the head's job agent comes up a little after its dashboard answers
-        run = subprocess.run(command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=1500)
+        run = subprocess.run(command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=1100)
         if "No available agent to submit job" not in run.stderr:
             return run
         time.sleep(2)

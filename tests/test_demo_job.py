@@ -23,7 +23,7 @@ def test_demo_beats_most_popular_on_the_test_split(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = subprocess.run(
         [sys.executable, "-m", "jobs.train", "--tracking-uri", uri, "--set", f"experiment.storage_path={tmp_path / 'runs'}"],
-        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=1700,
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=1100,
     )
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-5000:]
