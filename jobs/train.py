@@ -241,15 +241,22 @@ def check_cluster_fits(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: fl
     autoscaler = state.get_cluster_config()
     if autoscaler is not None and autoscaler.node_group_configs:
         ceiling, source = state.get_max_resources_from_cluster_config() or {}, "the autoscaler's limit"
-        shapes = [dict(group.resources) for group in autoscaler.node_group_configs]
+        # (resources, how many such nodes there may be; -1: no limit)
+        shapes = [(dict(group.resources), group.max_count) for group in autoscaler.node_group_configs]
     else:
         ceiling, source = ray.cluster_resources(), "this cluster, which has no autoscaler"
-        shapes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        shapes = [(node["Resources"], 1) for node in ray.nodes() if node["Alive"]]
     for name, amount in per_worker.items():
-        if not any(shape.get(name, 0) >= amount for shape in shapes):
+        if not any(shape.get(name, 0) >= amount for shape, _ in shapes):
             key = "train.cpus_per_worker" if name == "CPU" else "train.use_gpu"
             raise ConfigError(key, f"one training worker needs {amount:g} {name}, more than any node of "
-                                   f"{source} has ({max((s.get(name, 0) for s in shapes), default=0):g})")
+                                   f"{source} has ({max((s.get(name, 0) for s, _ in shapes), default=0):g})")
+    if cfg.train.placement_strategy == "STRICT_SPREAD":  # one worker a node: there must be enough nodes
+        nodes = [count for shape, count in shapes if all(shape.get(n, 0) >= a for n, a in per_worker.items())]
+        if -1 not in nodes and sum(nodes) < cfg.train.num_workers:
+            raise ConfigError("train.placement_strategy", f"STRICT_SPREAD puts each of the {cfg.train.num_workers} "
+                                                          f"workers on a node of its own; {source} has at most "
+                                                          f"{sum(nodes)} node(s) that can hold one")
     for name, amount in needed.items():
         if amount > ceiling.get(name, 0):
             raise ConfigError("train.num_workers", f"{concurrent_runs} run(s) of {cfg.train.num_workers} workers "

@@ -48,10 +48,12 @@ def submit(address: str, env: dict, tmp_path, *args: str, options: tuple = ()) -
 
 
 @pytest.mark.parametrize("override, key", [("train.num_workers=8", "train.num_workers"),
-                                           ("train.cpus_per_worker=6", "train.cpus_per_worker")])
+                                           ("train.cpus_per_worker=6", "train.cpus_per_worker"),
+                                           ("train.placement_strategy=STRICT_SPREAD", "train.placement_strategy")])
 def test_more_than_the_cluster_holds_fails_before_training(ray_head, tmp_path, override, key):
-    """The head has 4 CPUs: 8 workers x 0.5 CPU plus the pipeline's CPU cannot all run, and no
-    node holds a 6-CPU worker. Either fails at once, naming the key, with nothing written."""
+    """The head has 4 CPUs: 8 workers x 0.5 CPU plus the pipeline's CPU cannot all run, no node
+    holds a 6-CPU worker, and the one node cannot take the tiny config's 2 workers one a node.
+    Each fails at once, naming the key, with nothing written."""
     address, env = ray_head
     run = submit(address, env, tmp_path, "--set", override)
     output = run.stdout + run.stderr
