@@ -14,7 +14,7 @@ demo: setup  ## train + evaluate the demo on a local Ray, log to MLflow (mlflow.
 test: setup setup-browser  ## the whole suite (what CI runs), less the 2-node test
 	$(PY) -m pytest tests -m "not multinode"
 
-test-multinode: setup  ## the 2-node Ray cluster test over a local S3 server (not yet seen passing)
+test-multinode: setup  ## the 2-node Ray cluster test over a local S3 server (about 7 min)
 	$(PY) -m pytest tests -m multinode
 
 test-fast: setup  ## the fast subset, under 2 minutes
