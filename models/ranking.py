@@ -279,14 +279,16 @@ def evaluate_model(
     """The rank totals of `model` over eval batches, with the catalogue's item representations
     (N+1, d) from item_representations, scored `chunk_size` items at a time. Users read their
     histories' rows of the table, so each item is encoded once per evaluation, not once per
-    batch it occurs in, and eval batches need no item content. Each chunk is L2-normalised as it
-    is scored, so no second catalogue-sized table is made."""
+    batch it occurs in, and eval batches need no item content. Scores are cosines: dot products
+    scaled by each item's inverse norm (one number an item, computed once), so no second
+    catalogue-sized table is made."""
+    inverse_norms = 1 / representations.norm(dim=-1).clamp(min=1e-12)  # as F.normalize; row 0 scores 0
     totals = RankTotals(tuple(ks))
     for batch in eval_batches:
         history = batch["history"]
         user = model.encode_users(representations[history], history, batch["event_types"])[:, -1]  # (B, d)
         # Cosine scores; the temperature does not change the order.
-        ranks = chunked_target_ranks(lambda a, b: user @ F.normalize(representations[a:b], dim=-1).T,
+        ranks = chunked_target_ranks(lambda a, b: (user @ representations[a:b].T) * inverse_norms[a:b],
                                      len(representations), batch["targets"],
                                      history if exclude_history else None, chunk_size)
         totals.add(ranks, batch["history_length"], batch["target_cold"])

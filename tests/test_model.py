@@ -8,6 +8,7 @@ from interestformer.datasets.pipeline import id_buckets, left_pad
 from interestformer.models.interest_former import (
     DataSpec, ImageEncoderConfig, InterestFormer, ModelConfig, TextEncoderConfig,
 )
+from interestformer.models.ranking import RankTotals, evaluate_model, item_representations, row_ranks
 
 SPEC = DataSpec(num_items=30, num_event_types=3, max_seq_len=8, text_vocab_size=50, text_max_tokens=6, image_size=16)
 
@@ -166,3 +167,25 @@ def test_a_sequence_of_4096_trains_on_cpu():
     loss = model(batch)
     loss.backward()
     assert torch.isfinite(loss) and model.position.weight.grad[T - 1].abs().sum() > 0  # the oldest position learns
+
+
+def test_evaluation_ranks_users_read_from_the_encoded_catalogue_as_users_encoded_from_content():
+    """evaluate_model reads each history item's row of the catalogue table instead of encoding
+    the batch's items again: the ranks must be those of InterestFormer.user_vectors, which
+    encodes them from their text and pictures."""
+    model = tiny_model()
+    catalogue = batch_of([list(range(first, min(first + 9, SPEC.num_items + 1))) for first in (1, 10, 19, 28)])
+    assert catalogue["unique_items"].tolist() == list(range(SPEC.num_items + 1))  # every item, once
+    table = item_representations(model, [catalogue], SPEC.num_items)
+    batch = batch_of([[3, 7, 9, 12, 4], [5, 5, 20], [1, 2, 3, 4, 5, 6, 7, 8, 9], [30, 2]], seed=1)
+    targets = batch["targets"][:, -1]
+    history_length, cold = (batch["history"] > 0).sum(dim=1), torch.zeros(len(targets), dtype=torch.bool)
+
+    with torch.no_grad():
+        scores = model.user_vectors(batch) @ torch.nn.functional.normalize(table, dim=-1).T
+    expected = RankTotals((1, 5, 10))
+    expected.add(row_ranks(scores, targets, batch["history"]), history_length, cold)
+    evaluated = evaluate_model(model, table, [{**batch, "targets": targets, "history_length": history_length,
+                                               "target_cold": cold}], (1, 5, 10), exclude_history=True, chunk_size=7)
+    assert evaluated.metrics() == pytest.approx(expected.metrics())
+    assert evaluated.histogram == expected.histogram  # the same rank for every user
