@@ -5,6 +5,15 @@ over its picture, projected to `d_model` and fused. A user is a causal Transform
 sequence of their items' representations plus event-type and position embeddings; the output at
 position t is the user's interest after t events and scores the item at t+1.
 
+Long- and short-term interest (`interest`): the short-term interest is the causal Transformer's
+output, each position attending to the last `short_term_events` events only (the current
+session); the long-term interest pools every event of the window (up to thousands) with learned
+weights, causally, in O(T) (a cumulative weighted mean: no attention, so its cost does not grow
+with the square of the history). `gated` mixes the two per user and position with a learned
+sigmoid gate over both vectors, so one vector still scores the whole catalogue (one dot product
+per item: chunked full ranking and serving stay as they are). Multiple interest vectors with
+max-scoring would multiply that cost by the number of vectors. docs/interest.md has the ablation.
+
 Each content encoder trains in one of three modes: `frozen` (its features are computed once per
 run for the whole catalogue and looked up, so training costs no encoder passes), `top` (only its
 top layers train) or `full` (end to end); trainable encoders may have learning rates of their own.
@@ -110,6 +119,13 @@ class ModelConfig:
     them: less memory for long sequences, about a third more compute."""
     temperature: float = 0.05
     """Softmax temperature over cosine scores."""
+    interest: Literal["short", "long", "gated"] = "gated"
+    """What a user vector is: short, the causal Transformer over the last short_term_events events;
+    long, a learned weighted mean of every event in the window (data.max_seq_len, up to thousands);
+    gated, both mixed by a learned gate (per user, position and dimension)."""
+    short_term_events: int = 20
+    """Events the short-term Transformer attends to at each position (itself and the ones before);
+    0: the whole window."""
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     """Item text encoder."""
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
@@ -135,6 +151,8 @@ class ModelConfig:
             raise ConfigError("dropout", f"must be within [0, 1), got {self.dropout}")
         if self.temperature <= 0:
             raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
+        if self.short_term_events < 0:
+            raise ConfigError("short_term_events", f"must be >= 0, got {self.short_term_events}")
         if self.item_id_buckets < 0:
             raise ConfigError("item_id_buckets", f"must be >= 0, got {self.item_id_buckets}")
         if self.item_id_buckets and not self.use_item_id:
@@ -315,7 +333,7 @@ class CausalBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, T, d); attn_mask (B, 1, T, T) bool (True: may attend), or None for causal."""
+        """x (B, T, d); attn_mask (B, 1, T, T) or (T, T) bool (True: may attend), or None for causal."""
         B, T, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
@@ -342,8 +360,39 @@ class InterestFormer(nn.Module):
         nn.init.normal_(self.position.weight, std=0.02)
         nn.init.normal_(self.event_type.weight, std=0.02)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(CausalBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(d)
+        short, long = cfg.interest in ("short", "gated"), cfg.interest in ("long", "gated")
+        self.blocks = nn.ModuleList(CausalBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers if short else 0))
+        self.ln_f = nn.LayerNorm(d) if short else None
+        self.long_term = LongTermPooling(d, cfg.dropout) if long else None
+        self.gate = nn.Linear(2 * d, d) if cfg.interest == "gated" else None
+
+    # Tensors with a row per catalogue item (index 0: padding). The frozen encoders' features and
+    # the hashed-ID map are filled from the catalogue each run; the ID table is what training learns.
+    CATALOGUE_BUFFERS = ("item_encoder.text_features", "item_encoder.image_features", "item_encoder.has_image",
+                         "item_encoder.id_bucket")
+    ID_TABLE = "item_encoder.id_embedding.weight"
+
+    @torch.no_grad()
+    def load_earlier(self, weights: dict[str, torch.Tensor], earlier_rows: torch.Tensor):
+        """Starts from an earlier model's weights on a catalogue that may have changed since.
+        earlier_rows (num_items + 1,) int64 is each of this catalogue's item indices' row in the
+        earlier one, -1 for an item it did not have. Trained ID rows are copied bit for bit; a new
+        item's row is zero, so it is represented by its content until it trains (hashed IDs keep
+        their table: an item's row depends on its id alone). The catalogue's buffers are not
+        read: they are this run's (load_content_features, load_id_buckets)."""
+        hashed = self.item_encoder.id_bucket is not None
+        own = self.state_dict()
+        for name, tensor in weights.items():
+            if name in self.CATALOGUE_BUFFERS:
+                continue
+            if name == self.ID_TABLE and not hashed:
+                table = torch.zeros_like(own[name])
+                known = earlier_rows >= 0
+                table[known] = tensor[earlier_rows[known]].to(table.dtype)
+                tensor = table
+            if own[name].shape != tensor.shape:  # e.g. another vocabulary of event types or tokens
+                raise ValueError(f"{name} is {tuple(tensor.shape)} in the earlier model, {tuple(own[name].shape)} here")
+            own[name].copy_(tensor)
 
     def param_groups(self, lr: float) -> list[dict]:
         """Trainable parameters as optimizer groups: everything at `lr`, except encoders that
@@ -366,19 +415,29 @@ class InterestFormer(nn.Module):
     def encode_users(self, history_vectors: torch.Tensor, history: torch.Tensor, event_types: torch.Tensor):
         """history_vectors (B, T, d) item representations of the left-padded history (B, T) ->
         (B, T, d) L2-normalised interest after each event. Position t sees events 0..t only."""
-        B, T = history.shape
         is_real = history > 0  # (B, T); histories are left-padded with 0
+        events = history_vectors * is_real.unsqueeze(-1) + self.event_type(event_types)
+        short = self._short_term(events, is_real) if self.blocks else None
+        long = self.long_term(self.dropout(events), is_real) if self.long_term is not None else None
+        if self.gate is None:
+            return F.normalize(short if long is None else long, dim=-1)
+        gate = torch.sigmoid(self.gate(torch.cat([short, long], dim=-1)))
+        return F.normalize(gate * short + (1 - gate) * long, dim=-1)
+
+    def _short_term(self, events: torch.Tensor, is_real: torch.Tensor) -> torch.Tensor:
+        """The causal Transformer over the events (B, T, d), each position attending to the last
+        short_term_events of them."""
+        T = events.shape[1]
         # Positions count from the most recent event, so the newest is always the same embedding.
-        positions = (T - 1 - torch.arange(T, device=history.device)).clamp(max=self.spec.max_seq_len - 1)
-        x = history_vectors * is_real.unsqueeze(-1) + self.position(positions) + self.event_type(event_types)
-        x = self.dropout(x)
-        attn_mask = None if bool(is_real.all()) else padding_mask(is_real)  # None: causal, no mask needed
+        positions = (T - 1 - torch.arange(T, device=events.device)).clamp(max=self.spec.max_seq_len - 1)
+        x = self.dropout(events + self.position(positions))
+        attn_mask = attention_mask(is_real, self.cfg.short_term_events)  # None: plain causal, no mask
         for block in self.blocks:
             if self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)  # activations recomputed in backward
             else:
                 x = block(x, attn_mask)
-        return F.normalize(self.ln_f(x), dim=-1)
+        return self.ln_f(x)
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Sampled-softmax next-item loss of a training batch (see datasets/pipeline.py for keys)."""
@@ -401,13 +460,45 @@ class InterestFormer(nn.Module):
         return users[:, -1]
 
 
-def padding_mask(is_real: torch.Tensor) -> torch.Tensor:
-    """is_real (B, T) -> (B, 1, T, T) bool attention mask: causal, padding keys hidden."""
+class LongTermPooling(nn.Module):
+    """The long-term interest: at each position t, a learned weighted mean of the events 0..t,
+    w_j = exp(score(x_j)), computed with cumulative sums in O(T d), then an MLP. Weights let
+    purchases count more than views, or niche items more than blockbusters."""
+
+    def __init__(self, d: int, dropout: float):
+        super().__init__()
+        self.score = nn.Linear(d, 1)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, events: torch.Tensor, is_real: torch.Tensor) -> torch.Tensor:
+        """events (B, T, d), is_real (B, T) -> (B, T, d)."""
+        # Scores bounded to (-8, 8), so exp neither overflows nor needs a shift by the sequence's
+        # largest score, which would let later events change earlier positions' rounding.
+        scores = 8 * torch.tanh(self.score(events).squeeze(-1).float() / 8)  # (B, T)
+        weights = (torch.exp(scores) * is_real).unsqueeze(-1)  # (B, T, 1); 0 at padding
+        pooled = (weights * events.float()).cumsum(1) / weights.cumsum(1).clamp(min=1e-6)
+        pooled = pooled.to(events.dtype)
+        return self.ln(pooled + self.mlp(pooled))
+
+
+def attention_mask(is_real: torch.Tensor, window: int) -> torch.Tensor | None:
+    """is_real (B, T) -> bool attention mask (True: may attend) for causal attention over the last
+    `window` events (0: all), padding keys hidden: (B, 1, T, T) with padding, (T, T) without, or
+    None when plain causal attention needs no mask at all (the flash kernel's case)."""
     T = is_real.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=is_real.device).tril()  # (T, T)
+    local = 0 < window < T
+    padded = not bool(is_real.all())
+    if not (local or padded):
+        return None
+    allowed = torch.ones(T, T, dtype=torch.bool, device=is_real.device).tril()  # (T, T)
+    if local:
+        allowed &= ~torch.ones_like(allowed).tril(-window)
+    if not padded:
+        return allowed
     # Every query may see itself, so rows of padding never softmax over nothing.
-    attn_mask = (causal & is_real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=is_real.device)
-    return attn_mask.unsqueeze(1)
+    allowed = (allowed & is_real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=is_real.device)
+    return allowed.unsqueeze(1)
 
 
 def build_text_encoder(cfg: TextEncoderConfig, spec: DataSpec) -> TextEncoder:
