@@ -23,11 +23,11 @@ from interestformer.models.interest_former import InterestFormer
 
 def packed_training_batches(prepared: PreparedData, cfg: JobConfig) -> list[dict[str, torch.Tensor]]:
     """One epoch of training batches, packed as the Ray Data pipeline packs them."""
-    table = pq.read_table(prepared.sequences_path, columns=["user_id", "items", "event_types", "num_events"])
+    table = pq.read_table(prepared.sequences_path, columns=["user_id", "items", "event_types", "timestamps", "num_events"])
     table = table.filter(np.asarray(table.column("num_events")) >= 2)
     text, image = cfg.model.live_content()
     pack = PackBatches(prepared, "train", cfg.data.max_seq_len, cfg.data.num_negatives, text, image, cfg.train.seed,
-                       cfg.data.cold_item_fraction)
+                       cfg.data.cold_item_fraction, cfg.data.train_since)
     size, batches = cfg.train.micro_batch_size, []
     for start in range(0, table.num_rows, size):
         rows = table.slice(start, size).to_pydict()

@@ -56,6 +56,16 @@ class DataConfig:
     training entirely (dropped from every training sequence and history, never a negative), and the
     job also reports cold_test_* metrics over test users whose target is one of those items. The
     test_* metrics of such a run are then no longer the standard protocol's."""
+    new_user_fraction: float = 0.0
+    """Cold-start users: this fraction of users (a fixed choice by a hash of the user id) never
+    trains, and the job also reports new_user_* metrics: each such user ranked after their first
+    0, 1, 2 and 3 events (the next event is the target; segments history_0 and history_1-3). A
+    user without any event gets the most popular items, as serving does."""
+    train_since: int = 0
+    """Incremental training on a new window of the log: only events at or after this timestamp
+    are training targets; earlier ones are still read as history. Users without such an event do
+    not train. 0: every event trains. Validation and test keep each user's last events (see
+    datasets/pipeline.py)."""
     pseudonymise_user_ids: bool = False
     """Replace every user id at ingest by a keyed hash (HMAC-SHA256), so raw ids never reach the
     prepared data, quarantine, checkpoints, logs or MLflow. The key is read from the environment
@@ -78,8 +88,9 @@ class DataConfig:
             raise ConfigError("sequence_shards", f"must be >= 1, got {self.sequence_shards}")
         if self.num_negatives < 0:
             raise ConfigError("num_negatives", "must be >= 0")
-        if not 0.0 <= self.cold_item_fraction < 1.0:
-            raise ConfigError("cold_item_fraction", f"must be within [0, 1), got {self.cold_item_fraction}")
+        for key in ("cold_item_fraction", "new_user_fraction"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(key, f"must be within [0, 1), got {getattr(self, key)}")
         if self.pseudonymise_user_ids and not pseudonym_key():
             raise ConfigError("pseudonymise_user_ids",
                               f"needs a key: set ${ID_KEY_ENV} or ${ID_KEY_FILE_ENV} (a file holding it)")

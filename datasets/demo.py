@@ -46,6 +46,9 @@ class DemoDataConfig:
     """Latent topics; each item's words and picture depend on its topics."""
     mean_events_per_user: int = 40
     """Mean behaviour-sequence length (lengths vary per user, minimum 3)."""
+    start_days: int = 365
+    """Each user's first event falls on a day drawn uniformly from this many days after
+    2026-01-01; fewer days give more users active at the same time (benchmarks/incremental.py)."""
     num_shards: int = 4
     """Parquet files the events are written to."""
     image_size: int = 48
@@ -60,7 +63,7 @@ class DemoDataConfig:
     """Random seed; the same config gives byte-identical files."""
 
     def __post_init__(self):
-        for key, low in [("num_users", 1), ("num_topics", 1), ("mean_events_per_user", 3),
+        for key, low in [("num_users", 1), ("num_topics", 1), ("mean_events_per_user", 3), ("start_days", 1),
                          ("num_shards", 1), ("image_size", 8), ("num_bad_images", 0)]:
             if getattr(self, key) < low:
                 raise ConfigError(key, f"must be >= {low}, got {getattr(self, key)}")
@@ -247,7 +250,7 @@ def _make_events(rng, cfg, sampler):
         within = np.clip(rng.lognormal(np.log(120), 1.0, L), 5, 3600)
         gaps = np.where(new_session, between, within).astype(np.int64)
         gaps[0] = 0
-        stamps.append(START_2026 + int(rng.integers(0, 365 * 86400)) + np.cumsum(gaps))
+        stamps.append(START_2026 + int(rng.integers(0, cfg.start_days * 86400)) + np.cumsum(gaps))
         users.append(np.full(L, u))
         items.append(seq)
     return np.concatenate(users), np.concatenate(items), np.concatenate(stamps)

@@ -30,7 +30,13 @@ the image encoder and train from the Parquet feature store (jobs/embed_items.py)
 
 Splits by time, per user with n events (oldest first): test target = event n, validation target =
 event n-1, training = events 1..n-2. Users with 2 events train on both; users with 1 event
-cannot form a pair and are counted in the prepare report (users_too_short).
+cannot form a pair and are counted in the prepare report (users_too_short). With
+data.train_since (incremental training on a new window), training targets are the events at or
+after it; earlier events are only read as history, and users without such a target do not train.
+
+Cold-start users (data.new_user_fraction > 0): a fixed set of users (by a hash of the user id)
+never trains, and split `new_users` holds, for each of them with at least NEW_USER_EVENTS + 1
+events, one row per history of their first 0..NEW_USER_EVENTS events, whose target is the next.
 
 Cold-start items (data.cold_item_fraction > 0): a fixed, seeded set of items is held out of
 training entirely. Their events are dropped from every training sequence and every history, they
@@ -52,8 +58,9 @@ from interestformer.datasets.prepare import PreparedData
 from interestformer.datasets.schema import load_image
 from interestformer.datasets.storage import filesystem, read_parquet
 
-Split = Literal["train", "validation", "test", "cold"]
+Split = Literal["train", "validation", "test", "cold", "new_users"]
 COLD_ITEM_SEED = 20261124  # fixed, so every config of a benchmark holds out the same items
+NEW_USER_EVENTS = 3  # new users are ranked after each of their first 0..3 events
 
 
 def cold_items(num_items: int, fraction: float) -> np.ndarray:
@@ -67,6 +74,14 @@ def is_cold_mask(num_items: int, fraction: float) -> np.ndarray:
     mask = np.zeros(num_items + 1, dtype=bool)
     mask[cold_items(num_items, fraction)] = True
     return mask
+
+
+def is_new_user(user_id: str, fraction: float) -> bool:
+    """Whether a user is held out of training as a new user: the first 8 bytes of the BLAKE2b
+    digest of the user id, as a fraction of 2**64, fall below `fraction` (the same choice in every
+    split, run and process)."""
+    digest = hashlib.blake2b(str(user_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < fraction * 2**64
 
 
 def _read_item_table(items_path: str, columns: list[str] | None = None) -> pa.Table:
@@ -156,8 +171,8 @@ class PackBatches:
     """A batch of stored sequences -> one packed batch (see the module docstring)."""
 
     def __init__(self, prepared: PreparedData, split: Split, max_seq_len: int, num_negatives: int,
-                 text: bool, image: bool, seed: int, cold_fraction: float):
-        self.split, self.T = split, max_seq_len
+                 text: bool, image: bool, seed: int, cold_fraction: float, train_since: int):
+        self.split, self.T, self.train_since = split, max_seq_len, train_since
         self.num_items, self.num_negatives, self.seed = prepared.num_items, num_negatives, seed
         self.is_cold = is_cold_mask(prepared.num_items, cold_fraction)
         self.negative_pool = np.flatnonzero(~self.is_cold[1:]) + 1  # warm items only
@@ -168,23 +183,24 @@ class PackBatches:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         histories, types, targets, history_lengths = [], [], [], []
-        for items, event_types in zip(batch["items"], batch["event_types"]):
+        for items, event_types, stamps in zip(batch["items"], batch["event_types"], batch["timestamps"]):
             types_idx = np.array([self.event_type_index.get(t, 0) for t in event_types], dtype=np.int64)
             items = np.asarray(items, dtype=np.int64)
             if self.split == "train":
-                end = len(items) - 2 if len(items) >= 3 else len(items)
+                end = training_end(len(items))
                 warm = ~self.is_cold[items[:end]]
                 window_items, window_types = items[:end][warm][-(self.T + 1):], types_idx[:end][warm][-(self.T + 1):]
+                window_stamps = np.asarray(stamps, dtype=np.int64)[:end][warm][-(self.T + 1):]
                 histories.append(window_items[:-1])
                 types.append(window_types[:-1])
-                targets.append(window_items[1:])
+                targets.append(np.where(window_stamps[1:] >= self.train_since, window_items[1:], 0))
             else:
-                end = len(items) - (2 if self.split == "validation" else 1)
-                warm = ~self.is_cold[items[:end]]
-                histories.append(items[:end][warm][-self.T:])
-                types.append(types_idx[:end][warm][-self.T:])
-                targets.append(items[end])
-                history_lengths.append(int(warm.sum()))
+                for end in self._target_positions(len(items)):
+                    warm = ~self.is_cold[items[:end]]
+                    histories.append(items[:end][warm][-self.T:])
+                    types.append(types_idx[:end][warm][-self.T:])
+                    targets.append(items[end])
+                    history_lengths.append(int(warm.sum()))
         history = left_pad(histories, self.T)
         packed = {"history": history, "event_types": left_pad(types, self.T)}
         candidates = [history.ravel(), [0]]
@@ -201,31 +217,62 @@ class PackBatches:
         packed.update(self.content(packed["unique_items"]))
         return {name: value[None] for name, value in packed.items()}  # one row holds the batch
 
+    def _target_positions(self, num_events: int):
+        """The 0-based events an evaluation split ranks a user on (a row each)."""
+        if self.split == "new_users":
+            return range(NEW_USER_EVENTS + 1)
+        return [num_events - (2 if self.split == "validation" else 1)]
+
+
+def training_end(num_events: int) -> int:
+    """How many of a user's first events the training split reads (the rest validate and test)."""
+    return num_events - 2 if num_events >= 3 else num_events
+
 
 def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_seq_len: int,
                      num_negatives: int = 0, text: bool = True, image: bool = True, seed: int = 0,
-                     pipeline_workers: int = 1, cold_fraction: float = 0.0) -> ray.data.Dataset:
+                     pipeline_workers: int = 1, cold_fraction: float = 0.0, train_since: int = 0,
+                     new_user_fraction: float = 0.0) -> ray.data.Dataset:
     """A dataset whose rows are packed batches of `batch_size` users for `split`, one batch per
     block: a map task packs a whole input block (a few hundred users) into one output block of
     several batches, and a split across workers hands out whole blocks, each to the worker that
     has had the fewest rows so far; with one batch per block the shares differ by a batch at most."""
-    ds = read_parquet(prepared.sequences_path).select_columns(
-        ["user_id", "items", "event_types", "num_events"])
-    # Training needs a pair of events; evaluation a history and a target beyond the validation one.
-    ds = ds.filter(expr=col("num_events") >= (2 if split == "train" else 3))
     if split == "train":
-        ds = ds.randomize_block_order()
+        ds = training_sequences(prepared, train_since, new_user_fraction).randomize_block_order()
+    elif split == "new_users":
+        ds = stored_sequences(prepared).filter(expr=col("num_events") > NEW_USER_EVENTS).filter(
+            lambda row: is_new_user(row["user_id"], new_user_fraction))
+    else:  # a history, and a target beyond the validation one
+        ds = stored_sequences(prepared).filter(expr=col("num_events") >= 3)
     if split == "cold":
         ds = ds.filter(_TargetIsCold(is_cold_mask(prepared.num_items, cold_fraction)))
     return ds.map_batches(
         PackBatches,
         fn_constructor_kwargs=dict(prepared=prepared, split=split, max_seq_len=max_seq_len,
                                    num_negatives=num_negatives, text=text, image=image, seed=seed,
-                                   cold_fraction=cold_fraction),
+                                   cold_fraction=cold_fraction, train_since=train_since),
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=(1, pipeline_workers),
     ).repartition(target_num_rows_per_block=1)
+
+
+def stored_sequences(prepared: PreparedData) -> ray.data.Dataset:
+    """The prepared users' sequences, with the columns batches are packed from."""
+    return read_parquet(prepared.sequences_path).select_columns(
+        ["user_id", "items", "event_types", "timestamps", "num_events"])
+
+
+def training_sequences(prepared: PreparedData, train_since: int = 0, new_user_fraction: float = 0.0) -> ray.data.Dataset:
+    """The stored sequences of the users who train: a pair of events, not a held-out new user,
+    and with train_since a training target at or after it (the training split's last target is
+    its latest)."""
+    ds = stored_sequences(prepared).filter(expr=col("num_events") >= 2)
+    if new_user_fraction:
+        ds = ds.filter(lambda row: not is_new_user(row["user_id"], new_user_fraction))
+    if train_since:
+        ds = ds.filter(lambda row: row["timestamps"][training_end(row["num_events"]) - 1] >= train_since)
+    return ds
 
 
 class _TargetIsCold:

@@ -82,14 +82,17 @@ class PreparedData:
 def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
     """Prepares cfg's input (generating the demo data first if asked) or reuses a cached result.
 
-    tokenizer_path: a local Hugging Face tokenizer folder (a pretrained text encoder's); empty
-    trains a word-piece vocabulary of cfg.vocab_size on the catalogue's text.
+    tokenizer_path: a Hugging Face tokenizer folder or URI (a pretrained text encoder's, or an
+    earlier run's prepared one); empty trains a word-piece vocabulary of cfg.vocab_size on the
+    catalogue's text.
     """
     out = absolute(cfg.prepared_dir)
     if cfg.source == "demo":
         generate_demo(join(out, "raw"), cfg.demo)
     events_path, items_path = input_paths(cfg)
-    fingerprint = _fingerprint(cfg, tokenizer_path, events_path, items_path)
+    # This folder's own tokenizer (an earlier run's, prepared here) is the one it was prepared with.
+    own_tokenizer = bool(tokenizer_path) and absolute(tokenizer_path) == join(out, "tokenizer")
+    fingerprint = _fingerprint(cfg, "" if own_tokenizer else tokenizer_path, events_path, items_path)
     cached = read_json(join(out, "meta.json"))
     if cached and cached.get("fingerprint") == fingerprint:
         return PreparedData(out, cached)
@@ -106,7 +109,7 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
     items = read_shards(items_fs, item_files, normalise_items, "pyarrow", text_columns=cfg.text_columns)
     item_ids, duplicated = _catalogue_ids(items)
     if tokenizer_path:
-        _save_tokenizer(tokenizer_path, join(out, "tokenizer"))
+        _save_tokenizer(tokenizer_path, join(out, "tokenizer"))  # kept as it is when it is this folder's
     else:
         _train_tokenizer(items, cfg, join(out, "tokenizer"))
     if duplicated:
@@ -312,13 +315,13 @@ def _train_tokenizer(items: ray.data.Dataset, cfg: DataConfig, out: str):
         _save_tokenizer(local, out)
 
 
-def _save_tokenizer(local_dir: str, out: str):
+def _save_tokenizer(uri: str, out: str):
     """Copies a tokenizer folder into the prepared data, so checkpoints name one place for it."""
-    if os.path.abspath(local_dir) == out:
+    if absolute(uri) == out:
         return
     fs, path = filesystem(out)
     fs.create_dir(path, recursive=True)
-    pafs.copy_files(os.path.abspath(local_dir), out)
+    pafs.copy_files(local_folder(uri), out)
 
 
 def _sequence_stats(batch: pd.DataFrame, num_items: int) -> pd.DataFrame:

@@ -72,6 +72,14 @@ class TrainConfig:
     offload_params: bool = False
     """ZeRO-Infinity: also keep the partitioned weights in CPU memory between uses. Only stage 3
     partitions weights, so this needs zero_stage 3."""
+    init_from: str = ""
+    """Incremental training: a checkpoint of an earlier run (its folder or URI, as in that run's
+    checkpoint_path.txt) whose weights this run starts from, on new data (e.g. a newer log with
+    data.train_since at the new window's start). Items are matched by id: trained ID rows carry
+    over unchanged, items new to the catalogue start with an empty (zero) ID row and are ranked
+    from their content until they train. Optimizer state and learning-rate warm-up start afresh.
+    The model section must match that run's. A rerun that has a checkpoint of its own resumes
+    from that instead."""
     seed: int = 0
     """Seeds model initialisation and negative sampling."""
     log_every_steps: int = 10
@@ -287,7 +295,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
         set_key(data, key.strip(), yaml.safe_load(raw))
     cfg = JobConfig.from_dict(data)
     for section, key in (("data", "prepared_dir"), ("data", "events_path"), ("data", "items_path"),
-                         ("experiment", "storage_path")):
+                         ("experiment", "storage_path"), ("train", "init_from")):
         value = getattr(getattr(cfg, section), key)
         if value and "://" not in value and not os.path.isabs(value):
             setattr(getattr(cfg, section), key, os.path.join(PROJECT_DIR, value))

@@ -8,9 +8,12 @@ A checkpoint folder holds two things:
     model.safetensors   the whole model's weights, gathered from every ZeRO stage (evaluation,
                         serving; loads without unpickling anything)
     checkpoint.json     epoch and step reached, the config and the data spec
+    item_ids.json       the catalogue's item ids in index order, so that a later run on a changed
+                        catalogue (train.init_from) finds each item's trained row
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -21,12 +24,14 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file, save_file
 
+from interestformer import ConfigError
 from interestformer.datasets.pipeline import unpack
 from interestformer.datasets.storage import join, read_bytes, read_json
 from interestformer.models.interest_former import DataSpec, InterestFormer
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "checkpoint.json"
+ITEM_IDS_FILE = "item_ids.json"
 DEEPSPEED_TAG = "deepspeed"
 
 
@@ -165,21 +170,66 @@ def train_steps(rows, device):
         yield last, (world / sum(has_batch) if row is not None else 0.0), waited
 
 
-def save_and_report(engine, weights: dict | None, metrics: dict, state: dict):
+def save_and_report(engine, weights: dict | None, metrics: dict, state: dict, item_ids: list[str]):
     """Saves a checkpoint on every rank (rank 0 writes the gathered weights) and reports it with the
     metrics to Ray Train."""
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
         if ray.train.get_context().get_world_rank() == 0:
-            write_weights_and_state(folder, weights, state)
+            write_weights_and_state(folder, weights, state, item_ids)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def write_weights_and_state(folder: str, weights: dict[str, torch.Tensor], state: dict):
-    """Writes the whole model's weights and the checkpoint's state: what load_model reads."""
+def write_weights_and_state(folder: str, weights: dict[str, torch.Tensor], state: dict, item_ids: list[str]):
+    """Writes the whole model's weights, the checkpoint's state and the catalogue's item ids (in
+    index order): what load_model and start_from read."""
     save_file(weights, os.path.join(folder, WEIGHTS_FILE))
     with open(os.path.join(folder, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)
+    with open(os.path.join(folder, ITEM_IDS_FILE), "w") as f:
+        json.dump(item_ids, f)
+
+
+def check_start_from(cfg):
+    """Fails, naming train.init_from, when that checkpoint is missing or its model cannot start
+    this config's (other sizes, layers or encoders): before any cluster resource is taken. The
+    checkpoint's data spec stands in for this run's, whose catalogue-sized tensors are matched
+    item by item (start_from), so only the model config is compared here; models are built on
+    the meta device, without memory."""
+    from interestformer.jobs.config import JobConfig
+
+    path = cfg.train.init_from
+    state = read_json(join(path, STATE_FILE))
+    if state is None or read_json(join(path, ITEM_IDS_FILE)) is None:
+        raise ConfigError("train.init_from", f"no checkpoint written by jobs.train at {path} "
+                                             f"({STATE_FILE} or {ITEM_IDS_FILE} missing)")
+    tokenizer = join(state["prepared_path"], "tokenizer")  # jobs.train.tokenizer_path reads it
+    if cfg.model.text.enabled and not cfg.model.text.pretrained_path and read_json(
+            join(tokenizer, "tokenizer_config.json")) is None:
+        raise ConfigError("train.init_from", f"the earlier run's tokenizer is gone ({tokenizer}): its token ids "
+                                             "are what the text encoder learned")
+    spec = DataSpec(**state["spec"])
+    with torch.device("meta"):
+        earlier = InterestFormer(JobConfig.from_dict(state["config"]).model, spec).state_dict()
+        now = InterestFormer(cfg.model, dataclasses.replace(spec, max_seq_len=cfg.data.max_seq_len)).state_dict()
+    per_item = (*InterestFormer.CATALOGUE_BUFFERS, InterestFormer.ID_TABLE)
+    differ = sorted(name for name in set(earlier) | set(now) if name not in per_item and (
+        name not in earlier or name not in now or earlier[name].shape != now[name].shape))
+    if differ:
+        raise ConfigError("train.init_from", f"the checkpoint's model does not fit this config's: "
+                                             f"{len(differ)} weights differ, e.g. {differ[:4]} (keep the model "
+                                             f"section and data.max_seq_len of the run that wrote {path})")
+
+
+def start_from(model: InterestFormer, folder: str, item_ids: list[str]) -> dict[str, int]:
+    """Loads an earlier run's checkpoint (a folder or URI) into a model built for this catalogue
+    (item_ids, in index order), matching items by id (InterestFormer.load_earlier); returns how
+    many items kept a trained row and how many are new."""
+    index = {item_id: i + 1 for i, item_id in enumerate(read_json(join(folder, ITEM_IDS_FILE)))}
+    earlier_rows = torch.tensor([0] + [index.get(item_id, -1) for item_id in item_ids], dtype=torch.int64)
+    model.load_earlier(load_tensors(read_bytes(join(folder, WEIGHTS_FILE))), earlier_rows)
+    new = int((earlier_rows < 0).sum())
+    return {"items_carried": len(item_ids) - new, "items_new": new}
 
 
 # DeepSpeed's loader unpickles its files with weights_only=False, so any code in a planted file

@@ -4,7 +4,9 @@
 
 Reads the checkpoint's gathered weights (model.safetensors) and its config, streams the split's
 users and the catalogue through Ray Data, and prints (and with --run-id logs to MLflow) the
-metrics, overall and per user segment. The training job evaluates through the same `evaluate` function, so a checkpoint
+metrics, overall and per user segment. With --data-config the users and catalogue are another
+data's (e.g. a newer window of the log): items are matched by id, and items the checkpoint never
+saw are ranked from their content (jobs.train.catalogue_model). The training job evaluates through the same `evaluate` function, so a checkpoint
 evaluated here gives the metrics its run logged.
 """
 
@@ -14,9 +16,10 @@ import json
 import ray
 import torch
 
-from interestformer.datasets.pipeline import cold_items, item_batches, sequence_batches, unpack
-from interestformer.datasets.prepare import PreparedData
-from interestformer.jobs.config import JobConfig
+from interestformer.datasets.config import DataConfig
+from interestformer.datasets.pipeline import catalogue_ids, cold_items, item_batches, sequence_batches, unpack
+from interestformer.datasets.prepare import PreparedData, prepare
+from interestformer.jobs.config import JobConfig, load_config
 from interestformer.models.ranking import RankTotals, evaluate_model, evaluate_popularity, item_representations
 
 
@@ -26,21 +29,29 @@ def device_batches(rows, device):
         yield {name: value.to(device) for name, value in unpack(row).items()}
 
 
-def evaluate(model, item_rows, eval_rows, cfg: JobConfig, device) -> RankTotals:
+def evaluate(model, item_rows, eval_rows, cfg: JobConfig, device, popularity: torch.Tensor) -> RankTotals:
     """Rank totals (metrics, per-segment metrics, HR/NDCG at every K) of `model` over an iterable
     of packed evaluation rows (any Ray Data iterator's iter_torch_batches(batch_size=1)), with the
-    catalogue from packed item rows."""
+    catalogue from packed item rows; users without history get the `popularity` ranking."""
     items = item_representations(model, device_batches(item_rows, device), model.spec.num_items)
     return evaluate_model(model, items, device_batches(eval_rows, device), cfg.eval.ks, cfg.eval.exclude_history,
-                          cfg.eval.item_chunk_size)
+                          cfg.eval.item_chunk_size, popularity.to(device))
+
+
+def popularity_counts(prepared: PreparedData, cfg: JobConfig, split: str) -> torch.Tensor:
+    """Item counts (N+1,) that the split's most-popular ranking uses: events before the test
+    targets, or for validation and new users training events only; held-out items count 0."""
+    counts = torch.tensor(prepared.meta["popularity_train" if split in ("validation", "new_users")
+                                        else "popularity_pretest"])
+    # Held-out items never occur before the target in what training sees.
+    counts[torch.from_numpy(cold_items(prepared.num_items, cfg.data.cold_item_fraction))] = 0
+    return counts
 
 
 def evaluate_most_popular(prepared: PreparedData, eval_rows, cfg: JobConfig, split: str) -> RankTotals:
     """The most-popular baseline: items ranked by how often they occur before the split's target."""
-    counts = torch.tensor(prepared.meta["popularity_train" if split == "validation" else "popularity_pretest"])
-    # Held-out items never occur before the target in what training sees.
-    counts[torch.from_numpy(cold_items(prepared.num_items, cfg.data.cold_item_fraction))] = 0
-    return evaluate_popularity(counts, device_batches(eval_rows, "cpu"), cfg.eval.ks, cfg.eval.exclude_history)
+    return evaluate_popularity(popularity_counts(prepared, cfg, split), device_batches(eval_rows, "cpu"), cfg.eval.ks,
+                               cfg.eval.exclude_history)
 
 
 def eval_datasets(prepared: PreparedData, cfg: JobConfig, split: str):
@@ -49,8 +60,23 @@ def eval_datasets(prepared: PreparedData, cfg: JobConfig, split: str):
     text, image = cfg.model.live_content()
     items = item_batches(prepared, cfg.eval.batch_size, text=text, image=image)
     users = sequence_batches(prepared, split, cfg.eval.batch_size, cfg.data.max_seq_len, text=False, image=False,
-                             pipeline_workers=cfg.train.pipeline_workers, cold_fraction=cfg.data.cold_item_fraction)
+                             pipeline_workers=cfg.train.pipeline_workers, cold_fraction=cfg.data.cold_item_fraction,
+                             new_user_fraction=cfg.data.new_user_fraction)
     return items, users
+
+
+def checkpoint_on_data(checkpoint: str, cfg: JobConfig, data: DataConfig) -> tuple[object, PreparedData]:
+    """The checkpoint's model (cfg: its config) on other data, prepared now if need be with the
+    checkpoint's tokenizer, items matched by id; and that prepared data."""
+    from interestformer.jobs.embed_items import feature_store
+    from interestformer.jobs.train import catalogue_model, data_spec, tokenizer_path
+
+    cfg.data = data
+    prepared = prepare(data, tokenizer_path=tokenizer_path(cfg, checkpoint))
+    features_uri, spec, _ = feature_store(prepared, cfg, data_spec(prepared, cfg))
+    model, carried = catalogue_model(cfg, spec, features_uri, catalogue_ids(prepared), checkpoint)
+    print(f"Ranking {prepared.path} with {checkpoint}: {carried}", flush=True)
+    return model, prepared
 
 
 def main(argv=None):
@@ -59,9 +85,12 @@ def main(argv=None):
         description="Full-ranking evaluation (HR@K, NDCG@K, MRR over every item) of a training checkpoint.",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder written by jobs.train")
-    parser.add_argument("--split", choices=["validation", "test", "cold"], default="test",
+    parser.add_argument("--split", choices=["validation", "test", "cold", "new_users"], default="test",
                         help="users' held-out item to rank (model selection uses validation); cold: test users "
-                             "whose target is a held-out item (runs with data.cold_item_fraction > 0)")
+                             "whose target is a held-out item (runs with data.cold_item_fraction > 0); new_users: "
+                             "held-out users after 0-3 events (runs with data.new_user_fraction > 0)")
+    parser.add_argument("--data-config", default="", help="a config file whose data section names the data to "
+                        "rank (prepared if need be) instead of the checkpoint's; its other sections are ignored")
     parser.add_argument("--run-id", default="", help="also log the metrics into this MLflow run")
     parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default as in jobs.train)")
     args = parser.parse_args(argv)
@@ -72,11 +101,15 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, state = load_model(args.checkpoint, device)
     cfg = JobConfig.from_dict(state["config"])
-    prepared = PreparedData.load(state["prepared_path"])
     ray.init(ignore_reinit_error=True)
+    if args.data_config:
+        model, prepared = checkpoint_on_data(args.checkpoint, cfg, load_config(args.data_config).data)
+        model = model.to(device).eval()
+    else:
+        prepared = PreparedData.load(state["prepared_path"])
     items, users = eval_datasets(prepared, cfg, args.split)
     metrics = evaluate(model, items.iter_torch_batches(batch_size=1), users.iter_torch_batches(batch_size=1),
-                       cfg, device).report()
+                       cfg, device, popularity_counts(prepared, cfg, args.split)).report()
     print(json.dumps({f"{args.split}_{k}": v for k, v in metrics.items()}, indent=1))
     if args.run_id:
         if args.tracking_uri:

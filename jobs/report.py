@@ -19,7 +19,7 @@ from interestformer.jobs import tracking
 from interestformer.models.ranking import RankTotals
 
 Evaluations = dict[str, dict[str, RankTotals]]
-"""Split (test, cold) -> model name (InterestFormer, most popular) -> its rank totals."""
+"""Split (test, cold, new_users) -> model name (InterestFormer, most popular) -> its rank totals."""
 
 
 def metrics_table(evaluations: Evaluations) -> pd.DataFrame:

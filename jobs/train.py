@@ -25,29 +25,38 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from interestformer import ConfigError
-from interestformer.datasets.pipeline import catalogue_ids, id_buckets, sequence_batches
+from interestformer.datasets.pipeline import catalogue_ids, id_buckets, sequence_batches, training_sequences
 from interestformer.datasets.prepare import PreparedData, input_paths, prepare
-from interestformer.datasets.storage import local_folder
+from interestformer.datasets.storage import join, local_folder, read_json
 from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, config_parser, load_config
 from interestformer.jobs.embed_items import feature_store, load_features
 from interestformer.jobs.distributed import (
+    check_start_from,
     checkpoint_uri,
     deepspeed_config,
     ExactSplit,
+    STATE_FILE,
     full_state_dict,
     model_from_weights,
     save_and_report,
     setup_engine,
+    start_from,
     train_steps,
 )
-from interestformer.jobs.evaluate import device_batches, eval_datasets, evaluate_most_popular
+from interestformer.jobs.evaluate import device_batches, eval_datasets, evaluate_most_popular, popularity_counts
 from interestformer.jobs.report import log_report
 from interestformer.models.interest_former import DataSpec, InterestFormer
 from interestformer.models.ranking import RankTotals, evaluate_model, item_representations
 
 HEADLINE = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
-METRIC_PREFIX = {"test": "test_", "cold": "cold_test_"}  # MLflow names of each split's metrics
+METRIC_PREFIX = {"test": "test_", "cold": "cold_test_", "new_users": "new_user_"}  # MLflow names of each split's metrics
+
+
+def final_splits(cfg: JobConfig) -> list[str]:
+    """The splits evaluated once at the end: test, and the cold-start ones the config asks for."""
+    return ["test"] + (["cold"] if cfg.data.cold_item_fraction else []) + (
+        ["new_users"] if cfg.data.new_user_fraction else [])
 
 
 def train_loop_per_worker(loop_config: dict):
@@ -62,11 +71,12 @@ def train_loop_per_worker(loop_config: dict):
     if not cfg.train.use_gpu:  # as many threads as reserved CPUs: workers must not fight over cores
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = InterestFormer(cfg.model, spec)
-    model.item_encoder.load_content_features(load_features(loop_config["features_uri"]))
-    if cfg.model.item_id_buckets:
-        catalogue = catalogue_ids(PreparedData.load(loop_config["prepared_path"]))
-        model.item_encoder.load_id_buckets(torch.from_numpy(id_buckets(catalogue, cfg.model.item_id_buckets)))
+    prepared = PreparedData.load(loop_config["prepared_path"])
+    catalogue = catalogue_ids(prepared)
+    init_from = cfg.train.init_from if ray.train.get_checkpoint() is None else ""  # a run's own checkpoint comes first
+    model, carried = catalogue_model(cfg, spec, loop_config["features_uri"], catalogue, init_from)
+    if carried and rank == 0:
+        print(f"Started from {init_from}: {carried}", flush=True)
     engine, state = setup_engine(model, cfg.train)  # resumed from the run's latest checkpoint, if any
     state = state or {"epoch": 0, "step": 0}
     state.update(config=loop_config["config"], spec=loop_config["spec"], prepared_path=loop_config["prepared_path"],
@@ -104,7 +114,7 @@ def train_loop_per_worker(loop_config: dict):
         throughput.append(_epoch_throughput(seen, time.perf_counter() - started, waits, device))
         weights = full_state_dict(engine)  # on every rank; ZeRO-3 gathers the partitions
         model = model_from_weights(weights, cfg, spec, device)
-        val = _evaluate_share(model, "validation", cfg, device)  # every rank takes part
+        val = _evaluate_share(model, "validation", cfg, device, prepared)  # every rank takes part
         metrics = {"epoch": epoch}
         if rank == 0:
             metrics.update({f"val_{k}": v for k, v in val.metrics().items()},
@@ -113,11 +123,10 @@ def train_loop_per_worker(loop_config: dict):
             metrics_out.log({k: v for k, v in metrics.items() if k != "epoch"}, step=state["step"])
             progress.set_description(f"epoch {epoch + 1}/{cfg.train.epochs} val ndcg@10 {metrics['val_ndcg@10']:.4f}")
         state["epoch"] = epoch + 1
-        save_and_report(engine, weights, metrics, state)
+        save_and_report(engine, weights, metrics, state, catalogue)
 
     model = model_from_weights(full_state_dict(engine), cfg, spec, device)
-    splits = ["test", "cold"] if cfg.data.cold_item_fraction else ["test"]
-    results = {split: _evaluate_share(model, split, cfg, device) for split in splits}
+    results = {split: _evaluate_share(model, split, cfg, device, prepared) for split in final_splits(cfg)}
     progress.close()
     if rank == 0:
         for split, totals in results.items():
@@ -148,7 +157,7 @@ def _epoch_throughput(seen: torch.Tensor, seconds: float, waits: list[float], de
             "data_wait_fraction": slowest[2].item()}
 
 
-def _evaluate_share(model, split: str, cfg: JobConfig, device) -> RankTotals:
+def _evaluate_share(model, split: str, cfg: JobConfig, device, prepared: PreparedData) -> RankTotals:
     """Full ranking of the split's users, shared by every worker (each must call it): a worker
     encodes its share of the catalogue and the shares are summed into the whole table, then it
     ranks its share of the users, and every worker gets the totals over all users."""
@@ -159,7 +168,8 @@ def _evaluate_share(model, split: str, cfg: JobConfig, device) -> RankTotals:
     dist.all_reduce(items)  # each item's row was encoded by exactly one worker, the others hold 0
     share = evaluate_model(model, items,
                            device_batches(ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=1), device),
-                           cfg.eval.ks, cfg.eval.exclude_history, cfg.eval.item_chunk_size)
+                           cfg.eval.ks, cfg.eval.exclude_history, cfg.eval.item_chunk_size,
+                           popularity_counts(prepared, cfg, split).to(device))
     shares = [None] * dist.get_world_size()
     dist.all_gather_object(shares, share)
     return RankTotals.merge(shares)
@@ -273,6 +283,29 @@ def _worker_env(cfg: JobConfig) -> dict:
     return env
 
 
+def catalogue_model(cfg: JobConfig, spec: DataSpec, features_uri: str, catalogue: list[str],
+                    init_from: str = "") -> tuple[InterestFormer, dict | None]:
+    """The model for a catalogue (its item ids in index order): frozen encoders' features from the
+    feature store, the hashed-ID map, and with init_from an earlier checkpoint's weights, items
+    matched by id (start_from, whose counts are returned; None without init_from)."""
+    model = InterestFormer(cfg.model, spec)
+    model.item_encoder.load_content_features(load_features(features_uri))
+    if cfg.model.item_id_buckets:
+        model.item_encoder.load_id_buckets(torch.from_numpy(id_buckets(catalogue, cfg.model.item_id_buckets)))
+    return model, start_from(model, init_from, catalogue) if init_from else None
+
+
+def tokenizer_path(cfg: JobConfig, checkpoint: str = "") -> str:
+    """The tokenizer that item text is tokenised with: the pretrained text encoder's; else, for a
+    run that starts from an earlier one (train.init_from) or a checkpoint ranking other data, the
+    earlier run's, so that token ids mean what its text encoder learned; else '' (prepare trains
+    a vocabulary on the catalogue)."""
+    earlier = checkpoint or cfg.train.init_from
+    if cfg.model.text.pretrained_path or not earlier:
+        return cfg.model.text.pretrained_path
+    return PreparedData(read_json(join(earlier, STATE_FILE))["prepared_path"], {}).tokenizer_path
+
+
 def data_spec(prepared: PreparedData, cfg: JobConfig) -> DataSpec:
     """The model's view of the prepared data (frozen features' widths: embed_items.feature_store)."""
     from transformers import AutoTokenizer
@@ -291,14 +324,17 @@ def training_batches(prepared: PreparedData, cfg: JobConfig):
     """The packed training batches that stream to the workers (split across them by ExactSplit)."""
     text, image = cfg.model.live_content()
     return sequence_batches(prepared, "train", cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.num_negatives,
-                            text, image, cfg.train.seed, cfg.train.pipeline_workers, cfg.data.cold_item_fraction)
+                            text, image, cfg.train.seed, cfg.train.pipeline_workers, cfg.data.cold_item_fraction,
+                            cfg.data.train_since, cfg.data.new_user_fraction)
 
 
 def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict:
     """Prepare, fit, evaluate, log. Returns the run's id, test metrics, baseline and checkpoint."""
     tracking.check_reachable(tracking.tracking_uri(cfg))  # before any Ray resource is taken
+    if cfg.train.init_from:
+        check_start_from(cfg)
     ensure_ray(cfg)
-    prepared = prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)
+    prepared = prepare(cfg.data, tokenizer_path=tokenizer_path(cfg))
     features_uri, spec, _ = feature_store(prepared, cfg, data_spec(prepared, cfg))
     run_name = cfg.experiment.name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
     uri = tracking.tracking_uri(cfg)
@@ -309,7 +345,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
     print(f"MLflow run {run_id} in {uri}; data: {prepared.report()}", flush=True)
 
     items, validation = eval_datasets(prepared, cfg, "validation")
-    eval_splits = ["test", "cold"] if cfg.data.cold_item_fraction else ["test"]
+    eval_splits = final_splits(cfg)
     datasets = {
         "train": training_batches(prepared, cfg),
         "validation": validation,
@@ -317,6 +353,10 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
         **{split: eval_datasets(prepared, cfg, split)[1] for split in eval_splits},
     }
     report = prepared.report()
+    # Users with a training target: every user with two events, less held-out new users, or those
+    # with a target in the new window.
+    train_users = (training_sequences(prepared, cfg.data.train_since, cfg.data.new_user_fraction).count()
+                   if cfg.data.train_since or cfg.data.new_user_fraction else report["users"] - report["users_too_short"])
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -326,7 +366,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
             "tracking_uri": uri,
             "run_id": run_id,
             "features_uri": features_uri,
-            "train_users": report["users"] - report["users_too_short"],
+            "train_users": train_users,
         },
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker},
@@ -391,6 +431,12 @@ def main(argv=None) -> dict:
         print(f"Cold-start items ({summary['cold']['users']} test users whose target was held out of training):")
         for name, metrics in (("InterestFormer", summary["cold"]), ("most popular", summary["most_popular_cold"])):
             print(f"  {name:14}" + "".join(f"{metrics[k]:>10.4f}" for k in HEADLINE))
+    if "new_users" in summary:
+        print(f"New users ({summary['new_users']['users']} rankings of held-out users after their first 0-3 events), "
+              f"hr@10 by events seen:")
+        for name, metrics in (("InterestFormer", summary["new_users"]), ("most popular", summary["most_popular_new_users"])):
+            print(f"  {name:14}" + "".join(f"{n:>8} {metrics.get(f'segment/history_{n}/hr@10', float('nan')):.4f}"
+                                           for n in ("0", "1-3")))
     print(f"Checkpoint: {summary['checkpoint']}")
     print(f"Browse the run: {tracking.ui_command(summary['tracking_uri'])}")
     return summary

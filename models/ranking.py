@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from interestformer.models.interest_former import InterestFormer
 
@@ -57,24 +56,25 @@ def histogram_metrics(histogram: list[int]) -> dict[str, list[float]]:
     return {"hr": (top.cumsum(0) / users).tolist(), "ndcg": (gains.cumsum(0) / users).tolist()}
 
 
-HISTORY_BUCKETS = ((0, 5), (6, 20), (21, 50), (51, 200), (201, None))
+HISTORY_BUCKETS = ((0, 0), (1, 3), (4, 20), (21, 50), (51, 200), (201, None))
 """Segments of users by how many events before the target the model may read (batch key
-history_length): from users the model knows little about to users whose history is longer than
-any window. 0 only happens when every earlier item was held out (data.cold_item_fraction)."""
+history_length): from new users (0-3 events, data.new_user_fraction; 0 also when every earlier
+item was held out, data.cold_item_fraction) to users whose history is longer than any window."""
 SEGMENT_K = 10
 """Cut-off of the per-segment HR and NDCG."""
 
 
 def user_segments(history_length: torch.Tensor, target_cold: torch.Tensor) -> dict[str, torch.Tensor]:
     """Segment name -> which users (B,) bool belong to it: one history-length bucket per user
-    (history_<low>-<high>, history_over_<low - 1>) and target_cold or target_warm (batch keys)."""
+    (history_<low>-<high>, history_<n> for one length, history_over_<low - 1>) and target_cold or
+    target_warm (batch keys)."""
     segments = {}
     for low, high in HISTORY_BUCKETS:
         members = history_length >= low
         if high is None:
             segments[f"history_over_{low - 1}"] = members
         else:
-            segments[f"history_{low}-{high}"] = members & (history_length <= high)
+            segments[f"history_{low}" if low == high else f"history_{low}-{high}"] = members & (history_length <= high)
     segments["target_cold"], segments["target_warm"] = target_cold, ~target_cold
     return segments
 
@@ -275,21 +275,27 @@ def evaluate_model(
     ks: Iterable[int],
     exclude_history: bool,
     chunk_size: int = 65536,
+    popularity: torch.Tensor | None = None,
 ) -> RankTotals:
     """The rank totals of `model` over eval batches, with the catalogue's item representations
     (N+1, d) from item_representations, scored `chunk_size` items at a time. Users read their
     histories' rows of the table, so each item is encoded once per evaluation, not once per
     batch it occurs in, and eval batches need no item content. Scores are cosines: dot products
     scaled by each item's inverse norm (one number an item, computed once), so no second
-    catalogue-sized table is made."""
+    catalogue-sized table is made. A user without any history event is ranked by `popularity`
+    (N+1,) item counts, as serving ranks one (the model has nothing to read)."""
     inverse_norms = 1 / representations.norm(dim=-1).clamp(min=1e-12)  # as F.normalize; row 0 scores 0
     totals = RankTotals(tuple(ks))
     for batch in eval_batches:
         history = batch["history"]
         user = model.encode_users(representations[history], history, batch["event_types"])[:, -1]  # (B, d)
-        # Cosine scores; the temperature does not change the order.
-        ranks = chunked_target_ranks(lambda a, b: (user @ representations[a:b].T) * inverse_norms[a:b],
-                                     len(representations), batch["targets"],
+        empty = ~(history > 0).any(dim=1, keepdim=True)  # (B, 1)
+
+        def scores(a: int, b: int) -> torch.Tensor:  # cosines; the temperature does not change the order
+            cosines = (user @ representations[a:b].T) * inverse_norms[a:b]
+            return cosines if popularity is None else torch.where(empty, popularity[a:b].float(), cosines)
+
+        ranks = chunked_target_ranks(scores, len(representations), batch["targets"],
                                      history if exclude_history else None, chunk_size)
         totals.add(ranks, batch["history_length"], batch["target_cold"])
     return totals

@@ -314,3 +314,41 @@ def own_train_workers() -> set[int]:
         except psutil.Error:  # gone meanwhile
             pass
     return found
+
+
+def test_a_run_continues_from_another_runs_checkpoint_on_a_newer_window(finished_run, tmp_path):
+    """Incremental training: a new run starts from the finished run's checkpoint and trains one
+    epoch on the events at or after train_since only (earlier ones are history). Every user with
+    such a target trains, once. And jobs.evaluate ranking the checkpoint on data named by a config
+    (items matched by id, here the same catalogue) gives the run's own test metrics."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import yaml
+
+    cfg, summary = finished_run
+    sequences = pq.read_table(PreparedData.load(cfg.data.prepared_dir).sequences_path).to_pandas()
+    since = int(np.median(np.concatenate(sequences["timestamps"].tolist())))
+    # The training split's last target is event n-2 (n >= 3), or event n of a 2-event user.
+    last_target = [stamps[len(stamps) - 3 if len(stamps) >= 3 else -1] for stamps in sequences["timestamps"]]
+    expected_users = sum(stamp >= since for stamp in last_target)
+    assert 0 < expected_users < len(sequences)
+
+    continued = train(load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
+        f"data.prepared_dir={cfg.data.prepared_dir}",
+        f"experiment.storage_path={tmp_path / 'runs'}",
+        f"experiment.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"train.init_from={summary['checkpoint']}",
+        f"data.train_since={since}",
+        "train.epochs=1",
+        "train.num_workers=1",
+    ]))
+    assert continued["throughput"][0]["users"] == expected_users
+    assert continued["test"]["users"] == summary["test"]["users"]
+
+    data_config = tmp_path / "data.yaml"
+    data_config.write_text(yaml.safe_dump({"data": {"prepared_dir": cfg.data.prepared_dir, **{
+        key: getattr(cfg.data, key) for key in ("max_seq_len", "image_size", "num_negatives", "sequence_shards")},
+        "demo": vars(cfg.data.demo)}}))
+    metrics = evaluate.main(["--checkpoint", summary["checkpoint"], "--data-config", str(data_config)])
+    for name, value in summary["test"].items():
+        assert metrics[name] == pytest.approx(value, abs=1e-6), name

@@ -1,5 +1,6 @@
 """The evaluation protocol on a tiny hand-made dataset: metrics against values computed by hand,
-and the cold-start split (items held out of training entirely). Real Parquet, real Ray Data."""
+and the cold-start splits (items, and users, held out of training entirely). Real Parquet, real
+Ray Data."""
 
 import math
 
@@ -9,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from interestformer.datasets.config import DataConfig
-from interestformer.datasets.pipeline import cold_items, sequence_batches, unpack
+from interestformer.datasets.pipeline import cold_items, is_new_user, sequence_batches, unpack
 from interestformer.datasets.prepare import prepare
 from interestformer.jobs.config import JobConfig
 from interestformer.jobs.evaluate import evaluate_most_popular
@@ -41,13 +42,15 @@ def prepared(tmp_path_factory, ray_local):
     return prepare(cfg)
 
 
-def job_config(cold_fraction: float = 0.0) -> JobConfig:
-    return JobConfig.from_dict({"eval": {"ks": [1, 3]}, "data": {"cold_item_fraction": cold_fraction}})
+def job_config(cold_fraction: float = 0.0, new_user_fraction: float = 0.0) -> JobConfig:
+    return JobConfig.from_dict({"eval": {"ks": [1, 3]}, "data": {"cold_item_fraction": cold_fraction,
+                                                                 "new_user_fraction": new_user_fraction}})
 
 
-def most_popular(prepared, split: str, cold_fraction: float = 0.0) -> dict:
-    cfg = job_config(cold_fraction)
-    rows = sequence_batches(prepared, split, 8, 10, cold_fraction=cold_fraction).iter_torch_batches(batch_size=1)
+def most_popular(prepared, split: str, cold_fraction: float = 0.0, new_user_fraction: float = 0.0) -> dict:
+    cfg = job_config(cold_fraction, new_user_fraction)
+    rows = sequence_batches(prepared, split, 8, 10, cold_fraction=cold_fraction,
+                            new_user_fraction=new_user_fraction).iter_torch_batches(batch_size=1)
     return evaluate_most_popular(prepared, rows, cfg, split).report()
 
 
@@ -64,11 +67,11 @@ def test_most_popular_test_metrics_match_hand_computed(prepared):
     assert metrics["mrr"] == pytest.approx(sum(1 / (r + 1) for r in ranks) / 4)
     # Segments, at K = 10: every user has 2 or 3 events before the target; d and e never occur in
     # training (u2's and u4's targets are cold).
-    assert metrics["segment/history_0-5/users"] == 4 and "segment/history_6-20/users" not in metrics
+    assert metrics["segment/history_1-3/users"] == 4 and "segment/history_4-20/users" not in metrics
     assert metrics["segment/target_cold/users"] == metrics["segment/target_warm/users"] == 2
     assert metrics["segment/target_cold/ndcg@10"] == pytest.approx(1 / math.log2(6))  # ranks 4, 4
     assert metrics["segment/target_warm/ndcg@10"] == pytest.approx((1 / math.log2(4) + 1) / 2)  # ranks 2, 0
-    assert metrics["segment/target_cold/hr@10"] == metrics["segment/history_0-5/hr@10"] == 1.0
+    assert metrics["segment/target_cold/hr@10"] == metrics["segment/history_1-3/hr@10"] == 1.0
 
 
 def test_most_popular_validation_metrics_match_hand_computed(prepared):
@@ -102,3 +105,24 @@ def test_cold_items_never_reach_training_and_are_the_cold_split_targets(prepared
     # Held-out items have no training popularity, so most-popular ranks them last.
     metrics = most_popular(prepared, "cold", fraction)
     assert metrics["users"] == len(cold_targets) and metrics["hr@3"] == 0.0
+
+
+def test_new_users_never_train_and_are_ranked_after_each_of_their_first_events(prepared):
+    fraction = 0.5  # u3 and u4, by their ids' hashes; u4 has too few events to be ranked after 3
+    assert [user for user in SEQUENCES if is_new_user(user, fraction)] == ["u3", "u4"]
+
+    def batches(split):
+        rows = sequence_batches(prepared, split, 8, 10, num_negatives=2, new_user_fraction=fraction)
+        return [unpack(row) for row in rows.iter_batches(batch_size=1, batch_format="numpy")]
+
+    assert sum(len(batch["history"]) for batch in batches("train")) == 2  # u1 and u2 only
+    [rows] = batches("new_users")
+    # u3: b a c a, ranked with no event (-> b), after b (-> a), after b a (-> c), after b a c (-> a).
+    assert rows["targets"].tolist() == [2, 1, 3, 1]
+    assert rows["history_length"].tolist() == (rows["history"] > 0).sum(1).tolist() == [0, 1, 2, 3]
+    assert rows["history"][3, -3:].tolist() == [2, 1, 3]
+    # Training events (all but each user's last two): a 4, b 2, c 1 -> ranks 1, 0, 2, 0.
+    metrics = most_popular(prepared, "new_users", new_user_fraction=fraction)
+    assert metrics["users"] == 4 and metrics["hr@1"] == pytest.approx(0.5) and metrics["hr@3"] == 1.0
+    assert metrics["segment/history_0/users"] == 1 and metrics["segment/history_1-3/users"] == 3
+    assert metrics["segment/history_0/hr@10"] == 1.0

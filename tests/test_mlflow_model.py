@@ -64,7 +64,7 @@ def logged(ray_local, tmp_path_factory):
     checkpoint.mkdir()
     write_weights_and_state(str(checkpoint), model.state_dict(), {
         "epoch": 0, "step": 0, "config": cfg.to_dict(), "spec": vars(spec), "prepared_path": prepared.path,
-        "world_size": 1})
+        "world_size": 1}, catalogue_ids(prepared))
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_run(cfg, {}, prepared.report(), "serving")
     tracking.log_model(uri, run_id, ray.train.Checkpoint.from_directory(str(checkpoint)))

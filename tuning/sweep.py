@@ -28,7 +28,7 @@ from interestformer.datasets.prepare import prepare
 from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, config_parser, load_config, set_key
 from interestformer.jobs.report import markdown
-from interestformer.jobs.train import check_cluster_fits, ensure_ray, train
+from interestformer.jobs.train import check_cluster_fits, ensure_ray, tokenizer_path, train
 
 TRIAL_CPUS = 0.25  # a trial only drives its TorchTrainer; its workers reserve their own CPUs
 DISTRIBUTIONS = {
@@ -112,7 +112,7 @@ def sweep(cfg: JobConfig, resume: bool = False) -> tune.ResultGrid:
     ensure_ray(cfg, concurrent_runs=concurrent, driver_cpus=TRIAL_CPUS)  # locally: a Ray sized for that many trials
     if os.environ.get("RAY_ADDRESS"):
         check_cluster_fits(cfg, concurrent, TRIAL_CPUS)
-    prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)  # once, before trials share it
+    prepare(cfg.data, tokenizer_path=tokenizer_path(cfg))  # once, before trials share it
     parent_run_id = tracking.start_parent_run(cfg, name)
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPUS})
     if resume:
