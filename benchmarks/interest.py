@@ -1,0 +1,96 @@
+"""Long- vs short-term interest: the ablation of model.interest on the demo data and MovieLens-1M.
+
+    .venv/bin/python -m benchmarks.interest                    # both datasets, every variant
+    .venv/bin/python -m benchmarks.interest --datasets demo --set train.epochs=1   # a quick look
+
+Each variant is one jobs.train run of the dataset's config with only the interest keys changed:
+    short      the causal Transformer over the last model.short_term_events events
+    long       the learned weighted mean over the whole window (data.max_seq_len events)
+    gated      both, mixed by the learned gate (the default)
+    full       the causal Transformer attending to the whole window (short_term_events 0): the
+               model before long/short-term interest, for reference
+Every number is the final epoch's model on the test split (validation beside it). Results go to
+benchmarks/results/interest.json (merged with datasets run before) and print as a table.
+"""
+
+import json
+import os
+import time
+
+from interestformer.benchmarks.common import RESULTS_DIR, stamp
+from interestformer.benchmarks.ml1m import ensure_converted
+from interestformer.jobs.config import PROJECT_DIR, config_parser, load_config
+from interestformer.jobs.train import train
+
+DATASETS = {"demo": "configs/demo.yaml", "ml1m": "configs/ml1m_id_only.yaml"}
+VARIANTS = {
+    "short": ["model.interest=short"],
+    "long": ["model.interest=long"],
+    "gated": ["model.interest=gated"],
+    "full": ["model.interest=short", "model.short_term_events=0"],
+}
+METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
+OUT = os.path.join(RESULTS_DIR, "interest.json")
+
+
+def run_variant(dataset: str, variant: str, overrides: list[str]) -> dict:
+    cfg = load_config(os.path.join(PROJECT_DIR, DATASETS[dataset]),
+                      ["experiment.mlflow_experiment=interest-benchmark", f"experiment.name={dataset}-{variant}-"
+                       f"{time.strftime('%Y%m%d-%H%M%S')}", *VARIANTS[variant], *overrides])
+    started = time.perf_counter()
+    summary = train(cfg)
+    row = {m: summary["test"][m] for m in METRICS}
+    row.update({f"val_{m}": summary["validation"][f"val_{m}"] for m in ("hr@10", "ndcg@10")},
+               users=summary["test"]["users"], minutes=(time.perf_counter() - started) / 60,
+               epochs=cfg.train.epochs, short_term_events=cfg.model.short_term_events,
+               max_seq_len=cfg.data.max_seq_len, run_id=summary["run_id"])
+    return row
+
+
+def markdown_table(results: dict) -> str:
+    head = ["data", "interest", *METRICS, "val ndcg@10", "minutes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for dataset in DATASETS:
+        for variant in VARIANTS:
+            row = results.get(dataset, {}).get(variant)
+            if row:
+                cells = [f"{row[m]:.4f}" for m in METRICS] + [f"{row['val_ndcg@10']:.4f}", f"{row['minutes']:.1f}"]
+                lines.append(f"| {dataset} | {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = config_parser("python -m benchmarks.interest", __doc__, example="train.epochs=1")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {list(DATASETS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    args = parser.parse_args(argv)
+    datasets = [d for d in args.datasets.split(",") if d]
+    variants = [v for v in args.variants.split(",") if v]
+    if set(datasets) - set(DATASETS) or set(variants) - set(VARIANTS):
+        parser.error(f"choose datasets from {list(DATASETS)} and variants from {list(VARIANTS)}")
+    for dataset in datasets:  # every config mistake stops here, before any training
+        for variant in variants:
+            load_config(os.path.join(PROJECT_DIR, DATASETS[dataset]), VARIANTS[variant] + args.set)
+    if "ml1m" in datasets:
+        ensure_converted(os.path.join(PROJECT_DIR, "..", "shared", "data", "ml-1m"),
+                         load_config(os.path.join(PROJECT_DIR, DATASETS["ml1m"])).data.events_path.removesuffix("/events"))
+
+    results = {}
+    if os.path.exists(OUT):
+        with open(OUT) as f:
+            results = json.load(f)
+    for dataset in datasets:
+        for variant in variants:
+            row = run_variant(dataset, variant, args.set)
+            results.setdefault(dataset, {})[variant] = {**row, "overrides": args.set, **stamp()}
+            os.makedirs(RESULTS_DIR, exist_ok=True)
+            with open(OUT, "w") as f:  # after every run: a later failure keeps the earlier ones
+                json.dump(results, f, indent=1)
+            print(f"\n{dataset} {variant}: {json.dumps(row)}", flush=True)
+    print("\n" + markdown_table(results))
+    print(f"\nWritten to {OUT}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
