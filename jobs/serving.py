@@ -20,7 +20,9 @@ Serving reads no image, token or content encoder: a history's items are looked u
 precomputed representations and read by the user Transformer (InterestFormer.encode_users), and
 every catalogue item is scored by cosine against the user, as evaluation ranks them
 (models/ranking.py), item_chunk_size items at a time into a running top-k (chunked_top_k), so
-memory stays bounded however large the catalogue. The model is logged as code
+memory stays bounded however large the catalogue. With params explain > 0 (default 3), each
+recommended item also names the history items that raised its score most (models/explain.py:
+gradient x input, K backward passes per batch). The model is logged as code
 (jobs/serving_model.py, MLflow's "models from code"), so loading it unpickles nothing; our layers
 travel with it as MLflow code paths.
 """
@@ -40,12 +42,13 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import pad_sequence
 
 from interestformer.jobs.config import PROJECT_DIR, EvalConfig, build
+from interestformer.models.explain import history_contributions, top_contributors
 from interestformer.models.interest_former import DataSpec, InterestFormer, ModelConfig
 from interestformer.models.ranking import chunked_top_k
 
 USER_WEIGHTS, USER_MODEL, CATALOGUE, ITEM_IDS = (
     "user_model.safetensors", "user_model.json", "catalogue.safetensors", "item_ids.json")
-PARAMS = {"k": 10, "exclude_history": True}  # predict's params and their defaults
+PARAMS = {"k": 10, "exclude_history": True, "explain": 3}  # predict's params and their defaults
 
 SIGNATURE = ModelSignature(
     inputs=Schema([
@@ -55,10 +58,13 @@ SIGNATURE = ModelSignature(
     outputs=Schema([
         ColSpec(Array(DataType.string), "item_ids"),  # best first
         ColSpec(Array(DataType.double), "scores"),
+        ColSpec(Array(Array(DataType.string)), "explanations"),  # per recommended item: history item ids
+        ColSpec(Array(Array(DataType.double)), "explanation_weights"),  # ... and their shares
         ColSpec(DataType.long, "unknown_items"),
     ]),
     params=ParamSchema([ParamSpec("k", DataType.long, PARAMS["k"]),
-                        ParamSpec("exclude_history", DataType.boolean, PARAMS["exclude_history"])]),
+                        ParamSpec("exclude_history", DataType.boolean, PARAMS["exclude_history"]),
+                        ParamSpec("explain", DataType.long, PARAMS["explain"])]),
 )
 MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving_model.py")
 # The layers the loaded model imports (as interestformer.<layer>), copied into the model.
@@ -81,7 +87,6 @@ def export(checkpoint_folder: str, out: str) -> dict[str, str]:
     from interestformer.jobs.config import JobConfig
     from interestformer.jobs.distributed import load_model
     from interestformer.jobs.evaluate import device_batches
-    from interestformer.jobs.tracking import redact
     from interestformer.models.ranking import item_representations
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,6 +96,17 @@ def export(checkpoint_folder: str, out: str) -> dict[str, str]:
     batch_size = eval_cfg.batch_size
     rows = item_batches(prepared, batch_size, *model.cfg.live_content()).iter_torch_batches(batch_size=1)
     representations = item_representations(model, device_batches(rows, device), prepared.num_items).cpu()
+    popularity = torch.tensor(prepared.meta["popularity_pretest"], dtype=torch.int64)
+    return write_artifacts(model, representations, popularity, catalogue_ids(prepared), prepared.meta["event_types"],
+                           eval_cfg.item_chunk_size, out)
+
+
+def write_artifacts(model: InterestFormer, representations: torch.Tensor, popularity: torch.Tensor,
+                    item_ids: list[str], event_types: list[str], item_chunk_size: int, out: str) -> dict[str, str]:
+    """Writes the serving artifacts (module docstring) into folder `out`; returns {artifact name:
+    path}. representations (N + 1, d) and popularity (N + 1,) are by item index, item_ids and
+    event_types in index order (index i is entry i - 1)."""
+    from interestformer.jobs.tracking import redact
 
     os.makedirs(out, exist_ok=True)
     paths = {name: os.path.join(out, name) for name in (USER_WEIGHTS, USER_MODEL, CATALOGUE, ITEM_IDS)}
@@ -98,13 +114,12 @@ def export(checkpoint_folder: str, out: str) -> dict[str, str]:
                     if not name.startswith("item_encoder.")}  # the item encoder's work is in the catalogue
     save_file(user_weights, paths[USER_WEIGHTS])
     about = {"model": dataclasses.asdict(model.cfg), "spec": dataclasses.asdict(model.spec),
-             "event_types": prepared.meta["event_types"], "item_chunk_size": eval_cfg.item_chunk_size}
+             "event_types": event_types, "item_chunk_size": item_chunk_size}
     with open(paths[USER_MODEL], "w") as f:
         f.write(redact(json.dumps(about, indent=1)))  # a pretrained_path might carry credentials
-    popularity = torch.tensor(prepared.meta["popularity_pretest"], dtype=torch.int64)
     save_file({"representations": representations, "popularity": popularity}, paths[CATALOGUE])
     with open(paths[ITEM_IDS], "w") as f:
-        json.dump(catalogue_ids(prepared), f)
+        json.dump(item_ids, f)
     return paths
 
 
@@ -139,19 +154,28 @@ class Recommender:
         self.most_popular = torch.argsort(popularity, descending=True, stable=True)  # 0-based positions
         self.popularity_share = popularity / popularity.sum().clamp(min=1)
 
-    @torch.no_grad()
-    def recommend(self, histories: list, event_types: list | None, k: int, exclude_history: bool) -> pd.DataFrame:
+    def recommend(self, histories: list, event_types: list | None, k: int, exclude_history: bool,
+                  explain: int = 0) -> pd.DataFrame:
         """Top-k items for each history (raw item ids, oldest first); event_types, when given, holds
         one list per history (None for a history without them) of one type per item.
 
-        Returns item_ids (best first), scores (cosine, as in evaluation) and unknown_items (history
-        items not in the catalogue, which are ignored) per history. The user Transformer reads
-        the last max_seq_len known items. An event type the model does not know, or none given,
-        reads as the padding type, as in training. With exclude_history, no item of the history
-        is recommended. A history without a known item gets the k most popular items, scored
-        by their share of the prepared events."""
+        Returns item_ids (best first), scores (cosine, as in evaluation), explanations and
+        explanation_weights, and unknown_items (history items not in the catalogue, which are
+        ignored) per history. The user Transformer reads the last max_seq_len known items. An
+        event type the model does not know, or none given, reads as the padding type, as in
+        training. With exclude_history, no item of the history is recommended. A history without
+        a known item gets the k most popular items, scored by their share of the prepared events.
+
+        explain > 0: for each recommended item, the `explain` items of the window read that
+        raised its score most (explanations: raw item ids, most first) and their shares of the
+        history's total absolute contribution to that score (explanation_weights), by gradient x
+        input (models/explain.py says how, and its caveats). Each row holds one list per
+        recommended item in both columns; the lists are empty with explain 0 and for the most
+        popular items of a history without a known item."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if explain < 0:
+            raise ValueError(f"explain must be >= 0, got {explain}")
         known, unknown = [], []
         for row, items in enumerate(histories):
             types = event_types[row] if event_types is not None and event_types[row] is not None else None
@@ -162,35 +186,51 @@ class Recommender:
             known.append(pairs)
             unknown.append(len(items) - len(pairs))
 
-        item_ids = [[self.item_ids[i] for i in self.most_popular[:k].tolist()] for _ in histories]
-        scores = [self.popularity_share[self.most_popular[:k]].tolist() for _ in histories]
+        popular = self.most_popular[:k]
+        item_ids = [[self.item_ids[i] for i in popular.tolist()] for _ in histories]
+        scores = [self.popularity_share[popular].tolist() for _ in histories]
+        explanations = [[[] for _ in popular] for _ in histories]
+        weights = [[[] for _ in popular] for _ in histories]
         rows = [row for row, pairs in enumerate(known) if pairs]
         if rows:
-            top_ids, top_scores = self._rank([known[row] for row in rows], k, exclude_history)
-            for row, ids, values in zip(rows, top_ids, top_scores):
-                item_ids[row], scores[row] = ids, values
-        return pd.DataFrame({"item_ids": item_ids, "scores": scores, "unknown_items": unknown})
+            ranked = self._rank([known[row] for row in rows], k, exclude_history, explain)
+            for row, *columns in zip(rows, *ranked):
+                item_ids[row], scores[row], explanations[row], weights[row] = columns
+        return pd.DataFrame({"item_ids": item_ids, "scores": scores, "explanations": explanations,
+                             "explanation_weights": weights, "unknown_items": unknown})
 
-    def _rank(self, histories: list[list[tuple[int, int]]], k: int, exclude_history: bool):
-        """Top-k (item ids, scores) for non-empty histories of (item index, event-type index)."""
+    def _rank(self, histories: list[list[tuple[int, int]]], k: int, exclude_history: bool, explain: int):
+        """Per non-empty history of (item index, event-type index): the top-k item ids, their
+        scores, and per recommended item its explanation's item ids and weights (empty lists
+        when explain is 0)."""
         T = self.model.spec.max_seq_len
         history = torch.zeros(len(histories), T, dtype=torch.long)  # left-padded, as in training
         types = torch.zeros_like(history)
         for row, pairs in enumerate(histories):
             window = torch.tensor(pairs[-T:])
             history[row, T - len(window):], types[row, T - len(window):] = window[:, 0], window[:, 1]
-        users = self.model.encode_users(self.representations[history], history, types)[:, -1]  # (B, d)
+        with torch.no_grad():
+            users = self.model.encode_users(self.representations[history], history, types)[:, -1]  # (B, d)
         seen = None
         if exclude_history:  # every item of the history, also those older than the window
             seen = pad_sequence([torch.tensor([item for item, _ in pairs]) for pairs in histories], batch_first=True)
         top_scores, top_indices = chunked_top_k(lambda a, b: users @ self.vectors[a:b].T, len(self.vectors), k,
                                                 seen, self.item_chunk_size)  # ties: the lower item index first
-        ids, values = [], []
-        for indices, row_scores in zip(top_indices.tolist(), top_scores.tolist()):
-            kept = [(i, s) for i, s in zip(indices, row_scores) if s != float("-inf")]  # fewer left than k
-            ids.append([self.item_ids[i - 1] for i, _ in kept])
-            values.append([s for _, s in kept])
-        return ids, values
+        if explain:
+            contributions = history_contributions(self.model, self.representations, history, types, top_indices)
+            contributors, shares = (t.tolist() for t in top_contributors(history, contributions, explain))
+        ids, values, explanations, weights = [], [], [], []
+        for row, (indices, row_scores) in enumerate(zip(top_indices.tolist(), top_scores.tolist())):
+            kept = [j for j, s in enumerate(row_scores) if s != float("-inf")]  # fewer left than k
+            ids.append([self.item_ids[indices[j] - 1] for j in kept])
+            values.append([row_scores[j] for j in kept])
+            if explain:
+                explanations.append([[self.item_ids[i - 1] for i in contributors[row][j] if i] for j in kept])
+                weights.append([[w for i, w in zip(contributors[row][j], shares[row][j]) if i] for j in kept])
+            else:
+                explanations.append([[] for _ in kept])
+                weights.append([[] for _ in kept])
+        return ids, values, explanations, weights
 
 
 class RecommenderModel(mlflow.pyfunc.PythonModel):
@@ -198,9 +238,12 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
 
     Input: a DataFrame with a column `history` (per user, a list of raw item ids, oldest first)
     and optionally `event_types` (per user, a list of event types aligned with the history).
-    Params: k (default 10), exclude_history (default True).
+    Params: k (default 10), exclude_history (default True), explain (default 3; 0: none).
     Output: a DataFrame with, per input row, item_ids (list of k raw item ids, best first),
-    scores (list of k floats, descending) and unknown_items (history items not in the catalogue)."""
+    scores (list of k floats, descending), explanations (per recommended item, a list of up to
+    `explain` history item ids that raised its score most), explanation_weights (their shares of
+    the history's absolute contribution, Recommender.recommend) and unknown_items (history items
+    not in the catalogue)."""
 
     def load_context(self, context):
         self.recommender = Recommender(context.artifacts)
@@ -209,4 +252,4 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
         params = PARAMS | (params or {})
         event_types = model_input["event_types"].tolist() if "event_types" in model_input else None
         return self.recommender.recommend(model_input["history"].tolist(), event_types, int(params["k"]),
-                                          bool(params["exclude_history"]))
+                                          bool(params["exclude_history"]), int(params["explain"]))

@@ -28,6 +28,33 @@ def ray_local():
     ray.shutdown()
 
 
+def fresh_checkpoint(cfg, folder) -> tuple[object, str]:
+    """(prepared data, checkpoint folder) of cfg's freshly initialised model (seed 0), saved into
+    `folder` as a training checkpoint is, without Ray Train; prepares cfg's data (a real Ray Data
+    job: needs Ray). Hashed item IDs get their map loaded, as training does."""
+    import torch
+
+    from interestformer.datasets.pipeline import catalogue_ids, id_buckets
+    from interestformer.datasets.prepare import prepare
+    from interestformer.jobs.distributed import write_weights_and_state
+    from interestformer.jobs.train import data_spec
+    from interestformer.models.interest_former import InterestFormer
+
+    prepared = prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)
+    spec = data_spec(prepared, cfg)
+    torch.manual_seed(0)
+    model = InterestFormer(cfg.model, spec)
+    if cfg.model.item_id_buckets:
+        buckets = id_buckets(catalogue_ids(prepared), cfg.model.item_id_buckets)
+        model.item_encoder.load_id_buckets(torch.from_numpy(buckets))
+    checkpoint = os.path.join(folder, "checkpoint")
+    os.makedirs(checkpoint)
+    write_weights_and_state(checkpoint, model.state_dict(), {
+        "epoch": 0, "step": 0, "config": cfg.to_dict(), "spec": vars(spec), "prepared_path": prepared.path,
+        "world_size": 1}, catalogue_ids(prepared))
+    return prepared, checkpoint
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path):
     """A fresh SQLite MLflow store per test."""

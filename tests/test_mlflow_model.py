@@ -15,17 +15,14 @@ import ray.train
 import torch
 import torch.nn.functional as F
 
-from interestformer.datasets.pipeline import ItemContent, catalogue_ids, id_buckets, item_batches, left_pad
-from interestformer.datasets.prepare import prepare
+from interestformer.datasets.pipeline import ItemContent, catalogue_ids, item_batches, left_pad
 from interestformer.jobs import tracking
 from interestformer.jobs.config import load_config
-from interestformer.jobs.distributed import load_model, write_weights_and_state
+from interestformer.jobs.distributed import load_model
 from interestformer.jobs.evaluate import device_batches
-from interestformer.jobs.train import data_spec
-from interestformer.models.interest_former import InterestFormer
 from interestformer.models.ranking import item_representations
 
-from conftest import PROJECT_DIR
+from conftest import PROJECT_DIR, fresh_checkpoint
 
 pytestmark = pytest.mark.slow  # a real prepare job and a fresh Python that imports MLflow and torch
 
@@ -41,6 +38,8 @@ out = model.predict(pd.DataFrame(json.loads(sys.argv[2])), params={"k": %d})
 print(json.dumps({"item_ids": [list(ids) for ids in out["item_ids"]],
                   "scores": [[float(s) for s in scores] for scores in out["scores"]],
                   "unknown_items": [int(n) for n in out["unknown_items"]],
+                  "explanations": [[list(ids) for ids in row] for row in out["explanations"]],
+                  "explanation_weights": [[[float(w) for w in ws] for ws in row] for row in out["explanation_weights"]],
                   "code": list(sys.modules["interestformer"].__path__)}))
 """ % K
 
@@ -55,21 +54,12 @@ def logged(ray_local, tmp_path_factory):
         f"experiment.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
         "model.item_id_buckets=16",
     ])
-    prepared = prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)
-    spec = data_spec(prepared, cfg)
-    torch.manual_seed(0)
-    model = InterestFormer(cfg.model, spec)
-    model.item_encoder.load_id_buckets(torch.from_numpy(id_buckets(catalogue_ids(prepared), 16)))  # as training does
-    checkpoint = tmp / "checkpoint"
-    checkpoint.mkdir()
-    write_weights_and_state(str(checkpoint), model.state_dict(), {
-        "epoch": 0, "step": 0, "config": cfg.to_dict(), "spec": vars(spec), "prepared_path": prepared.path,
-        "world_size": 1}, catalogue_ids(prepared))
+    prepared, checkpoint = fresh_checkpoint(cfg, str(tmp))
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_run(cfg, {}, prepared.report(), "serving")
-    tracking.log_model(uri, run_id, ray.train.Checkpoint.from_directory(str(checkpoint)))
+    tracking.log_model(uri, run_id, ray.train.Checkpoint.from_directory(checkpoint))
     tracking.end_run(uri, run_id)
-    return cfg, prepared, str(checkpoint), uri, run_id
+    return cfg, prepared, checkpoint, uri, run_id
 
 
 def real_histories(prepared, users: int, T: int) -> tuple[list[list[int]], list[list[str]], list[str]]:
@@ -127,6 +117,13 @@ def test_a_fresh_process_loads_the_logged_model_and_ranks_as_evaluation_does(log
         assert scores == sorted(scores, reverse=True)
         assert items == [ids[i - 1] for i in expected_items[row]]
         assert scores == pytest.approx(expected_scores[row], abs=1e-5)
+    for row, history in enumerate(rows["history"]):  # the default, 3 items, explains each recommendation
+        explanations, weights = served["explanations"][row], served["explanation_weights"][row]
+        assert len(explanations) == len(weights) == K
+        known = [item for item in history if item in ids]
+        for named, shares in zip(explanations, weights):
+            assert len(named) == len(shares) == min(3, len(set(known))) and set(named) <= set(known)
+            assert shares == sorted(shares, reverse=True) and sum(abs(w) for w in shares) <= 1 + 1e-6
     popularity = np.array(prepared.meta["popularity_pretest"][1:])
     assert served["item_ids"][3] == [ids[i] for i in np.argsort(-popularity, kind="stable")[:K]]
 

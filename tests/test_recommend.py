@@ -1,0 +1,133 @@
+"""Batch recommendations and their explanations: jobs.recommend writes one row per requested user
+(real Ray Data, real Parquet, a checkpoint of real prepared data) and reports requested users it
+does not know; the explanations (Recommender, what the job and the MLflow model call) name the
+history item that causes a recommendation in a task built so that the cause is known."""
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from interestformer.datasets.pipeline import catalogue_ids
+from interestformer.jobs import recommend
+from interestformer.jobs.config import load_config
+from interestformer.jobs.serving import Recommender, write_artifacts
+from interestformer.models.interest_former import DataSpec, InterestFormer, ModelConfig
+
+from conftest import PROJECT_DIR, fresh_checkpoint
+
+K = 5
+
+
+@pytest.fixture(scope="module")
+def checkpoint(ray_local, tmp_path_factory):
+    """The tiny config's prepared data and a freshly initialised model's checkpoint of it."""
+    tmp = tmp_path_factory.mktemp("recommend")
+    cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [f"data.prepared_dir={tmp / 'prepared'}"])
+    prepared, folder = fresh_checkpoint(cfg, str(tmp))
+    sequences = pq.read_table(prepared.sequences_path, columns=["user_id", "items"]).to_pydict()
+    ids = catalogue_ids(prepared)
+    histories = {user: {ids[i - 1] for i in items} for user, items in zip(sequences["user_id"], sequences["items"])}
+    return prepared, folder, histories
+
+
+def read_output(folder: str) -> dict[str, dict]:
+    table = pq.read_table(folder)
+    assert table.schema.equals(recommend.OUTPUT_SCHEMA)
+    return {row["user_id"]: row for row in table.to_pylist()}
+
+
+@pytest.mark.slow  # a catalogue export and a Ray Data job: about 30 s here
+def test_every_user_gets_k_items_from_outside_their_history_with_explanations(checkpoint, tmp_path):
+    _, folder, histories = checkpoint
+    out = str(tmp_path / "recommendations")
+    summary = recommend.main(["--checkpoint", folder, "--out", out, "--k", str(K), "--explain", "2",
+                              "--batch-size", "16"])
+
+    rows = read_output(out)
+    assert set(rows) == set(histories) and summary["users_written"] == len(histories)
+    for user, row in rows.items():
+        assert len(row["item_ids"]) == len(set(row["item_ids"])) == K and not set(row["item_ids"]) & histories[user]
+        assert row["scores"] == sorted(row["scores"], reverse=True)
+        assert len(row["explanations"]) == len(row["explanation_weights"]) == K
+        for named, weights in zip(row["explanations"], row["explanation_weights"]):
+            assert len(named) == len(weights) == min(2, len(histories[user])) and set(named) <= histories[user]
+    with open(os.path.join(out, recommend.SUMMARY)) as f:
+        assert json.load(f) == summary and summary["users_not_found"] == 0
+
+
+@pytest.mark.slow  # as above
+def test_requested_users_only_and_unknown_ones_reported(checkpoint, tmp_path, capsys):
+    prepared, folder, histories = checkpoint
+    known = sorted(histories)[:3]
+    users = tmp_path / "users.parquet"
+    pq.write_table(pa.table({"user_id": known + ["nobody", "nobody-either", known[0]]}), users)
+    out = str(tmp_path / "recommendations")
+    summary = recommend.main(["--checkpoint", folder, "--out", out, "--users", str(users), "--include-history",
+                              "--k", str(prepared.num_items), "--explain", "0"])
+
+    rows = read_output(out)
+    assert sorted(rows) == known
+    for row in rows.values():  # the whole catalogue, history included
+        assert len(row["item_ids"]) == prepared.num_items and row["explanations"] == [[]] * prepared.num_items
+    assert summary["users_requested"] == 5 and summary["users_written"] == 3
+    assert summary["users_not_found"] == 2 and summary["users_not_found_ids"] == ["nobody", "nobody-either"]
+    assert "2 requested user(s) not in the data" in capsys.readouterr().err
+
+
+def test_requested_users_from_a_text_file(tmp_path):
+    users = tmp_path / "users.txt"
+    users.write_text("u2\n\nu1\n u2 \n")
+    assert recommend.requested_users(str(users)) == ["u2", "u1"]
+
+
+# The planted task: history items 1..CAUSES each cause one next item (cause c -> item c + CAUSES);
+# the other items are fillers that say nothing. Every training history holds fillers and one cause.
+ITEMS, T, CAUSES = 30, 8, 5
+
+
+def planted_histories(users: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histories (users, T) of fillers with one cause, never the newest item, and their causes (users,).
+    (The newest item is left out: its representation dominates the user state, whose scale the layer
+    norms remove, so gradient x input underrates it; see models/explain.py.)"""
+    history = torch.randint(2 * CAUSES + 1, ITEMS + 1, (users, T), generator=generator)
+    causes = torch.randint(1, CAUSES + 1, (users,), generator=generator)
+    history[torch.arange(users), torch.randint(0, T - 1, (users,), generator=generator)] = causes
+    return history, causes
+
+
+def test_explanations_name_the_planted_cause(tmp_path):
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    model = InterestFormer(ModelConfig(d_model=32, n_layers=1, n_heads=2, dropout=0.0),
+                           DataSpec(num_items=ITEMS, num_event_types=1, max_seq_len=T, text_vocab_size=0,
+                                    text_max_tokens=0, image_size=0), with_item_encoder=False)
+    representations = torch.randn(ITEMS + 1, 32)  # a fixed catalogue; row 0 is padding
+    representations[0] = 0
+    vectors = F.normalize(representations[1:], dim=-1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):  # about 5 s
+        history, causes = planted_histories(64, generator)
+        users = model.encode_users(representations[history], history, torch.ones_like(history))[:, -1]
+        loss = F.cross_entropy(users @ vectors.T / 0.05, causes + CAUSES - 1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    ids = [f"item{i:02d}" for i in range(1, ITEMS + 1)]
+    recommender = Recommender(write_artifacts(model.eval(), representations, torch.ones(ITEMS + 1, dtype=torch.long),
+                                              ids, ["view"], 7, str(tmp_path)))
+
+    history, causes = planted_histories(20, generator)
+    histories = [[ids[i - 1] for i in row] for row in history.tolist()]
+    out = recommender.recommend(histories, [["view"] * T] * len(histories), 3, True, explain=3)
+    for row, cause in enumerate(causes.tolist()):
+        assert out.item_ids[row][0] == ids[cause + CAUSES - 1]  # the model learned the task
+        assert out.explanations[row][0][0] == ids[cause - 1]  # and the explanation names its cause
+        weights = out.explanation_weights[row][0]
+        assert weights[0] > 0 and weights[0] > 2 * abs(weights[1])
+    empty = recommender.recommend([[], ["not-in-the-catalogue"]], None, 3, True, explain=3)
+    assert empty.explanations.tolist() == [[[], [], []]] * 2  # most popular items: nothing to explain
