@@ -16,9 +16,9 @@ Output: Parquet files in --out, one row per user found, in no particular order:
     item_ids             list<string>          the K recommended raw item ids, best first
     scores               list<double>          their cosine scores, descending
     explanations         list<list<string>>    per recommended item, up to --explain history item
-                                               ids that raised its score most, most first
-    explanation_weights  list<list<double>>    their shares of the history's total absolute
-                                               contribution to that score (models/explain.py)
+                                               ids its score depends on most, most first
+    explanation_weights  list<list<double>>    how much that score drops without each of them
+                                               (leave-one-out, models/explain.py)
 By default no item of a user's history is recommended (--include-history allows them); a user
 with fewer other items than K gets fewer. `_summary.json` beside the files is written last: users
 written, users requested but not in the data (their ids too: none is dropped silently), the
@@ -171,8 +171,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--include-history", action="store_true",
                         help="allow items of a user's history among the recommendations (default: excluded)")
     parser.add_argument("--explain", type=int, default=3,
-                        help="history items named per recommended item, those that raised its score most "
-                             "(gradient x input; 0: no explanations, faster)")
+                        help="history items named per recommended item, those its score depends on most "
+                             "(leave-one-out: one more user-model pass per distinct history item; 0: none, faster)")
     parser.add_argument("--batch-size", type=int, default=256, help="users per batch an actor scores at once")
     parser.add_argument("--actors", type=int, default=1, help="recommender actors, each holding the model")
     parser.add_argument("--cpus-per-actor", type=int, default=1, help="CPUs (and torch threads) per actor")

@@ -21,8 +21,8 @@ precomputed representations and read by the user Transformer (InterestFormer.enc
 every catalogue item is scored by cosine against the user, as evaluation ranks them
 (models/ranking.py), item_chunk_size items at a time into a running top-k (chunked_top_k), so
 memory stays bounded however large the catalogue. With params explain > 0 (default 3), each
-recommended item also names the history items that raised its score most (models/explain.py:
-gradient x input, K backward passes per batch). The model is logged as code
+recommended item also names the history items its score depends on most (models/explain.py:
+leave-one-out, one more pass of the user model per distinct history item). The model is logged as code
 (jobs/serving_model.py, MLflow's "models from code"), so loading it unpickles nothing; our layers
 travel with it as MLflow code paths.
 """
@@ -59,7 +59,7 @@ SIGNATURE = ModelSignature(
         ColSpec(Array(DataType.string), "item_ids"),  # best first
         ColSpec(Array(DataType.double), "scores"),
         ColSpec(Array(Array(DataType.string)), "explanations"),  # per recommended item: history item ids
-        ColSpec(Array(Array(DataType.double)), "explanation_weights"),  # ... and their shares
+        ColSpec(Array(Array(DataType.double)), "explanation_weights"),  # ... and the score drop without each
         ColSpec(DataType.long, "unknown_items"),
     ]),
     params=ParamSchema([ParamSpec("k", DataType.long, PARAMS["k"]),
@@ -166,10 +166,10 @@ class Recommender:
         training. With exclude_history, no item of the history is recommended. A history without
         a known item gets the k most popular items, scored by their share of the prepared events.
 
-        explain > 0: for each recommended item, the `explain` items of the window read that
-        raised its score most (explanations: raw item ids, most first) and their shares of the
-        history's total absolute contribution to that score (explanation_weights), by gradient x
-        input (models/explain.py says how, and its caveats). Each row holds one list per
+        explain > 0: for each recommended item, the `explain` items of the window read whose
+        removal from the history lowers its score most (explanations: raw item ids, most first)
+        and how much its cosine score drops without each (explanation_weights), by leave-one-out
+        (models/explain.py says how, and why). Each row holds one list per
         recommended item in both columns; the lists are empty with explain 0 and for the most
         popular items of a history without a known item."""
         if k < 1:
@@ -218,7 +218,7 @@ class Recommender:
                                                 seen, self.item_chunk_size)  # ties: the lower item index first
         if explain:
             contributions = history_contributions(self.model, self.representations, history, types, top_indices)
-            contributors, shares = (t.tolist() for t in top_contributors(history, contributions, explain))
+            contributors, drops = (t.tolist() for t in top_contributors(history, contributions, explain))
         ids, values, explanations, weights = [], [], [], []
         for row, (indices, row_scores) in enumerate(zip(top_indices.tolist(), top_scores.tolist())):
             kept = [j for j, s in enumerate(row_scores) if s != float("-inf")]  # fewer left than k
@@ -226,7 +226,7 @@ class Recommender:
             values.append([row_scores[j] for j in kept])
             if explain:
                 explanations.append([[self.item_ids[i - 1] for i in contributors[row][j] if i] for j in kept])
-                weights.append([[w for i, w in zip(contributors[row][j], shares[row][j]) if i] for j in kept])
+                weights.append([[w for i, w in zip(contributors[row][j], drops[row][j]) if i] for j in kept])
             else:
                 explanations.append([[] for _ in kept])
                 weights.append([[] for _ in kept])
@@ -241,9 +241,8 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
     Params: k (default 10), exclude_history (default True), explain (default 3; 0: none).
     Output: a DataFrame with, per input row, item_ids (list of k raw item ids, best first),
     scores (list of k floats, descending), explanations (per recommended item, a list of up to
-    `explain` history item ids that raised its score most), explanation_weights (their shares of
-    the history's absolute contribution, Recommender.recommend) and unknown_items (history items
-    not in the catalogue)."""
+    `explain` history item ids its score depends on most), explanation_weights (the score drop
+    without each, Recommender.recommend) and unknown_items (history items not in the catalogue)."""
 
     def load_context(self, context):
         self.recommender = Recommender(context.artifacts)
