@@ -54,3 +54,19 @@ def write_results(name: str, figures: dict) -> str:
         json.dump({**figures, **stamp()}, f, indent=1)
     print(f"wrote {path}")
     return path
+
+
+def read_results(path: str) -> dict:
+    """A merged results file's figures so far ({} before its first run): benchmarks that run in
+    parts (a dataset or config at a time) add theirs to it."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_results(path: str, results: dict):
+    """Writes a merged results file; called after every part, so a later failure keeps the earlier ones."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)

@@ -17,7 +17,7 @@ import json
 import os
 import time
 
-from interestformer.benchmarks.common import RESULTS_DIR, stamp
+from interestformer.benchmarks.common import RESULTS_DIR, read_results, save_results, stamp
 from interestformer.benchmarks.ml1m import ensure_converted
 from interestformer.jobs.config import PROJECT_DIR, config_parser, load_config
 from interestformer.jobs.train import train
@@ -75,17 +75,12 @@ def main(argv=None) -> dict:
         ensure_converted(os.path.join(PROJECT_DIR, "..", "shared", "data", "ml-1m"),
                          load_config(os.path.join(PROJECT_DIR, DATASETS["ml1m"])).data.events_path.removesuffix("/events"))
 
-    results = {}
-    if os.path.exists(OUT):
-        with open(OUT) as f:
-            results = json.load(f)
+    results = read_results(OUT)
     for dataset in datasets:
         for variant in variants:
             row = run_variant(dataset, variant, args.set)
             results.setdefault(dataset, {})[variant] = {**row, "overrides": args.set, **stamp()}
-            os.makedirs(RESULTS_DIR, exist_ok=True)
-            with open(OUT, "w") as f:  # after every run: a later failure keeps the earlier ones
-                json.dump(results, f, indent=1)
+            save_results(OUT, results)
             print(f"\n{dataset} {variant}: {json.dumps(row)}", flush=True)
     print("\n" + markdown_table(results))
     print(f"\nWritten to {OUT}")

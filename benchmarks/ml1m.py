@@ -20,7 +20,7 @@ import json
 import os
 import time
 
-from interestformer.benchmarks.common import stamp as benchmark_stamp
+from interestformer.benchmarks.common import read_results, save_results, stamp as benchmark_stamp
 from interestformer.datasets.movielens import convert_movielens
 from interestformer.jobs.config import PROJECT_DIR, load_config
 from interestformer.jobs.train import train
@@ -100,10 +100,7 @@ def main(argv=None) -> dict:
 
     ensure_converted(args.source, load_config(os.path.join(PROJECT_DIR, "configs", "ml1m_id_only.yaml")).data.events_path
                      .removesuffix("/events"))
-    results = {}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            results = json.load(f)
+    results = read_results(args.out)
     stamp = benchmark_stamp()
     for name in names:
         standard = run_config(name, args.set, cold=False)
@@ -121,9 +118,7 @@ def main(argv=None) -> dict:
         results["most_popular"] = {**results.get("most_popular", {}), **popular, **stamp}
         results.update(stamp, protocol="last item test, previous item validation, full ranking over every item, "
                                        f"max_seq_len 200; cold: {COLD_FRACTION:.0%} of items held out of training")
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:  # after every config: a later failure keeps the earlier ones
-            json.dump(results, f, indent=1)
+        save_results(args.out, results)
         print(f"\n{name}: {json.dumps(row)}", flush=True)
     print("\n" + markdown_table(results))
     print(f"\nWritten to {args.out}")
