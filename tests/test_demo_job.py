@@ -51,7 +51,7 @@ def check_printed_ui_command(output: str, uri: str):
     server = subprocess.Popen(args, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # mlflow ui starts slowly on a loaded machine
         while True:
             try:
                 request = urllib.request.Request(
