@@ -134,14 +134,14 @@ def test_segment_metrics_match_hand_computed_values_and_add_up_over_batches():
     segments = whole.segment_metrics()
     ndcg = lambda rank: 1 / math.log2(rank + 2)  # noqa: E731
     expected = {
-        "history_0-5": (2, [0, 3]),  # users, their ranks
-        "history_6-20": (2, [12, 1]),
+        "history_1-3": (1, [0]),  # users, their ranks
+        "history_4-20": (3, [3, 12, 1]),
         "history_21-50": (1, [9]),
         "history_over_200": (1, [250]),
         "target_cold": (2, [3, 9]),
         "target_warm": (4, [0, 12, 1, 250]),
     }
-    assert {key.rsplit("/", 1)[0] for key in segments} == {f"segment/{name}" for name in expected}  # 51-200: no one
+    assert {key.rsplit("/", 1)[0] for key in segments} == {f"segment/{name}" for name in expected}  # 0, 51-200: no one
     for name, (users, segment_ranks) in expected.items():
         assert segments[f"segment/{name}/users"] == users
         hits = [r for r in segment_ranks if r < 10]
