@@ -7,12 +7,12 @@ position t is the user's interest after t events and scores the item at t+1.
 
 Long- and short-term interest (`interest`): the short-term interest is the causal Transformer's
 output, each position attending to the last `short_term_events` events only (the current
-session); the long-term interest pools every event of the window (up to thousands) with learned
-weights, causally, in O(T) (a cumulative weighted mean: no attention, so its cost does not grow
-with the square of the history). `gated` mixes the two per user and position with a learned
-sigmoid gate over both vectors, so one vector still scores the whole catalogue (one dot product
-per item: chunked full ranking and serving stay as they are). Multiple interest vectors with
-max-scoring would multiply that cost by the number of vectors. docs/interest.md has the ablation.
+session); the long-term interest is one attention read over every event of the window (up to
+thousands), queried by the short-term interest, so the session decides which older interests
+count now. `gated` mixes the two per user and position with a learned sigmoid gate over both
+vectors, so one vector still scores the whole catalogue (one dot product per item: chunked full
+ranking and serving stay as they are). Multiple interest vectors with max-scoring would multiply
+that cost by the number of vectors. docs/interest.md has the ablation.
 
 Each content encoder trains in one of three modes: `frozen` (its features are computed once per
 run for the whole catalogue and looked up, so training costs no encoder passes), `top` (only its
@@ -121,8 +121,9 @@ class ModelConfig:
     """Softmax temperature over cosine scores."""
     interest: Literal["short", "long", "gated"] = "gated"
     """What a user vector is: short, the causal Transformer over the last short_term_events events;
-    long, a learned weighted mean of every event in the window (data.max_seq_len, up to thousands);
-    gated, both mixed by a learned gate (per user, position and dimension)."""
+    long, one attention read over every event in the window (data.max_seq_len, up to thousands) by a
+    learned query; gated, both, the long-term read queried by the short-term interest, mixed by a
+    learned gate (per user, position and dimension)."""
     short_term_events: int = 20
     """Events the short-term Transformer attends to at each position (itself and the ones before);
     0: the whole window."""
@@ -363,7 +364,7 @@ class InterestFormer(nn.Module):
         short, long = cfg.interest in ("short", "gated"), cfg.interest in ("long", "gated")
         self.blocks = nn.ModuleList(CausalBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers if short else 0))
         self.ln_f = nn.LayerNorm(d) if short else None
-        self.long_term = LongTermPooling(d, cfg.dropout) if long else None
+        self.long_term = LongTermInterest(d, cfg.n_heads, cfg.dropout, queried=short) if long else None
         self.gate = nn.Linear(2 * d, d) if cfg.interest == "gated" else None
 
     # Tensors with a row per catalogue item (index 0: padding). The frozen encoders' features and
@@ -418,7 +419,7 @@ class InterestFormer(nn.Module):
         is_real = history > 0  # (B, T); histories are left-padded with 0
         events = history_vectors * is_real.unsqueeze(-1) + self.event_type(event_types)
         short = self._short_term(events, is_real) if self.blocks else None
-        long = self.long_term(self.dropout(events), is_real) if self.long_term is not None else None
+        long = self.long_term(self.dropout(events), is_real, short) if self.long_term is not None else None
         if self.gate is None:
             return F.normalize(short if long is None else long, dim=-1)
         gate = torch.sigmoid(self.gate(torch.cat([short, long], dim=-1)))
@@ -460,25 +461,36 @@ class InterestFormer(nn.Module):
         return users[:, -1]
 
 
-class LongTermPooling(nn.Module):
-    """The long-term interest: at each position t, a learned weighted mean of the events 0..t,
-    w_j = exp(score(x_j)), computed with cumulative sums in O(T d), then an MLP. Weights let
-    purchases count more than views, or niche items more than blockbusters."""
+class LongTermInterest(nn.Module):
+    """The long-term interest: at each position t, one attention read over every event 0..t of the
+    window (up to data.max_seq_len, thousands; no positions: the history as a set), then an MLP.
 
-    def __init__(self, d: int, dropout: float):
+    queried (gated): the query is the short-term interest, so the current session picks which of
+    the user's older interests matter now, as DIN and SIM's search over long behaviour sequences
+    do. Otherwise (long alone) the query is learned and the same for every user: a weighted mean
+    of the history whose weights depend on each event's item and type."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float, queried: bool):
         super().__init__()
-        self.score = nn.Linear(d, 1)
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.query = nn.Linear(d, d) if queried else nn.Parameter(0.02 * torch.randn(d))
+        self.ln_events = nn.LayerNorm(d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
         self.ln = nn.LayerNorm(d)
 
-    def forward(self, events: torch.Tensor, is_real: torch.Tensor) -> torch.Tensor:
-        """events (B, T, d), is_real (B, T) -> (B, T, d)."""
-        # Scores bounded to (-8, 8), so exp neither overflows nor needs a shift by the sequence's
-        # largest score, which would let later events change earlier positions' rounding.
-        scores = 8 * torch.tanh(self.score(events).squeeze(-1).float() / 8)  # (B, T)
-        weights = (torch.exp(scores) * is_real).unsqueeze(-1)  # (B, T, 1); 0 at padding
-        pooled = (weights * events.float()).cumsum(1) / weights.cumsum(1).clamp(min=1e-6)
-        pooled = pooled.to(events.dtype)
+    def forward(self, events: torch.Tensor, is_real: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """events (B, T, d), is_real (B, T), query (B, T, d) when queried -> (B, T, d)."""
+        B, T, d = events.shape
+        k, v = self.kv(self.ln_events(events)).split(d, dim=2)
+        q = self.query(query) if query is not None else self.query.to(k.dtype).expand(B, T, d)
+        q, k, v = (t.reshape(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        attn_mask = attention_mask(is_real, 0)  # padding keys hidden; None: plain causal
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        pooled = self.proj(y.transpose(1, 2).reshape(B, T, d))
         return self.ln(pooled + self.mlp(pooled))
 
 
