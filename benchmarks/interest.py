@@ -2,19 +2,24 @@
 
     .venv/bin/python -m benchmarks.interest                    # both datasets, every variant
     .venv/bin/python -m benchmarks.interest --datasets demo --set train.epochs=1   # a quick look
+    .venv/bin/python -m benchmarks.interest --datasets demo --seeds 0,1,2          # mean and spread
 
 Each variant is one jobs.train run of the dataset's config with only the interest keys changed:
     short      the causal Transformer over the last model.short_term_events events
-    long       the learned weighted mean over the whole window (data.max_seq_len events)
-    gated      both, mixed by the learned gate (the default)
+    long       one attention read over the whole window (data.max_seq_len events), learned query
+    gated      both, the long-term read queried by the short-term interest, mixed by the learned
+               gate (the default)
     full       the causal Transformer attending to the whole window (short_term_events 0): the
                model before long/short-term interest, for reference
-Every number is the final epoch's model on the test split (validation beside it). Results go to
+Every number is the final epoch's model on the test split (validation beside it). With several
+--seeds (train.seed: initialisation and negatives) each variant runs once per seed and the table
+gives the mean and the sample standard deviation across seeds. Results go to
 benchmarks/results/interest.json (merged with datasets run before) and print as a table.
 """
 
 import json
 import os
+import statistics
 import time
 
 from interestformer.benchmarks.common import RESULTS_DIR, read_results, save_results, stamp
@@ -33,29 +38,43 @@ METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
 OUT = os.path.join(RESULTS_DIR, "interest.json")
 
 
-def run_variant(dataset: str, variant: str, overrides: list[str]) -> dict:
+def run_variant(dataset: str, variant: str, seed: int, overrides: list[str]) -> dict:
     cfg = load_config(os.path.join(PROJECT_DIR, DATASETS[dataset]),
                       ["experiment.mlflow_experiment=interest-benchmark", f"experiment.name={dataset}-{variant}-"
-                       f"{time.strftime('%Y%m%d-%H%M%S')}", *VARIANTS[variant], *overrides])
+                       f"{time.strftime('%Y%m%d-%H%M%S')}", *VARIANTS[variant], *overrides, f"train.seed={seed}"])
     started = time.perf_counter()
     summary = train(cfg)
     row = {m: summary["test"][m] for m in METRICS}
     row.update({f"val_{m}": summary["validation"][f"val_{m}"] for m in ("hr@10", "ndcg@10")},
                users=summary["test"]["users"], minutes=(time.perf_counter() - started) / 60,
                epochs=cfg.train.epochs, short_term_events=cfg.model.short_term_events,
-               max_seq_len=cfg.data.max_seq_len, run_id=summary["run_id"])
+               max_seq_len=cfg.data.max_seq_len, seed=seed, run_id=summary["run_id"])
     return row
 
 
+def across_seeds(runs: list[dict]) -> dict:
+    """The mean of each figure over the seeds' runs, and its sample standard deviation (sd_*)."""
+    row = {}
+    for key in (*METRICS, "val_hr@10", "val_ndcg@10", "minutes"):
+        values = [run[key] for run in runs]
+        row[key] = statistics.mean(values)
+        row[f"sd_{key}"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {**runs[-1], **row, "seeds": [run["seed"] for run in runs], "runs": runs}
+
+
 def markdown_table(results: dict) -> str:
-    head = ["data", "interest", *METRICS, "val ndcg@10", "minutes"]
+    """A row per dataset and variant; figures over several seeds read mean ± standard deviation."""
+    head = ["data", "interest", "seeds", *METRICS, "val ndcg@10", "minutes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for dataset in DATASETS:
         for variant in VARIANTS:
             row = results.get(dataset, {}).get(variant)
             if row:
-                cells = [f"{row[m]:.4f}" for m in METRICS] + [f"{row['val_ndcg@10']:.4f}", f"{row['minutes']:.1f}"]
-                lines.append(f"| {dataset} | {variant} | " + " | ".join(cells) + " |")
+                seeds = row.get("seeds", [row.get("seed", 0)])
+                spread = len(seeds) > 1
+                cells = [f"{row[m]:.4f}" + (f" ± {row['sd_' + m]:.4f}" if spread else "")
+                         for m in (*METRICS, "val_ndcg@10")] + [f"{row['minutes']:.1f}"]
+                lines.append(f"| {dataset} | {variant} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -63,11 +82,17 @@ def main(argv=None) -> dict:
     parser = config_parser("python -m benchmarks.interest", __doc__, example="train.epochs=1")
     parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {list(DATASETS)}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated train.seed values; each variant runs once per "
+                                                     "seed and the table gives mean ± standard deviation")
     args = parser.parse_args(argv)
     datasets = [d for d in args.datasets.split(",") if d]
     variants = [v for v in args.variants.split(",") if v]
     if set(datasets) - set(DATASETS) or set(variants) - set(VARIANTS):
         parser.error(f"choose datasets from {list(DATASETS)} and variants from {list(VARIANTS)}")
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",") if seed]
+    except ValueError:
+        parser.error(f"--seeds takes integers, got {args.seeds!r}")
     for dataset in datasets:  # every config mistake stops here, before any training
         for variant in variants:
             load_config(os.path.join(PROJECT_DIR, DATASETS[dataset]), VARIANTS[variant] + args.set)
@@ -78,10 +103,12 @@ def main(argv=None) -> dict:
     results = read_results(OUT)
     for dataset in datasets:
         for variant in variants:
-            row = run_variant(dataset, variant, args.set)
-            results.setdefault(dataset, {})[variant] = {**row, "overrides": args.set, **stamp()}
+            runs = []
+            for seed in seeds:
+                runs.append(run_variant(dataset, variant, seed, args.set))
+                print(f"\n{dataset} {variant} seed {seed}: {json.dumps(runs[-1])}", flush=True)
+            results.setdefault(dataset, {})[variant] = {**across_seeds(runs), "overrides": args.set, **stamp()}
             save_results(OUT, results)
-            print(f"\n{dataset} {variant}: {json.dumps(row)}", flush=True)
     print("\n" + markdown_table(results))
     print(f"\nWritten to {OUT}")
     return results

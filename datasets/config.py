@@ -91,6 +91,8 @@ class DataConfig:
         for key in ("cold_item_fraction", "new_user_fraction"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(key, f"must be within [0, 1), got {getattr(self, key)}")
+        if self.train_since < 0:
+            raise ConfigError("train_since", f"must be a Unix timestamp >= 0 (0: every event trains), got {self.train_since}")
         if self.pseudonymise_user_ids and not pseudonym_key():
             raise ConfigError("pseudonymise_user_ids",
                               f"needs a key: set ${ID_KEY_ENV} or ${ID_KEY_FILE_ENV} (a file holding it)")

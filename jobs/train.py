@@ -336,6 +336,14 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
     ensure_ray(cfg)
     prepared = prepare(cfg.data, tokenizer_path=tokenizer_path(cfg))
     features_uri, spec, _ = feature_store(prepared, cfg, data_spec(prepared, cfg))
+    report = prepared.report()
+    # Users with a training target: every user with two events, less held-out new users, or those
+    # with a target in the new window.
+    train_users = (training_sequences(prepared, cfg.data.train_since, cfg.data.new_user_fraction).count()
+                   if cfg.data.train_since or cfg.data.new_user_fraction else report["users"] - report["users_too_short"])
+    if not train_users:  # before the MLflow run and the workers: a run that could not train one step
+        raise ConfigError("data.train_since" if cfg.data.train_since else "data",
+                          f"leaves no user with a training target ({report['users']} users read)")
     run_name = cfg.experiment.name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_run(cfg, deepspeed_config(cfg.train), prepared.report(), run_name, parent_run_id)
@@ -352,11 +360,6 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
         "items": items,
         **{split: eval_datasets(prepared, cfg, split)[1] for split in eval_splits},
     }
-    report = prepared.report()
-    # Users with a training target: every user with two events, less held-out new users, or those
-    # with a target in the new window.
-    train_users = (training_sequences(prepared, cfg.data.train_since, cfg.data.new_user_fraction).count()
-                   if cfg.data.train_since or cfg.data.new_user_fraction else report["users"] - report["users_too_short"])
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -52,6 +52,8 @@ def test_demo_config_file_is_the_embedded_default():
     (["trian.epochs=1"], "trian", "unknown key"),
     (["data.source=parquet"], "data.events_path", "required"),
     (["data.demo.num_users=0"], "data.demo.num_users", ""),
+    (["data.train_since=-1"], "data.train_since", "timestamp >= 0"),
+    (["model.interest=both"], "model.interest", "'gated'"),
     (["eval.ks=[]"], "eval.ks", "non-empty"),
     (["eval.ks=[10, x]"], "eval.ks[1]", "must be int"),
 ])

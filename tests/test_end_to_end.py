@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from interestformer import ConfigError
 from interestformer.datasets.pipeline import catalogue_ids, id_buckets, unpack
 from interestformer.datasets.prepare import PreparedData, input_paths
 from interestformer.jobs import evaluate, tracking
@@ -344,6 +345,11 @@ def test_a_run_continues_from_another_runs_checkpoint_on_a_newer_window(finished
     ]))
     assert continued["throughput"][0]["users"] == expected_users
     assert continued["test"]["users"] == summary["test"]["users"]
+    latest = max(stamp for stamps in sequences["timestamps"] for stamp in stamps)
+    with pytest.raises(ConfigError, match="data.train_since.*no user with a training target"):
+        train(load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [  # a window after the log ends
+            f"data.prepared_dir={cfg.data.prepared_dir}", f"experiment.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"train.init_from={summary['checkpoint']}", f"data.train_since={latest + 1}"]))
 
     data_config = tmp_path / "data.yaml"
     data_config.write_text(yaml.safe_dump({"data": {"prepared_dir": cfg.data.prepared_dir, **{

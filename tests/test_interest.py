@@ -113,6 +113,28 @@ def test_a_checkpoint_of_another_model_fails_before_anything_starts(tmp_path):
     check_start_from(same)  # the same model section fits
 
 
+def test_a_continued_run_reuses_the_earlier_runs_tokenizer_and_fails_when_it_is_gone(tmp_path):
+    """Token ids mean what the earlier text encoder learned, so the continued run's data is
+    tokenised by the earlier run's tokenizer, never by one trained afresh on the new catalogue."""
+    from interestformer.jobs.train import tokenizer_path
+
+    text = {"enabled": True, "hidden_size": 16, "num_layers": 1, "num_heads": 2}
+    cfg = job_config(text=text)
+    save_checkpoint(tmp_path / "checkpoint", model_of(image=ImageEncoderConfig(enabled=False)), catalogue(32), cfg)
+    continued = job_config(text=text)
+    continued.train.init_from = str(tmp_path / "checkpoint")
+    with pytest.raises(ConfigError, match="train.init_from.*tokenizer is gone"):
+        check_start_from(continued)
+
+    tokenizer = tmp_path / "checkpoint" / "prepared" / "tokenizer"  # where the earlier run's prepare left it
+    tokenizer.mkdir(parents=True)
+    (tokenizer / "tokenizer_config.json").write_text("{}")
+    check_start_from(continued)
+    assert tokenizer_path(continued) == str(tokenizer)
+    continued.model.text.pretrained_path = "/models/minilm"  # a pretrained encoder brings its own
+    assert tokenizer_path(continued) == "/models/minilm"
+
+
 TOPICS, PER_TOPIC = 4, 8  # items 1..32: item i is of topic (i - 1) // PER_TOPIC
 
 
