@@ -13,7 +13,8 @@ Each variant is one jobs.train run of the dataset's config with only the interes
                model before long/short-term interest, for reference
 Every number is the final epoch's model on the test split (validation beside it). With several
 --seeds (train.seed: initialisation and negatives) each variant runs once per seed and the table
-gives the mean and the sample standard deviation across seeds. Results go to
+gives the mean and the sample standard deviation across seeds; a later run with other seeds and the
+same --set adds its runs to those already in the results. Results go to
 benchmarks/results/interest.json (merged with datasets run before) and print as a table.
 """
 
@@ -50,6 +51,15 @@ def run_variant(dataset: str, variant: str, seed: int, overrides: list[str]) -> 
                epochs=cfg.train.epochs, short_term_events=cfg.model.short_term_events,
                max_seq_len=cfg.data.max_seq_len, seed=seed, run_id=summary["run_id"])
     return row
+
+
+def with_earlier_seeds(earlier: dict | None, runs: list[dict], overrides: list[str]) -> list[dict]:
+    """This invocation's runs plus the earlier ones in the results with the same overrides and other
+    seeds, so that seeds can be added a run at a time (a row from before --seeds was seed 0)."""
+    if not earlier or earlier.get("overrides") != overrides:
+        return runs
+    seeds = {run["seed"] for run in runs}
+    return [run for run in earlier.get("runs", [{"seed": 0, **earlier}]) if run["seed"] not in seeds] + runs
 
 
 def across_seeds(runs: list[dict]) -> dict:
@@ -105,8 +115,9 @@ def main(argv=None) -> dict:
         for variant in variants:
             runs = []
             for seed in seeds:
-                runs.append(run_variant(dataset, variant, seed, args.set))
+                runs.append({**run_variant(dataset, variant, seed, args.set), **stamp()})
                 print(f"\n{dataset} {variant} seed {seed}: {json.dumps(runs[-1])}", flush=True)
+            runs = with_earlier_seeds(results.get(dataset, {}).get(variant), runs, args.set)
             results.setdefault(dataset, {})[variant] = {**across_seeds(runs), "overrides": args.set, **stamp()}
             save_results(OUT, results)
     print("\n" + markdown_table(results))
