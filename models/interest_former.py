@@ -468,7 +468,12 @@ class LongTermInterest(nn.Module):
     queried (gated): the query is the short-term interest, so the current session picks which of
     the user's older interests matter now, as DIN and SIM's search over long behaviour sequences
     do. Otherwise (long alone) the query is learned and the same for every user: a weighted mean
-    of the history whose weights depend on each event's item and type."""
+    of the history whose weights depend on each event's item and type.
+
+    The values are the events themselves, not a projection of them: the read is a weighted mean of
+    item representations, so it lies where the items it should rank lie from the first step. (On
+    the demo, long alone with projected values reached NDCG@10 0.118; the first version, a mean of
+    the events themselves with weights from each event alone, 0.138.)"""
 
     def __init__(self, d: int, n_heads: int, dropout: float, queried: bool):
         super().__init__()
@@ -476,21 +481,20 @@ class LongTermInterest(nn.Module):
         self.dropout = dropout
         self.query = nn.Linear(d, d) if queried else nn.Parameter(0.02 * torch.randn(d))
         self.ln_events = nn.LayerNorm(d)
-        self.kv = nn.Linear(d, 2 * d)
-        self.proj = nn.Linear(d, d)
+        self.key = nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
         self.ln = nn.LayerNorm(d)
 
     def forward(self, events: torch.Tensor, is_real: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """events (B, T, d), is_real (B, T), query (B, T, d) when queried -> (B, T, d)."""
         B, T, d = events.shape
-        k, v = self.kv(self.ln_events(events)).split(d, dim=2)
+        k = self.key(self.ln_events(events))
         q = self.query(query) if query is not None else self.query.to(k.dtype).expand(B, T, d)
-        q, k, v = (t.reshape(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.reshape(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, events))
         attn_mask = attention_mask(is_real, 0)  # padding keys hidden; None: plain causal
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
-        pooled = self.proj(y.transpose(1, 2).reshape(B, T, d))
+        pooled = y.transpose(1, 2).reshape(B, T, d)
         return self.ln(pooled + self.mlp(pooled))
 
 
