@@ -346,11 +346,11 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
                           f"leaves no user with a training target ({report['users']} users read)")
     run_name = cfg.experiment.name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
     uri = tracking.tracking_uri(cfg)
-    run_id = tracking.start_run(cfg, deepspeed_config(cfg.train), prepared.report(), run_name, parent_run_id)
+    run_id = tracking.start_run(cfg, deepspeed_config(cfg.train), report, run_name, parent_run_id)
     events_path, _ = input_paths(cfg.data)
     dataset_name = "demo-events" if cfg.data.source == "demo" else os.path.basename(events_path.rstrip("/"))
-    tracking.log_training_data(uri, run_id, dataset_name, events_path, prepared.meta["fingerprint"], prepared.report())
-    print(f"MLflow run {run_id} in {uri}; data: {prepared.report()}", flush=True)
+    tracking.log_training_data(uri, run_id, dataset_name, events_path, prepared.meta["fingerprint"], report)
+    print(f"MLflow run {run_id} in {uri}; data: {report}", flush=True)
 
     items, validation = eval_datasets(prepared, cfg, "validation")
     eval_splits = final_splits(cfg)
