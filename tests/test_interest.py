@@ -41,6 +41,18 @@ def test_each_interest_is_causal_and_only_the_long_term_one_reads_beyond_the_sho
     assert not torch.allclose(before[0, 3], after[0, 3], atol=1e-5)  # within the window it counts
 
 
+def test_the_gated_long_term_read_is_queried_by_the_short_term_interest():
+    model = model_of(interest="gated", short_term_events=4)
+    seen = {}
+    model.ln_f.register_forward_hook(lambda module, args, out: seen.update(short=out))  # hooks return None
+    model.long_term.register_forward_pre_hook(lambda module, args: seen.update(query=args[2]))
+    history = torch.arange(1, 13)[None]
+    with torch.no_grad():
+        model.encode_users(torch.randn(1, 12, 16), history, torch.ones_like(history))
+    assert seen["query"] is seen["short"]
+    assert model_of(interest="long").long_term.query.shape == (16,)  # alone: a learned query
+
+
 def test_padding_never_reaches_the_long_term_interest():
     model = model_of(interest="long")
     vectors = torch.randn(1, 12, 16)
