@@ -1,0 +1,58 @@
+"""The benchmarks' bookkeeping, which their figures rest on: how benchmarks.interest combines seeds run
+at different times, and that its command line refuses mistakes before any training."""
+
+import statistics
+
+import pytest
+
+from interestformer import ConfigError
+from interestformer.benchmarks.interest import across_seeds, main, markdown_table, with_earlier_seeds
+
+
+def run(seed: int, ndcg: float) -> dict:
+    figures = {"hr@10": 2 * ndcg, "ndcg@10": ndcg, "hr@50": 4 * ndcg, "ndcg@50": 1.5 * ndcg, "mrr": ndcg / 2,
+               "val_hr@10": 2 * ndcg, "val_ndcg@10": ndcg, "minutes": 1.0 + seed}
+    return {**figures, "seed": seed, "run_id": f"run-{seed}"}
+
+
+def test_seeds_added_later_merge_with_earlier_runs_of_the_same_overrides():
+    earlier = across_seeds([run(0, 0.10), run(1, 0.12)])
+    earlier["overrides"] = ["train.epochs=4"]
+    merged = with_earlier_seeds(earlier, [run(2, 0.14)], ["train.epochs=4"])
+    assert [r["seed"] for r in merged] == [0, 1, 2]
+
+    rerun = with_earlier_seeds(earlier, [run(1, 0.20)], ["train.epochs=4"])  # a rerun seed replaces its old run
+    assert sorted((r["seed"], r["ndcg@10"]) for r in rerun) == [(0, 0.10), (1, 0.20)]
+
+    assert with_earlier_seeds(earlier, [run(2, 0.14)], ["train.epochs=8"]) == [run(2, 0.14)]  # other settings
+    assert with_earlier_seeds(None, [run(2, 0.14)], []) == [run(2, 0.14)]
+
+
+def test_a_row_from_before_seeds_counts_as_seed_0():
+    old = {**run(0, 0.10), "overrides": []}
+    del old["seed"]
+    merged = with_earlier_seeds(old, [run(1, 0.12)], [])
+    assert [r["seed"] for r in merged] == [0, 1] and merged[0]["ndcg@10"] == 0.10
+
+
+def test_across_seeds_gives_the_mean_and_sample_standard_deviation():
+    row = across_seeds([run(0, 0.10), run(1, 0.12), run(2, 0.17)])
+    assert row["ndcg@10"] == pytest.approx(0.13)
+    assert row["sd_ndcg@10"] == pytest.approx(statistics.stdev([0.10, 0.12, 0.17]))
+    assert row["seeds"] == [0, 1, 2] and len(row["runs"]) == 3
+    assert across_seeds([run(0, 0.10)])["sd_ndcg@10"] == 0.0
+
+    table = markdown_table({"demo": {"gated": row, "short": across_seeds([run(0, 0.11)])}})
+    assert "| demo | gated | 3 | 0.2600 ± " in table and "| demo | short | 1 | 0.2200 |" in table
+
+
+@pytest.mark.parametrize("argv", [["--seeds", "0,one"], ["--datasets", "imagenet"], ["--variants", "medium"]])
+def test_command_line_mistakes_fail_before_training(argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code != 0
+
+
+def test_a_config_mistake_in_set_fails_naming_the_key_before_training():
+    with pytest.raises(ConfigError, match="model.interest"):
+        main(["--datasets", "demo", "--set", "model.interest=both"])
