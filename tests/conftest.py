@@ -28,6 +28,14 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_prepared_dir(tmp_path_factory) -> str:
+    """Where configs/tiny.yaml's data is prepared once for the tests that train on it unchanged (or
+    with batching keys only): prepare() finds it there by its fingerprint and reuses it, as it does
+    for a user's second run. The tests of preparation itself prepare their own."""
+    return str(tmp_path_factory.mktemp("tiny-prepared"))
+
+
 def fresh_checkpoint(cfg, folder) -> tuple[object, str]:
     """(prepared data, checkpoint folder) of cfg's freshly initialised model (seed 0), saved into
     `folder` as a training checkpoint is, without Ray Train; prepares cfg's data (a real Ray Data

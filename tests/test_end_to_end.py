@@ -24,10 +24,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def finished_run(ray_local, tmp_path_factory):
+def finished_run(ray_local, tmp_path_factory, tiny_prepared_dir):
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
-        f"data.prepared_dir={tmp / 'prepared'}",
+        f"data.prepared_dir={tiny_prepared_dir}",
         f"experiment.storage_path={tmp / 'runs'}",
         f"experiment.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
         "experiment.name=e2e",
@@ -151,13 +151,13 @@ def test_checkpoint_reloads_into_evaluate_with_the_same_metrics(finished_run):
     assert logged["eval_test_ndcg_at_10"] == pytest.approx(summary["test"]["ndcg@10"], abs=1e-9)
 
 
-def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, tmp_path):
+def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, tmp_path, tiny_prepared_dir):
     """ZeRO-3 partitions the weights, so the checkpoint's model.safetensors must be gathered from
     both workers; a rerun with the same name and storage resumes from the latest checkpoint, on
     one worker (consolidated weights) or on two (DeepSpeed's shards). Item IDs are hashed (their
     map is a buffer, gathered and saved with the weights) and blocks recompute their activations."""
     overrides = [
-        f"data.prepared_dir={tmp_path / 'prepared'}",
+        f"data.prepared_dir={tiny_prepared_dir}",
         f"experiment.storage_path={tmp_path / 'runs'}",
         f"experiment.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "experiment.name=zero3",
@@ -193,7 +193,7 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
 
 
 
-def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp_path):
+def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp_path, tiny_prepared_dir):
     """Frozen text (features computed once into the Parquet feature store), the image encoder's
     top layer training at its own lr, ZeRO-3 in bf16, 20% of items held out: the run reports cold-start metrics beside
     most-popular's, and its checkpoint (frozen features inside) re-evaluates the cold split exactly."""
@@ -201,7 +201,7 @@ def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp
     from interestformer.jobs.train import data_spec
 
     overrides = [
-        f"data.prepared_dir={tmp_path / 'prepared'}",
+        f"data.prepared_dir={tiny_prepared_dir}",
         f"experiment.storage_path={tmp_path / 'runs'}",
         f"experiment.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "data.cold_item_fraction=0.2",

@@ -45,12 +45,12 @@ print(json.dumps({"item_ids": [list(ids) for ids in out["item_ids"]],
 
 
 @pytest.fixture(scope="module")
-def logged(ray_local, tmp_path_factory):
+def logged(ray_local, tmp_path_factory, tiny_prepared_dir):
     """A tiny config's freshly initialised model, saved as a training checkpoint is, logged into
     an MLflow run. Its item IDs are hashed (fewer rows than items), whose map travels in the weights."""
     tmp = tmp_path_factory.mktemp("mlflow_model")
     cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
-        f"data.prepared_dir={tmp / 'prepared'}",
+        f"data.prepared_dir={tiny_prepared_dir}",
         f"experiment.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
         "model.item_id_buckets=16",
     ])

@@ -24,10 +24,10 @@ K = 5
 
 
 @pytest.fixture(scope="module")
-def checkpoint(ray_local, tmp_path_factory):
+def checkpoint(ray_local, tmp_path_factory, tiny_prepared_dir):
     """The tiny config's prepared data and a freshly initialised model's checkpoint of it."""
     tmp = tmp_path_factory.mktemp("recommend")
-    cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [f"data.prepared_dir={tmp / 'prepared'}"])
+    cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [f"data.prepared_dir={tiny_prepared_dir}"])
     prepared, folder = fresh_checkpoint(cfg, str(tmp))
     sequences = pq.read_table(prepared.sequences_path, columns=["user_id", "items"]).to_pydict()
     ids = catalogue_ids(prepared)

@@ -17,7 +17,7 @@ from conftest import PROJECT_DIR, free_port, start_server, stop_server
 pytestmark = pytest.mark.slow  # a training run and an MLflow server started twice
 
 
-def test_training_goes_on_through_an_outage_and_every_metric_arrives(ray_local, tmp_path):
+def test_training_goes_on_through_an_outage_and_every_metric_arrives(ray_local, tmp_path, tiny_prepared_dir):
     """The server dies once the first checkpoint exists and comes back a checkpoint later, which
     may be after the last epoch: the workers never stop, rank 0's metrics wait (and what is still
     waiting when its process ends is handed to the driver), every one arrives with its step, the
@@ -25,7 +25,7 @@ def test_training_goes_on_through_an_outage_and_every_metric_arrives(ray_local, 
     store, port = f"sqlite:///{tmp_path / 'mlflow.db'}", free_port()
     uri = f"http://127.0.0.1:{port}"
     cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
-        f"data.prepared_dir={tmp_path / 'prepared'}",
+        f"data.prepared_dir={tiny_prepared_dir}",
         f"experiment.storage_path={tmp_path / 'runs'}",
         f"experiment.tracking_uri={uri}",
         "experiment.name=outage", "train.epochs=3", "train.log_every_steps=1",
