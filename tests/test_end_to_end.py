@@ -220,7 +220,7 @@ def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp
     assert "most_popular_cold_test_hr_at_10" in logged
     assert logged["cold_test_segment/target_cold/users"] == summary["cold"]["users"]  # every target held out
 
-    prepared = PreparedData.load(str(tmp_path / "prepared"))
+    prepared = PreparedData.load(tiny_prepared_dir)
     uri, _, store = feature_store(prepared, cfg, data_spec(prepared, cfg))  # the store: no second pass
     assert store["items"] == prepared.num_items and set(load_features(uri)) == {"text_features"}
     weights = load_file(os.path.join(summary["checkpoint"], "model.safetensors"))
