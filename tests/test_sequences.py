@@ -1,7 +1,9 @@
 """Sequence building, time split and bad-row accounting on hand-made Parquet logs (real Ray Data)."""
 
 
+import dataclasses
 import io
+import pathlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,7 +12,7 @@ from PIL import Image
 
 from interestformer.datasets.config import DataConfig
 from interestformer.datasets.pipeline import sequence_batches, unpack
-from interestformer.datasets.prepare import DataQualityError, PreparedData, prepare
+from interestformer.datasets.prepare import DataQualityError, PreparedData, _fingerprint, input_paths, prepare
 
 pytestmark = pytest.mark.slow  # real Ray Data jobs: about a minute
 
@@ -68,14 +70,18 @@ SHARDS = [
 ]
 
 
+def log_config(root) -> DataConfig:
+    """The data config of the logs written under root."""
+    return DataConfig(source="parquet", events_path=str(root / "events"), items_path=str(root / "items"),
+                      prepared_dir=str(root / "prepared"), max_seq_len=4, image_size=8, vocab_size=60,
+                      sequence_shards=2, max_bad_fraction=0.5)
+
+
 @pytest.fixture(scope="module")
 def prepared(ray_local, tmp_path_factory) -> PreparedData:
     root = tmp_path_factory.mktemp("logs")
     write_logs(root, SHARDS)
-    cfg = DataConfig(source="parquet", events_path=str(root / "events"), items_path=str(root / "items"),
-                     prepared_dir=str(root / "prepared"), max_seq_len=4, image_size=8, vocab_size=60,
-                     sequence_shards=2, max_bad_fraction=0.5)
-    return prepare(cfg)
+    return prepare(log_config(root))
 
 
 def sequences(prepared: PreparedData) -> dict[str, dict]:
@@ -139,6 +145,24 @@ def test_time_split_last_for_test_one_before_for_validation(prepared):
     assert ([0, 0, 0, a], [0, 0, 0, b]) in train  # u4: a -> b
     assert ([0, 0, 0, index("c")], [0, 0, 0, index("d")]) in train  # u3 trains on both events
     assert len(train) == 3
+
+
+def test_batching_keys_reuse_the_prepared_data_and_shaping_keys_do_not(prepared):
+    """A continued run (train_since), held-out users or items, another window or other negatives
+    read the same prepared files: prepare() returns them untouched. A key that shapes the files
+    (here the number of sequence shards) gives another fingerprint, so they are prepared again."""
+    cfg = log_config(pathlib.Path(prepared.path).parent)
+    files = sorted(pathlib.Path(prepared.sequences_path).rglob("*.parquet"))
+    written = [f.stat().st_mtime_ns for f in files]
+    again = prepare(dataclasses.replace(cfg, max_seq_len=8, num_negatives=3, cold_item_fraction=0.2,
+                                        new_user_fraction=0.1, train_since=15))
+    assert again.meta["fingerprint"] == prepared.meta["fingerprint"]
+    assert files and [f.stat().st_mtime_ns for f in files] == written
+
+    def fingerprint(c):
+        return _fingerprint(c, "", *input_paths(c))
+
+    assert fingerprint(dataclasses.replace(cfg, sequence_shards=3)) != fingerprint(cfg)
 
 
 def test_too_much_bad_input_stops_the_job_with_the_counts(ray_local, tmp_path):
