@@ -61,6 +61,7 @@ from interestformer.datasets.storage import filesystem, read_parquet
 Split = Literal["train", "validation", "test", "cold", "new_users"]
 COLD_ITEM_SEED = 20261124  # fixed, so every config of a benchmark holds out the same items
 NEW_USER_EVENTS = 3  # new users are ranked after each of their first 0..3 events
+BATCHES_PER_TASK = 8  # batches a packing task makes: few tasks, yet blocks small enough to stream
 
 
 def cold_items(num_items: int, fraction: float) -> np.ndarray:
@@ -234,8 +235,8 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
                      pipeline_workers: int = 1, cold_fraction: float = 0.0, train_since: int = 0,
                      new_user_fraction: float = 0.0) -> ray.data.Dataset:
     """A dataset whose rows are packed batches of `batch_size` users for `split`, one batch per
-    block: a map task packs a whole input block (a few hundred users) into one output block of
-    several batches, and a split across workers hands out whole blocks, each to the worker that
+    block: a map task packs BATCHES_PER_TASK batches' worth of users into one output block of
+    that many batches (only the split's very last batch can be short), and a split across workers hands out whole blocks, each to the worker that
     has had the fewest rows so far; with one batch per block the shares differ by a batch at most."""
     if split == "train":
         ds = training_sequences(prepared, train_since, new_user_fraction).randomize_block_order()
@@ -246,7 +247,9 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
         ds = stored_sequences(prepared).filter(expr=col("num_events") >= 3)
     if split == "cold":
         ds = ds.filter(_TargetIsCold(is_cold_mask(prepared.num_items, cold_fraction)))
-    return ds.map_batches(
+    # Blocks of whole batches: a map task's last batch is short otherwise, and every short batch
+    # is an extra step on fewer users.
+    return ds.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_TASK, strict=True).map_batches(
         PackBatches,
         fn_constructor_kwargs=dict(prepared=prepared, split=split, max_seq_len=max_seq_len,
                                    num_negatives=num_negatives, text=text, image=image, seed=seed,
