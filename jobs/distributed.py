@@ -18,6 +18,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import ray.train
 import torch
@@ -137,6 +139,28 @@ class ExactSplit(ray.train.DataConfig):
             for rank, share in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
                 output[rank][name] = share
         return output
+
+
+def fetch_ahead(batches: Iterable) -> Iterator:
+    """An iterator over `batches` whose first item is already being fetched in a background
+    thread: Ray Data starts every epoch's pipeline anew (seconds on a small machine), and this way
+    that start-up runs while the worker does something else (DeepSpeed's set-up, the validation
+    pass) instead of while it waits for its first batch."""
+    items = iter(batches)
+    fetcher = ThreadPoolExecutor(max_workers=1)
+    first = fetcher.submit(next, items, _NO_ITEM)
+    fetcher.shutdown(wait=False)
+
+    def chained():
+        item = first.result()
+        if item is not _NO_ITEM:
+            yield item
+            yield from items
+
+    return chained()
+
+
+_NO_ITEM = object()
 
 
 def train_steps(rows, device):

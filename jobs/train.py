@@ -36,6 +36,7 @@ from interestformer.jobs.distributed import (
     checkpoint_uri,
     deepspeed_config,
     ExactSplit,
+    fetch_ahead,
     STATE_FILE,
     full_state_dict,
     model_from_weights,
@@ -77,11 +78,16 @@ def train_loop_per_worker(loop_config: dict):
     model, carried = catalogue_model(cfg, spec, loop_config["features_uri"], catalogue, init_from)
     if carried and rank == 0:
         print(f"Started from {init_from}: {carried}", flush=True)
+    train_rows = ray.train.get_dataset_shard("train")
+
+    def epoch_rows():  # an epoch of this worker's packed batches, its pipeline starting now
+        return fetch_ahead(train_rows.iter_torch_batches(batch_size=1, prefetch_batches=4))
+
+    rows = epoch_rows()  # the pipeline starts while DeepSpeed sets up
     engine, state = setup_engine(model, cfg.train)  # resumed from the run's latest checkpoint, if any
     state = state or {"epoch": 0, "step": 0}
     state.update(config=loop_config["config"], spec=loop_config["spec"], prepared_path=loop_config["prepared_path"],
                  world_size=world)
-    train_rows = ray.train.get_dataset_shard("train")
     steps_per_epoch = math.ceil(loop_config["train_users"] / (cfg.train.micro_batch_size * world))
     progress = _progress(rank, cfg.train.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch)
     throughput = []  # per epoch run here: users, events, seconds, samples/s, data wait
@@ -95,7 +101,7 @@ def train_loop_per_worker(loop_config: dict):
         window = {"loss": 0.0, "batches": 0, "users": 0, "events": 0, "wait": 0.0, "start": time.perf_counter()}
         seen = torch.zeros(2, dtype=torch.float64)  # users and events (targets) this worker trained on
         started, waits = time.perf_counter(), []
-        for batch, weight, wait in train_steps(train_rows.iter_torch_batches(batch_size=1, prefetch_batches=4), device):
+        for batch, weight, wait in train_steps(rows, device):
             loss = engine(batch)
             engine.backward(loss * weight)
             engine.step()
@@ -112,6 +118,8 @@ def train_loop_per_worker(loop_config: dict):
                 if rank == 0 and state["step"] % cfg.train.log_every_steps == 0:
                     _log_window(metrics_out, window, world, engine, state["step"])
         throughput.append(_epoch_throughput(seen, time.perf_counter() - started, waits, device))
+        if epoch + 1 < cfg.train.epochs:
+            rows = epoch_rows()  # the next epoch's pipeline starts during validation
         weights = full_state_dict(engine)  # on every rank; ZeRO-3 gathers the partitions
         model = model_from_weights(weights, cfg, spec, device)
         val = _evaluate_share(model, "validation", cfg, device, prepared)  # every rank takes part
