@@ -96,6 +96,7 @@ def train_loop_per_worker(loop_config: dict):
     if rank == 0:
         system_metrics = tracking.start_system_metrics(uri, run_id, cfg.experiment.system_metrics_interval_s)
 
+    items = None  # the item table of the latest weights
     for epoch in range(state["epoch"], cfg.train.epochs):
         engine.train()
         window = {"loss": 0.0, "batches": 0, "users": 0, "events": 0, "wait": 0.0, "start": time.perf_counter()}
@@ -118,11 +119,10 @@ def train_loop_per_worker(loop_config: dict):
                 if rank == 0 and state["step"] % cfg.train.log_every_steps == 0:
                     _log_window(metrics_out, window, world, engine, state["step"])
         throughput.append(_epoch_throughput(seen, time.perf_counter() - started, waits, device))
-        if epoch + 1 < cfg.train.epochs:
-            rows = epoch_rows()  # the next epoch's pipeline starts during validation
         weights = full_state_dict(engine)  # on every rank; ZeRO-3 gathers the partitions
         model = model_from_weights(weights, cfg, spec, device)
-        val = _evaluate_share(model, "validation", cfg, device, prepared)  # every rank takes part
+        items = _item_table(model, device)  # every rank takes part, here and in _evaluate_share
+        val = _evaluate_share(model, items, "validation", cfg, device, prepared)
         metrics = {"epoch": epoch}
         if rank == 0:
             metrics.update({f"val_{k}": v for k, v in val.metrics().items()},
@@ -131,10 +131,16 @@ def train_loop_per_worker(loop_config: dict):
             metrics_out.log({k: v for k, v in metrics.items() if k != "epoch"}, step=state["step"])
             progress.set_description(f"epoch {epoch + 1}/{cfg.train.epochs} val ndcg@10 {metrics['val_ndcg@10']:.4f}")
         state["epoch"] = epoch + 1
+        if epoch + 1 < cfg.train.epochs:
+            # Not before validation: its pipelines and this one would each hold a CPU, and with
+            # only the CPUs ensure_ray reserves, each would wait for the other's forever.
+            rows = epoch_rows()  # the next epoch's pipeline starts while the checkpoint is saved
         save_and_report(engine, weights, metrics, state, catalogue)
 
-    model = model_from_weights(full_state_dict(engine), cfg, spec, device)
-    results = {split: _evaluate_share(model, split, cfg, device, prepared) for split in final_splits(cfg)}
+    if items is None:  # a resumed run with no epoch left to train; else the last epoch's model ranks
+        model = model_from_weights(full_state_dict(engine), cfg, spec, device)
+        items = _item_table(model, device)
+    results = {split: _evaluate_share(model, items, split, cfg, device, prepared) for split in final_splits(cfg)}
     progress.close()
     if rank == 0:
         for split, totals in results.items():
@@ -165,15 +171,24 @@ def _epoch_throughput(seen: torch.Tensor, seconds: float, waits: list[float], de
             "data_wait_fraction": slowest[2].item()}
 
 
-def _evaluate_share(model, split: str, cfg: JobConfig, device, prepared: PreparedData) -> RankTotals:
-    """Full ranking of the split's users, shared by every worker (each must call it): a worker
-    encodes its share of the catalogue and the shares are summed into the whole table, then it
-    ranks its share of the users, and every worker gets the totals over all users."""
+def _item_table(model, device) -> torch.Tensor:
+    """The whole catalogue's item representations, made by every worker together (each must call
+    it): a worker encodes its share of the catalogue and the shares are summed."""
     import torch.distributed as dist
 
     items = item_representations(model, device_batches(ray.train.get_dataset_shard("items").iter_torch_batches(
         batch_size=1), device), model.spec.num_items)
     dist.all_reduce(items)  # each item's row was encoded by exactly one worker, the others hold 0
+    return items
+
+
+def _evaluate_share(model, items: torch.Tensor, split: str, cfg: JobConfig, device,
+                    prepared: PreparedData) -> RankTotals:
+    """Full ranking of the split's users against the item table, shared by every worker (each
+    must call it): a worker ranks its share of the users, and every worker gets the totals over
+    all users."""
+    import torch.distributed as dist
+
     share = evaluate_model(model, items,
                            device_batches(ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=1), device),
                            cfg.eval.ks, cfg.eval.exclude_history, cfg.eval.item_chunk_size,
