@@ -236,8 +236,9 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
                      new_user_fraction: float = 0.0) -> ray.data.Dataset:
     """A dataset whose rows are packed batches of `batch_size` users for `split`, one batch per
     block: a map task packs BATCHES_PER_TASK batches' worth of users into one output block of
-    that many batches (only the split's very last batch can be short), and a split across workers hands out whole blocks, each to the worker that
-    has had the fewest rows so far; with one batch per block the shares differ by a batch at most."""
+    that many batches (only the split's very last batch can be short), and a split across workers
+    hands out whole blocks, each to the worker that has had the fewest rows so far; with one batch
+    per block the shares differ by a batch at most."""
     if split == "train":
         ds = training_sequences(prepared, train_since, new_user_fraction).randomize_block_order()
     elif split == "new_users":

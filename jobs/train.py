@@ -83,7 +83,9 @@ def train_loop_per_worker(loop_config: dict):
     def epoch_rows():  # an epoch of this worker's packed batches, its pipeline starting now
         return fetch_ahead(train_rows.iter_torch_batches(batch_size=1, prefetch_batches=4))
 
-    rows = epoch_rows()  # the pipeline starts while DeepSpeed sets up
+    # A fresh run's first epoch starts its pipeline while DeepSpeed sets up. A resumed run may have
+    # no epoch left, and a pipeline nobody reads would hold a CPU through the final evaluation.
+    rows = epoch_rows() if ray.train.get_checkpoint() is None else None
     engine, state = setup_engine(model, cfg.train)  # resumed from the run's latest checkpoint, if any
     state = state or {"epoch": 0, "step": 0}
     state.update(config=loop_config["config"], spec=loop_config["spec"], prepared_path=loop_config["prepared_path"],
@@ -102,6 +104,7 @@ def train_loop_per_worker(loop_config: dict):
         window = {"loss": 0.0, "batches": 0, "users": 0, "events": 0, "wait": 0.0, "start": time.perf_counter()}
         seen = torch.zeros(2, dtype=torch.float64)  # users and events (targets) this worker trained on
         started, waits = time.perf_counter(), []
+        rows = rows or epoch_rows()
         for batch, weight, wait in train_steps(rows, device):
             loss = engine(batch)
             engine.backward(loss * weight)
