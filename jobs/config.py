@@ -42,7 +42,8 @@ class TrainConfig:
     default), SPREAD over as many as it can, STRICT_PACK all on one node, STRICT_SPREAD each on a
     node of its own (needs num_workers nodes)."""
     pipeline_workers: int = 1
-    """Most Ray Data actors that pack batches (decode images, sample negatives) at once."""
+    """Most Ray Data actors that pack batches (decode images, sample negatives) at once. A run
+    keeps 2 x (pipeline_workers + 1) CPUs for Ray Data besides its workers' (jobs.train.data_cpus)."""
     embed_workers: int = 1
     """Ray Data actors that run the frozen encoders over the catalogue into the feature store
     (jobs.embed_items, or jobs.train when the store is missing); one GPU each when use_gpu."""
@@ -189,7 +190,7 @@ class TuneConfig:
     """ASHA keeps about 1 in reduction_factor trials at each rung."""
     max_concurrent_trials: int = 0
     """Trials run at once. 0: as many as the cluster's CPUs and GPUs hold, each trial taking
-    train.num_workers workers plus a CPU for its data pipeline."""
+    train.num_workers workers plus the CPUs of its data pipelines (train.pipeline_workers)."""
     max_failures: int = 1
     """Times one trial is retried after an error (it resumes from its own checkpoint)."""
     fail_fast: bool = False

@@ -145,8 +145,8 @@ def fetch_ahead(batches: Iterable) -> Iterator:
     """An iterator over `batches` whose first item is already being fetched in a background
     thread: Ray Data starts every epoch's pipeline anew (seconds on a small machine), and this way
     that start-up runs while the worker does something else (DeepSpeed's set-up, saving a
-    checkpoint) instead of while it waits for its first batch. Not while another Ray Data pipeline
-    runs in the job (evaluation): each holds a CPU, and the CPUs ensure_ray reserves are for one."""
+    checkpoint, evaluating) instead of while it waits for its first batch. Two pipelines then run
+    at once: jobs.train.data_cpus keeps CPUs for both."""
     items = iter(batches)
     fetcher = ThreadPoolExecutor(max_workers=1)
     first = fetcher.submit(next, items, _NO_ITEM)

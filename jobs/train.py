@@ -122,6 +122,8 @@ def train_loop_per_worker(loop_config: dict):
                 if rank == 0 and state["step"] % cfg.train.log_every_steps == 0:
                     _log_window(metrics_out, window, world, engine, state["step"])
         throughput.append(_epoch_throughput(seen, time.perf_counter() - started, waits, device))
+        if epoch + 1 < cfg.train.epochs:  # the next epoch's pipeline starts while this one validates
+            rows = epoch_rows()
         weights = full_state_dict(engine)  # on every rank; ZeRO-3 gathers the partitions
         model = model_from_weights(weights, cfg, spec, device)
         items = _item_table(model, device)  # every rank takes part, here and in _evaluate_share
@@ -134,10 +136,6 @@ def train_loop_per_worker(loop_config: dict):
             metrics_out.log({k: v for k, v in metrics.items() if k != "epoch"}, step=state["step"])
             progress.set_description(f"epoch {epoch + 1}/{cfg.train.epochs} val ndcg@10 {metrics['val_ndcg@10']:.4f}")
         state["epoch"] = epoch + 1
-        if epoch + 1 < cfg.train.epochs:
-            # Not before validation: its pipelines and this one would each hold a CPU, and with
-            # only the CPUs ensure_ray reserves, each would wait for the other's forever.
-            rows = epoch_rows()  # the next epoch's pipeline starts while the checkpoint is saved
         save_and_report(engine, weights, metrics, state, catalogue)
 
     if items is None:  # a resumed run with no epoch left to train; else the last epoch's model ranks
@@ -235,9 +233,9 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: float = 0.
     """Joins the cluster this job was submitted to, or starts a local Ray in this process.
 
     Locally, Ray is told of enough logical CPUs for the training workers AND the Ray Data
-    actors that feed them, and `driver_cpus` for what drives each run (a Tune trial), for each of
-    `concurrent_runs` trainings: on a 2-core machine the workers would otherwise take every CPU
-    and the pipeline would wait forever for one."""
+    pipelines that feed them (data_cpus), and `driver_cpus` for what drives each run (a Tune
+    trial), for each of `concurrent_runs` trainings: on a 2-core machine the workers would
+    otherwise take every CPU and the pipelines would wait forever for one."""
     if cfg.train.use_gpu and not os.environ.get("RAY_ADDRESS"):  # a local Ray gets this machine's GPUs only
         gpus = torch.cuda.device_count()
         if gpus < cfg.train.num_workers:
@@ -252,8 +250,7 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: float = 0.
         ray.init()
         check_cluster_fits(cfg, concurrent_runs, driver_cpus)
         return
-    needed = concurrent_runs * (cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.train.pipeline_workers + 1
-                                + driver_cpus)
+    needed = concurrent_runs * (cfg.train.num_workers * cfg.train.cpus_per_worker + data_cpus(cfg) + driver_cpus)
     # address="local": a new Ray for this job, even where `ray start` left a cluster running. The
     # dashboard (on 127.0.0.1) serves the State API, through which Ray Train removes the placement
     # group of a run whose controller is gone; without it every finished Tune trial keeps its
@@ -262,18 +259,26 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: float = 0.
              dashboard_host="127.0.0.1", runtime_env={"env_vars": _worker_env(cfg)})
 
 
+def data_cpus(cfg: JobConfig) -> int:
+    """The CPUs a training run keeps free for Ray Data: two pipelines run at once (the next
+    epoch's starts while the workers evaluate), each with its packing actors
+    (train.pipeline_workers) and a read task. With fewer, each pipeline can hold a CPU the other
+    waits for, and the run hangs."""
+    return 2 * (cfg.train.pipeline_workers + 1)
+
+
 def check_cluster_fits(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: float = 0.0):
     """On a running cluster, fails before taking anything when the training workers could never
     all be scheduled: Ray Train would otherwise wait for them until its start-up timeout.
 
     The ceiling is the autoscaler's (its node types times their max counts) when the cluster has
-    one, else what the cluster holds now. Besides the workers, at least one CPU must stay free for
-    the Ray Data actor that packs batches."""
+    one, else what the cluster holds now. Besides the workers, data_cpus must stay free for Ray
+    Data."""
     from ray._private.state import state
 
     per_worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
     needed = {name: concurrent_runs * cfg.train.num_workers * amount for name, amount in per_worker.items()}
-    needed["CPU"] += concurrent_runs * (1 + driver_cpus)
+    needed["CPU"] += concurrent_runs * (data_cpus(cfg) + driver_cpus)
     autoscaler = state.get_cluster_config()
     if autoscaler is not None and autoscaler.node_group_configs:
         ceiling, source = state.get_max_resources_from_cluster_config() or {}, "the autoscaler's limit"
@@ -296,7 +301,7 @@ def check_cluster_fits(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: fl
     for name, amount in needed.items():
         if amount > ceiling.get(name, 0):
             raise ConfigError("train.num_workers", f"{concurrent_runs} run(s) of {cfg.train.num_workers} workers "
-                                                   f"x {per_worker}, plus {1 + driver_cpus:g} CPU each for the data pipeline and driver, need "
+                                                   f"x {per_worker}, plus {data_cpus(cfg) + driver_cpus:g} CPU each for the data pipelines and driver, need "
                                                    f"{amount:g} {name}; {source} has at most {ceiling.get(name, 0):g}")
 
 

@@ -28,7 +28,7 @@ from interestformer.datasets.prepare import prepare
 from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, config_parser, load_config, set_key
 from interestformer.jobs.report import markdown
-from interestformer.jobs.train import check_cluster_fits, ensure_ray, tokenizer_path, train
+from interestformer.jobs.train import check_cluster_fits, data_cpus, ensure_ray, tokenizer_path, train
 
 TRIAL_CPUS = 0.25  # a trial only drives its TorchTrainer; its workers reserve their own CPUs
 DISTRIBUTIONS = {
@@ -84,11 +84,11 @@ def run_trial(params: dict):
 
 def concurrent_trials(cfg: JobConfig) -> int:
     """tune.max_concurrent_trials, or (0) as many trials as the cluster's CPUs and GPUs hold: each
-    takes its workers, one CPU for its data pipeline and TRIAL_CPUS for its driver."""
+    takes its workers, data_cpus for its data pipelines and TRIAL_CPUS for its driver."""
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     resources = ray.cluster_resources() if ray.is_initialized() else {"CPU": os.cpu_count() or 1}
-    per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker + 1 + TRIAL_CPUS
+    per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker + data_cpus(cfg) + TRIAL_CPUS
     trials = int(resources.get("CPU", 1) // per_trial)
     if cfg.train.use_gpu:
         trials = min(trials, int(resources.get("GPU", 0) // cfg.train.num_workers))
