@@ -33,7 +33,7 @@ def finished_run(ray_local, tmp_path_factory, tiny_prepared_dir):
         "experiment.name=e2e",
         "train.zero_stage=2",
         "train.num_workers=2",
-        "train.epochs=4",
+        "train.epochs=3",
         "experiment.system_metrics_interval_s=2",  # several samples within this short run
     ])
     return cfg, train(cfg)
@@ -236,7 +236,7 @@ def test_a_half_written_checkpoint_is_never_picked_up_and_zero2_resumes_on_one_w
     folder, newer than every real one, its weights cut in half and no state file, is planted in a
     copy of the finished 2-worker ZeRO-2 run. Resumed on one worker with nothing left to train,
     the job ignores it, loads the last registered checkpoint's consolidated weights and gives
-    exactly the same test metrics. The run kept experiment.keep_checkpoints of its 4 checkpoints."""
+    exactly the same test metrics. The run kept experiment.keep_checkpoints of its 3 checkpoints."""
     import shutil
 
     cfg, summary = finished_run
@@ -276,7 +276,7 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_in_the_same_mlflow_run
         f"data.prepared_dir={reference_cfg.data.prepared_dir}",  # the same prepared data
         f"experiment.storage_path={tmp_path / 'runs'}",
         f"experiment.tracking_uri={reference['tracking_uri']}",
-        "experiment.name=killed", "train.epochs=3", "train.max_failures=1",
+        "experiment.name=killed", "train.epochs=2", "train.max_failures=1",
     ])
     outcome = {}
     job = threading.Thread(target=lambda: outcome.update(summary=train(cfg)))
