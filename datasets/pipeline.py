@@ -258,6 +258,10 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=(1, pipeline_workers),
+        # An evaluation batch is a few index arrays (users read the encoded catalogue), so its
+        # packing actor takes no CPU of its own: it runs beside the next epoch's training
+        # pipeline without a CPU kept for it (jobs.train.data_cpus).
+        num_cpus=1 if split == "train" else 0,
     ).repartition(target_num_rows_per_block=1)
 
 

@@ -260,11 +260,12 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: float = 0.
 
 
 def data_cpus(cfg: JobConfig) -> int:
-    """The CPUs a training run keeps free for Ray Data: two pipelines run at once (the next
-    epoch's starts while the workers evaluate), each with its packing actors
-    (train.pipeline_workers) and a read task. With fewer, each pipeline can hold a CPU the other
-    waits for, and the run hangs."""
-    return 2 * (cfg.train.pipeline_workers + 1)
+    """The CPUs a training run keeps free for Ray Data. Two pipelines run at once: the next
+    epoch's starts while the workers evaluate. The training pipeline holds its packing actors
+    (train.pipeline_workers) and a read task, which backpressure can pause with its CPU held;
+    an evaluation pipeline needs a CPU for its read task (its packing actor takes none). With
+    fewer, one pipeline can hold a CPU the other waits for, and the run hangs."""
+    return cfg.train.pipeline_workers + 2
 
 
 def check_cluster_fits(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: float = 0.0):

@@ -22,7 +22,7 @@ def ray_local():
     workers and the Ray Data pipeline both get scheduled (see jobs.train.ensure_ray)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

@@ -23,7 +23,7 @@ def ray_head(tmp_path_factory):
     env = ray_env()
     head = subprocess.Popen(
         ray_node_command("--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-                         f"--dashboard-port={dashboard_port}", "--num-cpus=6"),
+                         f"--dashboard-port={dashboard_port}", "--num-cpus=4"),
         env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
@@ -49,11 +49,11 @@ def submit(address: str, env: dict, tmp_path, *args: str, options: tuple = (),
 
 
 @pytest.mark.parametrize("override, key", [("train.num_workers=8", "train.num_workers"),
-                                           ("train.cpus_per_worker=8", "train.cpus_per_worker"),
+                                           ("train.cpus_per_worker=6", "train.cpus_per_worker"),
                                            ("train.placement_strategy=STRICT_SPREAD", "train.placement_strategy")])
 def test_more_than_the_cluster_holds_fails_before_training(ray_head, tmp_path, override, key):
-    """The head has 6 CPUs: 8 workers x 0.5 CPU plus the pipelines' 4 cannot all run, no node
-    holds an 8-CPU worker, and the one node cannot take the tiny config's 2 workers one a node.
+    """The head has 4 CPUs: 8 workers x 0.5 CPU plus the pipelines' 3 cannot all run, no node
+    holds a 6-CPU worker, and the one node cannot take the tiny config's 2 workers one a node.
     Each fails at once, naming the key, with nothing written."""
     address, env = ray_head
     run = submit(address, env, tmp_path, "--set", override)

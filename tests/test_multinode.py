@@ -53,13 +53,13 @@ def object_store(tmp_path):
 
 @pytest.fixture
 def two_nodes(object_store, tmp_path):
-    """A head and a worker node of 3 CPUs each (the 2 workers' 1 CPU and the pipelines' 4 need 5);
+    """A head and a worker node of 2 CPUs each (the 2 workers' 1 CPU and the pipelines' 3 need 4);
     yields (job API address, CLI env, temp folders)."""
     env = ray_env(AWS_ENDPOINT_URL=object_store, **CREDENTIALS)
     # Short temp folders of their own: Ray's socket paths must stay under 108 characters.
     temp_dirs = [tempfile.mkdtemp(prefix="ray-head-"), tempfile.mkdtemp(prefix="ray-node-")]
     gcs_port, dashboard_port = free_port(), free_port()
-    common = ["--num-cpus=3", "--object-store-memory=300000000"]
+    common = ["--num-cpus=2", "--object-store-memory=300000000"]
     head = subprocess.Popen(
         ray_node_command("--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
                          f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dirs[0]}", *common),
