@@ -59,6 +59,11 @@ def deepspeed_config(train) -> dict:
         "zero_optimization": {
             "stage": train.zero_stage,
             "stage3_gather_16bit_weights_on_model_save": True,
+            # Stage 3 copies gradients into a bucket of up to this many values before reducing them
+            # (DeepSpeed's default, 5e8, is 2 GB in fp32). With a 2M x 64 item table the smaller
+            # bucket cut each worker's peak memory by 490 MB (benchmarks/memory.py); stages 1-2 did
+            # not change.
+            **({"reduce_bucket_size": 20_000_000} if train.zero_stage == 3 else {}),
             **({"offload_optimizer": {"device": "cpu", "pin_memory": train.use_gpu}} if train.offload_optimizer else {}),
             **({"offload_param": {"device": "cpu", "pin_memory": train.use_gpu}} if train.offload_params else {}),
         },
