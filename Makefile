@@ -11,10 +11,10 @@ setup-browser:  ## headless Chromium + chromedriver (Debian packages) for the br
 demo: setup  ## train + evaluate the demo on a local Ray, log to MLflow (mlflow.db)
 	$(PY) -m jobs.train
 
-test: setup setup-browser  ## the whole suite (what CI runs), less the 2-node test
-	$(PY) -m pytest tests -m "not multinode"
+test: setup setup-browser  ## the whole suite (what CI runs)
+	$(PY) -m pytest tests
 
-test-multinode: setup  ## the 2-node Ray cluster test over a local S3 server (about 7 min)
+test-multinode: setup  ## the 2-node Ray cluster test alone, over a local S3 server (3-7 min)
 	$(PY) -m pytest tests -m multinode
 
 test-fast: setup  ## the fast subset, under 2 minutes
