@@ -266,7 +266,9 @@ def test_a_half_written_checkpoint_is_never_picked_up_and_zero2_resumes_on_one_w
 
 def test_a_killed_worker_is_replaced_and_the_run_finishes_in_the_same_mlflow_run(finished_run, tmp_path):
     """SIGKILL one training worker once the first checkpoint exists: Ray Train restarts the workers
-    from it (train.max_failures), the run ends in the same MLflow run, near the uninterrupted one."""
+    from it (train.max_failures), the new workers train only the epochs after it, and the run ends
+    in the same MLflow run. (Its metrics are not compared with the uninterrupted run's: on 60
+    users NDCG@10 moves by 0.1 between runs that differ only in batch order.)"""
     import signal
     import threading
     import time
@@ -276,16 +278,18 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_in_the_same_mlflow_run
         f"data.prepared_dir={reference_cfg.data.prepared_dir}",  # the same prepared data
         f"experiment.storage_path={tmp_path / 'runs'}",
         f"experiment.tracking_uri={reference['tracking_uri']}",
-        "experiment.name=killed", "train.epochs=2", "train.max_failures=1",
+        "experiment.name=killed", "train.epochs=3", "train.max_failures=1",
     ])
     outcome = {}
     job = threading.Thread(target=lambda: outcome.update(summary=train(cfg)))
     job.start()
     run_folder = tmp_path / "runs" / "killed"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(run_folder.glob("checkpoint_*")):
-        time.sleep(0.5)
-    assert list(run_folder.glob("checkpoint_*")), "no checkpoint to recover from"
+    # Registered, not just a folder: a folder appears while the workers still write into it, and a
+    # worker killed then leaves nothing to resume from (the restart would begin at epoch 1).
+    while time.time() < deadline and not registered_checkpoints(run_folder):
+        time.sleep(0.2)
+    assert registered_checkpoints(run_folder), "no checkpoint to recover from"
     workers = own_train_workers()
     assert workers, "no training worker process found"
     os.kill(max(workers), signal.SIGKILL)
@@ -299,7 +303,19 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_in_the_same_mlflow_run
     assert summary["run_id"] and tracking._client(summary["tracking_uri"]).get_run(summary["run_id"]).info.status == "FINISHED"
     epochs = tracking.metric_history(summary["tracking_uri"], summary["run_id"], "val_ndcg_at_10")
     assert len(epochs) >= cfg.train.epochs  # an epoch cut short by the kill is run again
-    assert summary["test"]["ndcg@10"] == pytest.approx(reference["test"]["ndcg@10"], abs=0.1)
+    assert len(summary["throughput"]) < cfg.train.epochs  # the new workers began at the checkpoint, not at epoch 1
+    assert summary["test"]["users"] == reference["test"]["users"]
+
+
+def registered_checkpoints(run_folder) -> list[str]:
+    """The checkpoints Ray Train has registered for the run (each worker's part written)."""
+    snapshot = run_folder / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return []
+    try:
+        return [c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except json.JSONDecodeError:  # being rewritten this moment
+        return []
 
 
 def own_train_workers() -> set[int]:
