@@ -108,6 +108,10 @@ def test_deepspeed_config_follows_the_train_section():
     assert ds["bf16"]["enabled"] is True
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch_size
+    # Stage 3's gradient bucket is capped (a worker's peak memory, benchmarks/memory.py); the other
+    # stages keep DeepSpeed's default.
+    assert ds["zero_optimization"]["reduce_bucket_size"] <= 2e7
+    assert "reduce_bucket_size" not in deepspeed_config(load_config(None, ["train.zero_stage=2"]).train)["zero_optimization"]
 
 
 def test_a_config_builds_on_its_base_section_by_section(tmp_path):
