@@ -20,8 +20,10 @@ and targets are random items. Every worker reports:
 At stage 0 every worker holds everything (4 x 4 bytes per parameter, plus buffers); stage 1
 splits the moments, stage 2 also the gradients, stage 3 also the weights. The model is built
 whole on each worker before DeepSpeed partitions it (as the training job does), so peak_mb at
-stage 3 still includes one whole table at start-up. Results go to benchmarks/results/memory.json:
-`peak_mb` (the larger of the workers') keyed by z<stage>_<workers>w, and the other figures alike.
+stage 3 still includes one whole table at start-up. Stage 3 runs again with the table in blocks
+(train.item_table_blocks), gathered one at a time. Results go to benchmarks/results/memory.json:
+`peak_mb` (the larger of the workers') keyed by z<stage>_<workers>w (and z3_<workers>w_<N>blocks),
+and the other figures alike.
 """
 
 import argparse
@@ -148,6 +150,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--stages", default="0,1,2,3", help="comma-separated ZeRO stages")
     parser.add_argument("--workers", default="2,1", help="comma-separated worker counts, in the order run")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per configuration")
+    parser.add_argument("--item-table-blocks", type=int, default=8,
+                        help="stage 3 is also run with the table in this many blocks (train.item_table_blocks), "
+                             "keyed z3_<workers>w_<N>blocks; 1 leaves those runs out")
     args = parser.parse_args(argv)
 
     cfg = JobConfig()
@@ -158,9 +163,12 @@ def main(argv=None) -> dict:
     results = {}
     with tempfile.TemporaryDirectory(prefix="memory-benchmark-") as storage:
         for workers in (int(w) for w in args.workers.split(",")):
-            for stage in (int(s) for s in args.stages.split(",")):
-                cfg.train.zero_stage, cfg.train.num_workers = stage, workers
-                name = f"z{stage}_{workers}w"
+            stages = [(int(stage), 1) for stage in args.stages.split(",")]
+            if args.item_table_blocks > 1 and (3, 1) in stages:
+                stages.append((3, args.item_table_blocks))
+            for stage, blocks in stages:
+                cfg.train.zero_stage, cfg.train.num_workers, cfg.train.item_table_blocks = stage, workers, blocks
+                name = f"z{stage}_{workers}w" + (f"_{blocks}blocks" if blocks > 1 else "")
                 results[name] = run_configuration(cfg, args.items, args.steps, storage)
                 print(f"{name}: {json.dumps(results[name])}", flush=True)
                 # After every configuration: a later failure keeps the earlier ones.

@@ -95,6 +95,7 @@ def setup_engine(model: InterestFormer, train) -> tuple[object, dict | None]:
         if resharded:
             weights = load_file(os.path.join(folder, WEIGHTS_FILE))
             model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+        model.item_encoder.split_id_table(train.item_table_blocks)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.param_groups(train.lr),
                                                config=deepspeed_config(train))
         if resharded:

@@ -260,10 +260,64 @@ class ItemEncoder(nn.Module):
                 getattr(self, name).copy_(tensor)
 
     @torch.no_grad()
+    def split_id_table(self, blocks: int):
+        """Holds the ID table (same weights) as `blocks` parameters of consecutive rows, for ZeRO-3
+        to gather one at a time (train.item_table_blocks); its state dict keeps one table."""
+        if self.id_embedding is None or blocks == 1:
+            return
+        table = self.id_embedding.weight
+        if blocks > len(table):
+            raise ConfigError("item_table_blocks", f"{blocks} blocks for an item table of {len(table)} rows")
+        self.id_embedding = BlockedEmbedding(table, blocks, self.id_embedding.padding_idx)
+
+    @torch.no_grad()
     def load_id_buckets(self, id_bucket: torch.Tensor):
         """Fills the hashed-ID map: id_bucket (N+1,) is each item index's embedding row, 0 for padding
         (datasets.pipeline.id_buckets)."""
         self.id_bucket.copy_(id_bucket)
+
+
+class BlockedEmbedding(nn.Module):
+    """An embedding table held as several nn.Embedding blocks of consecutive rows. ZeRO-3 gathers
+    each block whole for its lookup and lets it go, and makes each block's gradient on its own, so
+    a worker never holds the whole table's weights or gradient at once. Every block is looked up
+    on every call, even with no row of it asked for: every rank must gather the same parameters
+    in the same order. Its state dict is one `weight`, as nn.Embedding's."""
+
+    def __init__(self, table: torch.Tensor, blocks: int, padding_idx: int | None = None):
+        """table (rows, d): the weights to hold; padding_idx, if any, must fall in the first block."""
+        super().__init__()
+        bounds = [len(table) * b // blocks for b in range(blocks + 1)]
+        self.starts = bounds[:-1]
+        self.blocks = nn.ModuleList(
+            nn.Embedding.from_pretrained(table[a:b].clone(), freeze=False, padding_idx=padding_idx if a == 0 else None)
+            for a, b in zip(bounds[:-1], bounds[1:]))
+        self.register_state_dict_post_hook(_join_blocks)
+        self.register_load_state_dict_pre_hook(_split_table)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        out = None
+        for start, block in zip(self.starts, self.blocks):
+            local = rows - start
+            inside = ((local >= 0) & (local < block.num_embeddings)).unsqueeze(-1)
+            vectors = block(local.clamp(0, block.num_embeddings - 1))
+            out = torch.where(inside, vectors, 0.0 if out is None else out)
+        return out
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([block.weight for block in self.blocks])
+
+
+def _join_blocks(module: BlockedEmbedding, state: dict, prefix: str, local_metadata):
+    state[prefix + "weight"] = torch.cat([state.pop(f"{prefix}blocks.{i}.weight") for i in range(len(module.blocks))])
+
+
+def _split_table(module: BlockedEmbedding, state: dict, prefix: str, *args):
+    if prefix + "weight" in state:
+        table = state.pop(prefix + "weight")
+        for i, (start, block) in enumerate(zip(module.starts, module.blocks)):
+            state[f"{prefix}blocks.{i}.weight"] = table[start:start + block.num_embeddings]
 
 
 class TextEncoder(nn.Module):

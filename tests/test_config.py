@@ -43,6 +43,8 @@ def test_demo_config_file_is_the_embedded_default():
     (["tune.search=optuna", "tune.search_space={train.lr: {grid: [0.1]}}"], "tune.search_space.train.lr.grid", "choice"),
     (["tune.metric=test_ndcg@10"], "tune.metric", "validation"),
     (["train.zero_stage=2", "train.offload_params=true"], "train.offload_params", "zero_stage=3"),
+    (["train.zero_stage=2", "train.item_table_blocks=4"], "train.item_table_blocks", "zero_stage=3"),
+    (["train.zero_stage=3", "train.item_table_blocks=0"], "train.item_table_blocks", ">= 1"),
     (["model.dropout=1.5"], "model.dropout", "[0, 1)"),
     (["model.n_heads=3"], "model.n_heads", "divide d_model"),
     (["model.item_id_buckets=-1"], "model.item_id_buckets", ">= 0"),

@@ -155,7 +155,8 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
     """ZeRO-3 partitions the weights, so the checkpoint's model.safetensors must be gathered from
     both workers; a rerun with the same name and storage resumes from the latest checkpoint, on
     one worker (consolidated weights) or on two (DeepSpeed's shards). Item IDs are hashed (their
-    map is a buffer, gathered and saved with the weights) and blocks recompute their activations."""
+    map is a buffer, gathered and saved with the weights), the ID table is trained in 3 blocks
+    (saved as one table) and blocks recompute their activations."""
     overrides = [
         f"data.prepared_dir={tiny_prepared_dir}",
         f"experiment.storage_path={tmp_path / 'runs'}",
@@ -165,6 +166,7 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
         "train.precision=bf16",
         "train.grad_accum_steps=2",
         "model.item_id_buckets=32",
+        "train.item_table_blocks=3",
         "model.activation_checkpointing=true",
     ]
     config = os.path.join(PROJECT_DIR, "configs", "tiny.yaml")

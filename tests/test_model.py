@@ -133,6 +133,30 @@ def test_hashed_item_ids_keep_their_row_in_any_catalogue_and_colliding_items_sha
     assert torch.equal(model.state_dict()["item_encoder.id_bucket"], torch.from_numpy(rows))  # saved with weights
 
 
+def test_an_id_table_in_blocks_gives_the_same_vectors_gradients_and_state_dict():
+    """train.item_table_blocks: the same weights held as blocks (for ZeRO-3 to gather one at a
+    time) look up, learn and save as the one table; a saved table loads into any number of blocks."""
+    whole, blocked = tiny_model(**ID_ONLY), tiny_model(**ID_ONLY)
+    blocked.item_encoder.split_id_table(4)
+    assert len(list(blocked.item_encoder.id_embedding.parameters())) == 4
+    assert blocked.state_dict().keys() == whole.state_dict().keys()
+    assert torch.equal(blocked.state_dict()[InterestFormer.ID_TABLE], whole.state_dict()[InterestFormer.ID_TABLE])
+    whole.train(), blocked.train()
+    batch = batch_of([[1, 2, 3, 30, 5], [6, 17, 8, 29]])
+    whole(batch).backward()
+    blocked(batch).backward()
+    assert torch.equal(torch.cat([b.weight.grad for b in blocked.item_encoder.id_embedding.blocks]),
+                       whole.item_encoder.id_embedding.weight.grad)
+    assert blocked.item_encoder.id_embedding.blocks[0].weight.grad[0].abs().sum() == 0  # padding never learns
+
+    other = tiny_model(**ID_ONLY)
+    other.item_encoder.split_id_table(3)
+    torch.nn.init.zeros_(other.item_encoder.id_embedding.blocks[1].weight)
+    other.load_state_dict(whole.state_dict())
+    with torch.no_grad():
+        assert torch.equal(other.encode_items(torch.arange(31), {}), whole.encode_items(torch.arange(31), {}))
+
+
 def test_causal_attention_without_a_mask_equals_the_masked_path():
     model = tiny_model()
     full, padded = [1, 2, 3, 4, 5, 6, 7, 8, 9], [3, 4, 5]
