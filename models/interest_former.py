@@ -304,10 +304,6 @@ class BlockedEmbedding(nn.Module):
             out = torch.where(inside, vectors, 0.0 if out is None else out)
         return out
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return torch.cat([block.weight for block in self.blocks])
-
 
 def _join_blocks(module: BlockedEmbedding, state: dict, prefix: str, local_metadata):
     state[prefix + "weight"] = torch.cat([state.pop(f"{prefix}blocks.{i}.weight") for i in range(len(module.blocks))])
