@@ -161,11 +161,11 @@ def main(argv=None) -> dict:
     cfg.train.num_workers = max(int(w) for w in args.workers.split(","))
     ensure_ray(cfg)
     results = {}
+    stages = [(int(stage), 1) for stage in args.stages.split(",")]  # (ZeRO stage, item table blocks)
+    if args.item_table_blocks > 1 and (3, 1) in stages:
+        stages.append((3, args.item_table_blocks))
     with tempfile.TemporaryDirectory(prefix="memory-benchmark-") as storage:
         for workers in (int(w) for w in args.workers.split(",")):
-            stages = [(int(stage), 1) for stage in args.stages.split(",")]
-            if args.item_table_blocks > 1 and (3, 1) in stages:
-                stages.append((3, args.item_table_blocks))
             for stage, blocks in stages:
                 cfg.train.zero_stage, cfg.train.num_workers, cfg.train.item_table_blocks = stage, workers, blocks
                 name = f"z{stage}_{workers}w" + (f"_{blocks}blocks" if blocks > 1 else "")
