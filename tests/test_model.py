@@ -149,6 +149,11 @@ def test_an_id_table_in_blocks_gives_the_same_vectors_gradients_and_state_dict()
                        whole.item_encoder.id_embedding.weight.grad)
     assert blocked.item_encoder.id_embedding.blocks[0].weight.grad[0].abs().sum() == 0  # padding never learns
 
+    from interestformer import ConfigError
+
+    with pytest.raises(ConfigError, match="item_table_blocks"):  # more blocks than the table's 31 rows
+        tiny_model(**ID_ONLY).item_encoder.split_id_table(32)
+
     other = tiny_model(**ID_ONLY)
     other.item_encoder.split_id_table(3)
     torch.nn.init.zeros_(other.item_encoder.id_embedding.blocks[1].weight)
