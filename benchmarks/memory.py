@@ -20,10 +20,11 @@ and targets are random items. Every worker reports:
 At stage 0 every worker holds everything (4 x 4 bytes per parameter, plus buffers); stage 1
 splits the moments, stage 2 also the gradients, stage 3 also the weights. The model is built
 whole on each worker before DeepSpeed partitions it (as the training job does), so peak_mb at
-stage 3 still includes one whole table at start-up. Stage 3 runs again with the table in blocks
-(train.item_table_blocks), gathered one at a time. Results go to benchmarks/results/memory.json:
-`peak_mb` (the larger of the workers') keyed by z<stage>_<workers>w (and z3_<workers>w_<N>blocks),
-and the other figures alike.
+stage 3 still includes one whole table at start-up. Stages 0 and 3 run again with the table's
+rows split across the workers (train.shard_item_table): each worker holds, and steps in its own
+AdamW, 1/workers of the rows; their figures count those rows, gradient and moments too. Results
+go to benchmarks/results/memory.json: `peak_mb` (the larger of the workers') keyed by
+z<stage>_<workers>w (and z<stage>_<workers>w_sharded), and the other figures alike.
 """
 
 import argparse
@@ -43,17 +44,18 @@ def rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def held_state_mb(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+def held_state_mb(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> float:
     """Bytes of the weights this rank holds (param.ds_tensor, its partition, under ZeRO-3), their
-    gradients, and what the optimizer steps on: its parameters (ZeRO's fp32 partitions), their
-    gradients and its moments; each tensor once."""
+    gradients, and what the optimizers step on: their parameters (ZeRO's fp32 partitions, a
+    sharded table's rows), gradients and moments; each tensor once."""
     tensors = {}
     for p in module.parameters():
         tensors.update({t.data_ptr(): t.nbytes for t in (getattr(p, "ds_tensor", p), p.grad) if t is not None})
-    for group in optimizer.param_groups:
+    for group in (group for optimizer in optimizers for group in optimizer.param_groups):
         for p in group["params"]:
             tensors.update({t.data_ptr(): t.nbytes for t in (p, p.grad) if t is not None})
-            tensors.update({t.data_ptr(): t.nbytes for t in optimizer.state.get(p, {}).values() if torch.is_tensor(t)})
+            state = next((o.state[p] for o in optimizers if p in o.state), {})
+            tensors.update({t.data_ptr(): t.nbytes for t in state.values() if torch.is_tensor(t)})
     return sum(tensors.values()) / MB
 
 
@@ -71,7 +73,7 @@ def measure_worker(loop_config: dict):
     import ray.train
 
     from interestformer.jobs.config import JobConfig
-    from interestformer.jobs.distributed import setup_engine
+    from interestformer.jobs.distributed import optimizer_step, setup_engine, sharded_table
     from interestformer.models.interest_former import DataSpec, InterestFormer
 
     start_mb = rss_peak_mb()
@@ -84,10 +86,12 @@ def measure_worker(loop_config: dict):
                     image_size=0)
     engine, _ = setup_engine(InterestFormer(cfg.model, spec), cfg.train)
     optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch AdamW (ZeRO wraps it)
-    state_mb = [0.0]  # its highest, taken as the optimizer is about to step: gradients in place
+    table = sharded_table(engine)
+    optimizers = [optimizer] + ([table.optimizer] if table else [])
+    state_mb = [0.0]  # its highest, taken as DeepSpeed's optimizer is about to step: gradients in place
 
     def before_step(optimizer, args, kwargs):
-        state_mb[0] = max(state_mb[0], held_state_mb(engine.module, optimizer))
+        state_mb[0] = max(state_mb[0], held_state_mb(engine.module, optimizers))
 
     optimizer.register_step_pre_hook(before_step)
     gen = torch.Generator().manual_seed(cfg.train.seed + rank)  # each rank its own items
@@ -95,11 +99,14 @@ def measure_worker(loop_config: dict):
     for _ in range(loop_config["steps"]):
         loss = engine(synthetic_batch(num_items, cfg.train.micro_batch_size, T, gen))
         engine.backward(loss)
-        engine.step()
+        optimizer_step(engine)  # the sharded table steps after DeepSpeed's optimizer
 
     params = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]  # ZeRO-3: this rank's partition
-    moments = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim()]
-    figures = {"rank": rank, "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()),
+    params += [table.rows] if table else []
+    moments = [t for o in optimizers for state in o.state.values() for t in state.values() if torch.is_tensor(t) and t.dim()]
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    parameters += table.bounds[-1] * table.dim if table else 0
+    figures = {"rank": rank, "parameters": parameters,
                "start_mb": start_mb, "peak_mb": rss_peak_mb(), "state_mb": state_mb[0],
                "params_mb": sum(p.nbytes for p in params) / MB, "moments_mb": sum(t.nbytes for t in moments) / MB,
                "step_seconds": (time.perf_counter() - started) / loop_config["steps"], "loss": loss.item()}
@@ -150,9 +157,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--stages", default="0,1,2,3", help="comma-separated ZeRO stages")
     parser.add_argument("--workers", default="2,1", help="comma-separated worker counts, in the order run")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per configuration")
-    parser.add_argument("--item-table-blocks", type=int, default=8,
-                        help="stage 3 is also run with the table in this many blocks (train.item_table_blocks), "
-                             "keyed z3_<workers>w_<N>blocks; 1 leaves those runs out")
+    parser.add_argument("--sharded-stages", default="0,3",
+                        help="comma-separated ZeRO stages also run with the table's rows split across the workers "
+                             "(train.shard_item_table), keyed z<stage>_<workers>w_sharded; empty leaves them out")
     args = parser.parse_args(argv)
 
     cfg = JobConfig()
@@ -161,14 +168,13 @@ def main(argv=None) -> dict:
     cfg.train.num_workers = max(int(w) for w in args.workers.split(","))
     ensure_ray(cfg)
     results = {}
-    stages = [(int(stage), 1) for stage in args.stages.split(",")]  # (ZeRO stage, item table blocks)
-    if args.item_table_blocks > 1 and (3, 1) in stages:
-        stages.append((3, args.item_table_blocks))
+    stages = [(int(stage), False) for stage in args.stages.split(",")]  # (ZeRO stage, table sharded)
+    stages += [(int(stage), True) for stage in args.sharded_stages.split(",") if stage]
     with tempfile.TemporaryDirectory(prefix="memory-benchmark-") as storage:
         for workers in (int(w) for w in args.workers.split(",")):
-            for stage, blocks in stages:
-                cfg.train.zero_stage, cfg.train.num_workers, cfg.train.item_table_blocks = stage, workers, blocks
-                name = f"z{stage}_{workers}w" + (f"_{blocks}blocks" if blocks > 1 else "")
+            for stage, sharded in stages:
+                cfg.train.zero_stage, cfg.train.num_workers, cfg.train.shard_item_table = stage, workers, sharded
+                name = f"z{stage}_{workers}w" + ("_sharded" if sharded else "")
                 results[name] = run_configuration(cfg, args.items, args.steps, storage)
                 print(f"{name}: {json.dumps(results[name])}", flush=True)
                 # After every configuration: a later failure keeps the earlier ones.

@@ -73,13 +73,14 @@ class TrainConfig:
     offload_params: bool = False
     """ZeRO-Infinity: also keep the partitioned weights in CPU memory between uses. Only stage 3
     partitions weights, so this needs zero_stage 3."""
-    item_table_blocks: int = 1
-    """ZeRO-3 with an item-ID table too large for one worker: train the table as this many
-    parameters of consecutive rows. Stage 3 gathers a parameter whole for each use and makes its
-    whole gradient, so in blocks a worker holds one block of the table at a time, not all of it
-    (benchmarks/memory.py --item-table-blocks). The saved weights (model.safetensors) hold one
-    table whatever the count; resuming a run's DeepSpeed state needs the count it was saved with.
-    Needs zero_stage 3; 1: one parameter."""
+    shard_item_table: bool = False
+    """An item-ID table too large for one worker: split its rows across the workers, as TorchRec's
+    row-wise sharding. Each worker holds, updates and checkpoints 1/num_workers of the rows and
+    their AdamW state; a step's lookups and gradients travel between the workers (all-gather,
+    all-to-all). DeepSpeed trains the rest of the model at any zero_stage. The table's gradient
+    is clipped by its own norm (grad_clip), not jointly with the rest. The saved weights
+    (model.safetensors) hold the whole table, so evaluation and serving are unchanged; resuming
+    on another worker count restarts the table's AdamW moments, as DeepSpeed's."""
     init_from: str = ""
     """Incremental training: a checkpoint of an earlier run (its folder or URI, as in that run's
     checkpoint_path.txt) whose weights this run starts from, on new data (e.g. a newer log with
@@ -113,12 +114,6 @@ class TrainConfig:
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("offload_optimizer", "needs ZeRO to partition the optimizer state: "
                                                    "set zero_stage to 1, 2 or 3, or offload_optimizer=false")
-        if self.item_table_blocks < 1:
-            raise ConfigError("item_table_blocks", f"must be >= 1, got {self.item_table_blocks}")
-        if self.item_table_blocks > 1 and self.zero_stage != 3:
-            raise ConfigError("item_table_blocks", f"needs zero_stage=3, got {self.zero_stage}: only ZeRO-3 "
-                                                   "gathers the table's weights, one block at a time (allowed: "
-                                                   "zero_stage=3, or item_table_blocks=1)")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("offload_params", f"needs zero_stage=3, got {self.zero_stage}: only ZeRO-3 "
                                                 "partitions the weights it would offload (allowed: zero_stage=3, "
@@ -273,6 +268,9 @@ class JobConfig:
             )
         if self.data.max_seq_len < 2:
             raise ConfigError("data.max_seq_len", "must be >= 2")
+        if self.train.shard_item_table and not self.model.use_item_id:
+            raise ConfigError("train.shard_item_table", "the model has no item-ID table to shard "
+                                                        "(model.use_item_id=false)")
         self._check_search_space()
 
     def _check_search_space(self):

@@ -3,10 +3,12 @@
 Every Ray Train worker builds the same model and hands it to deepspeed.initialize; Ray Train has
 already set up the process group (gloo on CPU, NCCL on GPU), which DeepSpeed picks up.
 
-A checkpoint folder holds two things:
+A checkpoint folder holds:
     deepspeed/          DeepSpeed's own sharded model and optimizer state (exact resume)
     model.safetensors   the whole model's weights, gathered from every ZeRO stage (evaluation,
                         serving; loads without unpickling anything)
+    item_table/         with train.shard_item_table, each rank's rows of the item-ID table and
+                        their AdamW state (rank<r>.safetensors)
     checkpoint.json     epoch and step reached, the config and the data spec
     item_ids.json       the catalogue's item ids in index order, so that a later run on a changed
                         catalogue (train.init_from) finds each item's trained row
@@ -29,12 +31,14 @@ from safetensors.torch import load_file, save_file
 from interestformer import ConfigError
 from interestformer.datasets.pipeline import unpack
 from interestformer.datasets.storage import join, read_bytes, read_json
-from interestformer.models.interest_former import DataSpec, InterestFormer
+from interestformer.models.interest_former import DataSpec, InterestFormer, ShardedEmbedding
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "checkpoint.json"
 ITEM_IDS_FILE = "item_ids.json"
 DEEPSPEED_TAG = "deepspeed"
+ITEM_TABLE_DIR = "item_table"
+ADAM_BETAS = (0.9, 0.98)
 
 
 def deepspeed_config(train) -> dict:
@@ -47,7 +51,7 @@ def deepspeed_config(train) -> dict:
             "type": "AdamW",
             # torch's AdamW: DeepSpeed's fused Adam is a C++ op compiled on first use. Offloaded
             # optimizer state steps in DeepSpeed's CPU Adam, which is worth its compilation.
-            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.98],
+            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "betas": list(ADAM_BETAS),
                        "torch_adam": not train.offload_optimizer},
         },
         "scheduler": {
@@ -81,7 +85,9 @@ def setup_engine(model: InterestFormer, train) -> tuple[object, dict | None]:
     moments and learning-rate schedule, exactly. On another world size those shards do not fit
     the new partitioning, so the weights come from the checkpoint's consolidated
     model.safetensors (loaded before DeepSpeed partitions them), the learning-rate schedule
-    continues at the saved step, and the optimizer's moments start again from zero."""
+    continues at the saved step, and the optimizer's moments start again from zero. With
+    train.shard_item_table the ID table is split across the ranks here, before DeepSpeed sees the
+    model, and its rows and moments resume alike."""
     import deepspeed
 
     checkpoint = ray.train.get_checkpoint()
@@ -95,7 +101,9 @@ def setup_engine(model: InterestFormer, train) -> tuple[object, dict | None]:
         if resharded:
             weights = load_file(os.path.join(folder, WEIGHTS_FILE))
             model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
-        model.item_encoder.split_id_table(train.item_table_blocks)
+        if train.shard_item_table:
+            model.item_encoder.shard_id_table({"lr": train.lr, "betas": ADAM_BETAS, "weight_decay": train.weight_decay,
+                                               "grad_clip": train.grad_clip}, ray.train.torch.get_device())
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.param_groups(train.lr),
                                                config=deepspeed_config(train))
         if resharded:
@@ -105,20 +113,42 @@ def setup_engine(model: InterestFormer, train) -> tuple[object, dict | None]:
         elif state is not None:
             check_pickles(os.path.join(folder, "deepspeed"))
             engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
+            if table := sharded_table(engine):
+                rank = ray.train.get_context().get_world_rank()
+                table.load_shard_state(load_file(os.path.join(folder, ITEM_TABLE_DIR, f"rank{rank}.safetensors")))
             if ray.train.get_context().get_world_rank() == 0:
                 print(f"Resumed from the checkpoint of epoch {state['epoch']} (step {state['step']})", flush=True)
     return engine, state
 
 
+def sharded_table(engine) -> ShardedEmbedding | None:
+    """The engine's model's row-sharded ID table (train.shard_item_table), if it has one."""
+    item_encoder = engine.module.item_encoder
+    return item_encoder.id_embedding if isinstance(item_encoder.id_embedding, ShardedEmbedding) else None
+
+
+def optimizer_step(engine):
+    """engine.step(), and at each gradient-accumulation boundary the sharded ID table's own step at
+    the learning rate DeepSpeed's step used. Every rank must call it together."""
+    boundary, lr = engine.is_gradient_accumulation_boundary(), engine.get_lr()[0]
+    engine.step()
+    if boundary and (table := sharded_table(engine)):
+        table.step(lr)
+
+
 def full_state_dict(engine) -> dict[str, torch.Tensor]:
     """The whole model's weights on CPU, on every rank (each evaluates its share of the users).
-    Under ZeRO-3 every rank must call this: the partitions are gathered, copied and let go."""
+    Every rank must call this: ZeRO-3's partitions and a sharded ID table's rows are gathered,
+    copied and let go."""
     import deepspeed
 
     gathered = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
                 if engine.zero_optimization_partition_weights() else contextlib.nullcontext())
     with gathered:
-        return {name: tensor.detach().cpu().clone() for name, tensor in engine.module.state_dict().items()}
+        weights = {name: tensor.detach().cpu().clone() for name, tensor in engine.module.state_dict().items()}
+    if table := sharded_table(engine):
+        weights[InterestFormer.ID_TABLE] = table.full_weight().cpu()
+    return weights
 
 
 class ExactSplit(ray.train.DataConfig):
@@ -206,7 +236,12 @@ def save_and_report(engine, weights: dict | None, metrics: dict, state: dict, it
     metrics to Ray Train."""
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
-        if ray.train.get_context().get_world_rank() == 0:
+        rank = ray.train.get_context().get_world_rank()
+        if table := sharded_table(engine):
+            os.makedirs(os.path.join(folder, ITEM_TABLE_DIR))
+            save_file({k: v.contiguous().cpu() for k, v in table.shard_state().items()},
+                      os.path.join(folder, ITEM_TABLE_DIR, f"rank{rank}.safetensors"))
+        if rank == 0:
             write_weights_and_state(folder, weights, state, item_ids)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 

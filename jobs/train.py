@@ -40,6 +40,7 @@ from interestformer.jobs.distributed import (
     STATE_FILE,
     full_state_dict,
     model_from_weights,
+    optimizer_step,
     save_and_report,
     setup_engine,
     start_from,
@@ -108,7 +109,7 @@ def train_loop_per_worker(loop_config: dict):
         for batch, weight, wait in train_steps(rows, device):
             loss = engine(batch)
             engine.backward(loss * weight)
-            engine.step()
+            optimizer_step(engine)
             waits.append(wait)
             if weight:  # a real batch, not a worker stepping along after its share ran out
                 users, events = len(batch["history"]), int((batch["targets"] > 0).sum())

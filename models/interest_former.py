@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -225,7 +226,8 @@ class ItemEncoder(nn.Module):
         order: text_tokens (U, L), text_mask (U, L), pixels (U, 3, S, S) uint8, has_image (U,)."""
         parts = []
         if self.id_embedding is not None:
-            parts.append(self.id_embedding(items if self.id_bucket is None else self.id_bucket[items]))  # (U, d)
+            ids = self.id_embedding(items if self.id_bucket is None else self.id_bucket[items])  # (U, d)
+            parts.append(ids.to(self.fuse[0].weight.dtype))  # a sharded table stays fp32 under bf16
         if self.text_proj is not None:
             if self.text_encoder is None:
                 features = self.text_features[items]
@@ -260,15 +262,14 @@ class ItemEncoder(nn.Module):
                 getattr(self, name).copy_(tensor)
 
     @torch.no_grad()
-    def split_id_table(self, blocks: int):
-        """Holds the ID table (same weights) as `blocks` parameters of consecutive rows, for ZeRO-3
-        to gather one at a time (train.item_table_blocks); its state dict keeps one table."""
-        if self.id_embedding is None or blocks == 1:
-            return
-        table = self.id_embedding.weight
-        if blocks > len(table):
-            raise ConfigError("item_table_blocks", f"{blocks} blocks for an item table of {len(table)} rows")
-        self.id_embedding = BlockedEmbedding(table, blocks, self.id_embedding.padding_idx)
+    def shard_id_table(self, optimizer: dict, device: torch.device | str = "cpu"):
+        """Splits the ID table by rows across the ranks of the default process group
+        (train.shard_item_table): each rank keeps its rows, on `device`, and steps them with an AdamW
+        of these arguments (ShardedEmbedding). Every rank must call it, after the whole table's weights are
+        in place."""
+        if self.id_embedding is not None:
+            self.id_embedding = ShardedEmbedding(self.id_embedding.weight, self.id_embedding.padding_idx, optimizer,
+                                                 device)
 
     @torch.no_grad()
     def load_id_buckets(self, id_bucket: torch.Tensor):
@@ -277,43 +278,106 @@ class ItemEncoder(nn.Module):
         self.id_bucket.copy_(id_bucket)
 
 
-class BlockedEmbedding(nn.Module):
-    """An embedding table held as several nn.Embedding blocks of consecutive rows. ZeRO-3 gathers
-    each block whole for its lookup and lets it go, and makes each block's gradient on its own, so
-    a worker never holds the whole table's weights or gradient at once. Every block is looked up
-    on every call, even with no row of it asked for: every rank must gather the same parameters
-    in the same order. Its state dict is one `weight`, as nn.Embedding's."""
+class ShardedEmbedding(nn.Module):
+    """An embedding table split by rows across the ranks of the default process group, as
+    TorchRec's row-wise sharding: rank r holds rows [bounds[r], bounds[r + 1]), so each worker
+    holds 1/world of the table, its gradient and its optimizer state, and no worker ever holds
+    the whole. A lookup sends every rank's asked rows to every rank (all-gather), each rank looks
+    up the rows it holds, and an all-to-all returns each rank its vectors; the backward pass
+    returns the gradients the same way, summed at the rows' owners. Every rank must call forward
+    together (as data-parallel training steps do).
 
-    def __init__(self, table: torch.Tensor, blocks: int, padding_idx: int | None = None):
-        """table (rows, d): the weights to hold; padding_idx, if any, must fall in the first block."""
+    The rows are not an nn.Parameter: the data-parallel engine (DeepSpeed) would average their
+    gradient over the ranks and partition them as if every rank held the same table. They step
+    in their own AdamW (a fused optimizer, as TorchRec's), `step`, with the gradient averaged
+    over the ranks as the engine averages every other one and clipped by its own norm. The
+    module's state dict leaves the rows out; `full_weight` gathers the whole table."""
+
+    def __init__(self, table: torch.Tensor, padding_idx: int | None, optimizer: dict, device: torch.device | str):
+        """table (rows, d): the whole table's weights, the same on every rank; optimizer: AdamW's
+        arguments (lr, betas, weight_decay) and grad_clip (0: none); device: where this rank's rows
+        live (module.to does not move them: they are not a parameter)."""
         super().__init__()
-        bounds = [len(table) * b // blocks for b in range(blocks + 1)]
-        self.starts = bounds[:-1]
-        self.blocks = nn.ModuleList(
-            nn.Embedding.from_pretrained(table[a:b].clone(), freeze=False, padding_idx=padding_idx if a == 0 else None)
-            for a, b in zip(bounds[:-1], bounds[1:]))
-        self.register_state_dict_post_hook(_join_blocks)
-        self.register_load_state_dict_pre_hook(_split_table)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        self.bounds = [len(table) * r // world for r in range(world + 1)]
+        self.start, self.padding_idx, self.dim = self.bounds[rank], padding_idx, table.shape[1]
+        self.rows = table[self.start:self.bounds[rank + 1]].detach().to(device, copy=True).requires_grad_()
+        optimizer = dict(optimizer)
+        self.grad_clip = optimizer.pop("grad_clip")
+        self.optimizer = torch.optim.AdamW([self.rows], **optimizer)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        out = None
-        for start, block in zip(self.starts, self.blocks):
-            local = rows - start
-            inside = ((local >= 0) & (local < block.num_embeddings)).unsqueeze(-1)
-            vectors = block(local.clamp(0, block.num_embeddings - 1))
-            out = torch.where(inside, vectors, 0.0 if out is None else out)
+        world = dist.get_world_size()
+        counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(world)]
+        dist.all_gather(counts, torch.tensor([len(rows)], device=rows.device))
+        width = int(max(counts))
+        asked = [torch.zeros(width, dtype=rows.dtype, device=rows.device) for _ in range(world)]
+        dist.all_gather(asked, F.pad(rows, (0, width - len(rows))))
+        local = torch.stack(asked) - self.start  # (world, width): every rank's rows, in this rank's numbering
+        held = (local >= 0) & (local < len(self.rows))
+        vectors = self.rows[local.clamp(0, max(len(self.rows) - 1, 0))] if len(self.rows) else \
+            self.rows.new_zeros(*local.shape, self.dim)
+        vectors = vectors * held.unsqueeze(-1)
+        if self.padding_idx is not None:  # as nn.Embedding: the padding row is read but never trained
+            padding = (local == self.padding_idx - self.start).unsqueeze(-1)
+            vectors = torch.where(padding, vectors.detach(), vectors)
+        received = _AllToAll.apply(vectors.reshape(world * width, self.dim)).reshape(world, width, self.dim)
+        return received.sum(0)[:len(rows)]  # each row came from its one owner, zeros from the others
+
+    @torch.no_grad()
+    def step(self, lr: float):
+        """Steps this rank's rows at `lr` with what backward passes have summed into their gradient
+        since the last step, and clears it. Every rank must call it together."""
+        if self.rows.grad is None:
+            self.rows.grad = torch.zeros_like(self.rows)
+        grad = self.rows.grad.div_(dist.get_world_size())  # the mean over ranks, as the engine's gradients
+        if self.grad_clip:
+            norm = grad.pow(2).sum()
+            dist.all_reduce(norm)
+            grad.mul_(min(1.0, self.grad_clip / (norm.sqrt().item() + 1e-6)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.rows.grad = None
+
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor:
+        """The whole table (rows, d), on every rank; every rank must call it."""
+        size = max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
+        parts = [self.rows.new_zeros(size, self.dim) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, F.pad(self.rows.detach(), (0, 0, 0, size - len(self.rows))))
+        return torch.cat([part[:b - a] for part, a, b in zip(parts, self.bounds[:-1], self.bounds[1:])])
+
+    def shard_state(self) -> dict[str, torch.Tensor]:
+        """This rank's rows and their AdamW state, for its checkpoint."""
+        state = self.optimizer.state.get(self.rows, {})
+        return {"rows": self.rows.detach(), **{k: torch.as_tensor(v, dtype=torch.float32) if k == "step" else v
+                                               for k, v in state.items()}}
+
+    @torch.no_grad()
+    def load_shard_state(self, state: dict[str, torch.Tensor]):
+        """Restores what shard_state saved on this rank (the same world size)."""
+        self.rows.copy_(state["rows"])
+        moments = {k: v.to(self.rows.device) for k, v in state.items() if k != "rows"}
+        if moments:
+            self.optimizer.state[self.rows] = {**moments, "step": state["step"].cpu()}
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single over the default group, equal splits, with its gradient (the reverse
+    exchange). torch.distributed.nn's version is deprecated."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(tensor)
+        dist.all_to_all_single(out, tensor.contiguous())
         return out
 
-
-def _join_blocks(module: BlockedEmbedding, state: dict, prefix: str, local_metadata):
-    state[prefix + "weight"] = torch.cat([state.pop(f"{prefix}blocks.{i}.weight") for i in range(len(module.blocks))])
-
-
-def _split_table(module: BlockedEmbedding, state: dict, prefix: str, *args):
-    if prefix + "weight" in state:
-        table = state.pop(prefix + "weight")
-        for i, (start, block) in enumerate(zip(module.starts, module.blocks)):
-            state[f"{prefix}blocks.{i}.weight"] = table[start:start + block.num_embeddings]
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad.contiguous())
+        return out
 
 
 class TextEncoder(nn.Module):

@@ -155,8 +155,9 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
     """ZeRO-3 partitions the weights, so the checkpoint's model.safetensors must be gathered from
     both workers; a rerun with the same name and storage resumes from the latest checkpoint, on
     one worker (consolidated weights) or on two (DeepSpeed's shards). Item IDs are hashed (their
-    map is a buffer, gathered and saved with the weights), the ID table is trained in 3 blocks
-    (saved as one table) and blocks recompute their activations."""
+    map is a buffer, gathered and saved with the weights), the ID table's rows are split across the
+    workers (saved whole in model.safetensors, and each worker's rows with their AdamW state) and
+    blocks recompute their activations."""
     overrides = [
         f"data.prepared_dir={tiny_prepared_dir}",
         f"experiment.storage_path={tmp_path / 'runs'}",
@@ -166,7 +167,7 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
         "train.precision=bf16",
         "train.grad_accum_steps=2",
         "model.item_id_buckets=32",
-        "train.item_table_blocks=3",
+        "train.shard_item_table=true",
         "model.activation_checkpointing=true",
     ]
     config = os.path.join(PROJECT_DIR, "configs", "tiny.yaml")
@@ -177,6 +178,7 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
     assert all(w.shape == model.state_dict()[name].shape for name, w in weights.items())
     buckets = id_buckets(catalogue_ids(PreparedData.load(state["prepared_path"])), 32)
     assert torch.equal(weights["item_encoder.id_bucket"], torch.from_numpy(buckets))  # filled by every worker
+    assert sorted(os.listdir(os.path.join(first["checkpoint"], "item_table"))) == ["rank0.safetensors", "rank1.safetensors"]
 
     # One worker instead of two, nothing left to train: the weights must come back exactly.
     resharded = train(load_config(config, overrides + ["train.epochs=1", "train.num_workers=1"]))

@@ -133,33 +133,45 @@ def test_hashed_item_ids_keep_their_row_in_any_catalogue_and_colliding_items_sha
     assert torch.equal(model.state_dict()["item_encoder.id_bucket"], torch.from_numpy(rows))  # saved with weights
 
 
-def test_an_id_table_in_blocks_gives_the_same_vectors_gradients_and_state_dict():
-    """train.item_table_blocks: the same weights held as blocks (for ZeRO-3 to gather one at a
-    time) look up, learn and save as the one table; a saved table loads into any number of blocks."""
-    whole, blocked = tiny_model(**ID_ONLY), tiny_model(**ID_ONLY)
-    blocked.item_encoder.split_id_table(4)
-    assert len(list(blocked.item_encoder.id_embedding.parameters())) == 4
-    assert blocked.state_dict().keys() == whole.state_dict().keys()
-    assert torch.equal(blocked.state_dict()[InterestFormer.ID_TABLE], whole.state_dict()[InterestFormer.ID_TABLE])
-    whole.train(), blocked.train()
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of this process alone: what ShardedEmbedding's collectives need."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_an_id_table_sharded_on_one_rank_looks_up_learns_and_resumes_as_the_table(one_rank_group):
+    """train.shard_item_table on one worker: the rows held outside the model's parameters give the
+    same vectors and gradients, the padding row never learns, and a rank's saved rows and AdamW
+    state restore exactly (2 workers: tests/test_zero_stages.py)."""
+    whole, sharded = tiny_model(**ID_ONLY).train(), tiny_model(**ID_ONLY).train()
+    optimizer = {"lr": 0.1, "betas": (0.9, 0.98), "weight_decay": 0.0, "grad_clip": 0.0}
+    sharded.item_encoder.shard_id_table(optimizer)
+    table = sharded.item_encoder.id_embedding
+    assert InterestFormer.ID_TABLE not in sharded.state_dict()  # not DeepSpeed's to average or partition
+    assert not any(p is table.rows for p in sharded.parameters())
+    assert torch.equal(table.full_weight(), whole.item_encoder.id_embedding.weight)
     batch = batch_of([[1, 2, 3, 30, 5], [6, 17, 8, 29]])
     whole(batch).backward()
-    blocked(batch).backward()
-    assert torch.equal(torch.cat([b.weight.grad for b in blocked.item_encoder.id_embedding.blocks]),
-                       whole.item_encoder.id_embedding.weight.grad)
-    assert blocked.item_encoder.id_embedding.blocks[0].weight.grad[0].abs().sum() == 0  # padding never learns
+    sharded(batch).backward()
+    assert torch.allclose(table.rows.grad, whole.item_encoder.id_embedding.weight.grad, atol=1e-7)
+    assert table.rows.grad[0].abs().sum() == 0  # padding never learns
 
-    from interestformer import ConfigError
-
-    with pytest.raises(ConfigError, match="item_table_blocks"):  # more blocks than the table's 31 rows
-        tiny_model(**ID_ONLY).item_encoder.split_id_table(32)
-
-    other = tiny_model(**ID_ONLY)
-    other.item_encoder.split_id_table(3)
-    torch.nn.init.zeros_(other.item_encoder.id_embedding.blocks[1].weight)
-    other.load_state_dict(whole.state_dict())
-    with torch.no_grad():
-        assert torch.equal(other.encode_items(torch.arange(31), {}), whole.encode_items(torch.arange(31), {}))
+    table.step(0.1)
+    saved = {k: v.clone() for k, v in table.shard_state().items()}
+    assert set(saved) == {"rows", "step", "exp_avg", "exp_avg_sq"} and not torch.equal(saved["rows"], whole.item_encoder.id_embedding.weight)
+    sharded(batch).backward()
+    table.step(0.1)
+    stepped = table.rows.detach().clone()
+    other = tiny_model(**ID_ONLY).train()
+    other.item_encoder.shard_id_table(optimizer)
+    other.item_encoder.id_embedding.load_shard_state(saved)
+    other(batch).backward()
+    other.item_encoder.id_embedding.step(0.1)
+    assert torch.equal(other.item_encoder.id_embedding.rows, stepped)  # moments and step count came back
 
 
 def test_causal_attention_without_a_mask_equals_the_masked_path():
