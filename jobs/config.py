@@ -77,8 +77,9 @@ class TrainConfig:
     """An item-ID table too large for one worker: split its rows across the workers, as TorchRec's
     row-wise sharding. Each worker holds, updates and checkpoints 1/num_workers of the rows and
     their AdamW state; a step's lookups and gradients travel between the workers (all-gather,
-    all-to-all). DeepSpeed trains the rest of the model at any zero_stage. The table's gradient
-    is clipped by its own norm (grad_clip), not jointly with the rest. The saved weights
+    all-to-all). DeepSpeed trains the rest of the model at any zero_stage; the rows and their
+    AdamW state stay on the worker's device (offload_optimizer does not move them). The table's
+    gradient is clipped by its own norm (grad_clip), not jointly with the rest. The saved weights
     (model.safetensors) hold the whole table, so evaluation and serving are unchanged; resuming
     on another worker count restarts the table's AdamW moments, as DeepSpeed's."""
     init_from: str = ""
