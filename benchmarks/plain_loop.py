@@ -16,6 +16,7 @@ import torch
 from interestformer.datasets.pipeline import PackBatches, unpack
 from interestformer.datasets.prepare import PreparedData
 from interestformer.jobs.config import JobConfig
+from interestformer.jobs.distributed import ADAM_BETAS
 from interestformer.jobs.embed_items import feature_store, load_features
 from interestformer.jobs.train import data_spec
 from interestformer.models.interest_former import InterestFormer
@@ -43,8 +44,8 @@ def plain_training(prepared: PreparedData, cfg: JobConfig, threads: int) -> list
     torch.manual_seed(cfg.train.seed)
     model = InterestFormer(cfg.model, spec)
     model.item_encoder.load_content_features(load_features(features_uri))
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr), betas=(0.9, 0.98),
-                                  weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr), betas=ADAM_BETAS,
+                                  weight_decay=cfg.train.weight_decay, fused=True)  # as jobs.distributed's
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / max(cfg.train.warmup_steps, 1)))
     batches = packed_training_batches(prepared, cfg)
     epochs = []

@@ -49,10 +49,13 @@ def deepspeed_config(train) -> dict:
         "gradient_clipping": train.grad_clip,
         "optimizer": {
             "type": "AdamW",
-            # torch's AdamW: DeepSpeed's fused Adam is a C++ op compiled on first use. Offloaded
-            # optimizer state steps in DeepSpeed's CPU Adam, which is worth its compilation.
+            # torch's fused AdamW: DeepSpeed's fused Adam is a C++ op compiled on first use, and
+            # torch's default (foreach) steps through parameter-sized temporaries (2M x 64 items
+            # at ZeRO-0: peak 3,637 -> 3,127 MB, step 7.2 -> 4.9 s). Offloaded optimizer state
+            # steps in DeepSpeed's CPU Adam, which is worth its compilation.
             "params": {"lr": train.lr, "weight_decay": train.weight_decay, "betas": list(ADAM_BETAS),
-                       "torch_adam": not train.offload_optimizer},
+                       "torch_adam": not train.offload_optimizer,
+                       **({} if train.offload_optimizer else {"fused": True})},
         },
         "scheduler": {
             "type": "WarmupLR",
