@@ -351,18 +351,17 @@ class ShardedEmbedding(nn.Module):
         return torch.cat([part[:b - a] for part, a, b in zip(parts, self.bounds[:-1], self.bounds[1:])])
 
     def shard_state(self) -> dict[str, torch.Tensor]:
-        """This rank's rows and their AdamW state, for its checkpoint."""
-        state = self.optimizer.state.get(self.rows, {})
-        return {"rows": self.rows.detach(), **{k: torch.as_tensor(v, dtype=torch.float32) if k == "step" else v
-                                               for k, v in state.items()}}
+        """This rank's rows and their AdamW state (step, exp_avg, exp_avg_sq: tensors, as the fused
+        AdamW keeps them), for its checkpoint."""
+        return {"rows": self.rows.detach(), **self.optimizer.state.get(self.rows, {})}
 
     @torch.no_grad()
     def load_shard_state(self, state: dict[str, torch.Tensor]):
         """Restores what shard_state saved on this rank (the same world size)."""
         self.rows.copy_(state["rows"])
-        moments = {k: v.to(self.rows.device) for k, v in state.items() if k != "rows"}
+        moments = {k: v.to(self.rows.device) for k, v in state.items() if k != "rows"}  # fused: step too
         if moments:
-            self.optimizer.state[self.rows] = {**moments, "step": state["step"].cpu()}
+            self.optimizer.state[self.rows] = moments
 
 
 class _AllToAll(torch.autograd.Function):
