@@ -23,7 +23,8 @@ Training uses a sampled softmax: the candidates of a batch are all unique items 
 the data pipeline adds). Each unique item is encoded exactly once per step, however often it
 appears. Scores are cosine similarities divided by a temperature.
 
-For scale: item IDs may be hashed into a fixed number of embedding rows (`item_id_buckets`);
+For scale: item IDs may be hashed into a fixed number of embedding rows (`item_id_buckets`),
+and the ID table may be split by rows across data-parallel workers (`ShardedEmbedding`);
 a batch without padding attends causally without any mask (the flash kernel on a GPU; no (T, T)
 mask in memory), and `activation_checkpointing` recomputes each block in the backward pass, so
 histories of thousands of events fit.
@@ -264,9 +265,9 @@ class ItemEncoder(nn.Module):
     @torch.no_grad()
     def shard_id_table(self, optimizer: dict, device: torch.device | str = "cpu"):
         """Splits the ID table by rows across the ranks of the default process group
-        (train.shard_item_table): each rank keeps its rows, on `device`, and steps them with an AdamW
-        of these arguments (ShardedEmbedding). Every rank must call it, after the whole table's weights are
-        in place."""
+        (train.shard_item_table): each rank keeps its rows, on `device`, and steps them with an
+        AdamW of these arguments (ShardedEmbedding). Every rank must call it, once the whole
+        table's weights are in place."""
         if self.id_embedding is not None:
             self.id_embedding = ShardedEmbedding(self.id_embedding.weight, self.id_embedding.padding_idx, optimizer,
                                                  device)
@@ -280,9 +281,9 @@ class ItemEncoder(nn.Module):
 
 class ShardedEmbedding(nn.Module):
     """An embedding table split by rows across the ranks of the default process group, as
-    TorchRec's row-wise sharding: rank r holds rows [bounds[r], bounds[r + 1]), so each worker
-    holds 1/world of the table, its gradient and its optimizer state, and no worker ever holds
-    the whole. A lookup sends every rank's asked rows to every rank (all-gather), each rank looks
+    TorchRec's row-wise sharding: rank r holds rows [bounds[r], bounds[r + 1]), so in training
+    each worker holds 1/world of the table, its gradient and its optimizer state, and no step
+    gathers the whole (full_weight does, for checkpoints and evaluation). A lookup sends every rank's asked rows to every rank (all-gather), each rank looks
     up the rows it holds, and an all-to-all returns each rank its vectors; the backward pass
     returns the gradients the same way, summed at the rows' owners. Every rank must call forward
     together (as data-parallel training steps do).
