@@ -74,14 +74,17 @@ class TrainConfig:
     """ZeRO-Infinity: also keep the partitioned weights in CPU memory between uses. Only stage 3
     partitions weights, so this needs zero_stage 3."""
     shard_item_table: bool = False
-    """An item-ID table too large for one worker: split its rows across the workers, as TorchRec's
+    """An item-ID table whose training state (weights, gradient and AdamW moments: 16 bytes a value
+    in fp32) is too large for one worker: split its rows across the workers, as TorchRec's
     row-wise sharding. Each worker holds, updates and checkpoints 1/num_workers of the rows and
     their AdamW state; a step's lookups and gradients travel between the workers (all-gather,
     all-to-all). DeepSpeed trains the rest of the model at any zero_stage; the rows and their
     AdamW state stay on the worker's device (offload_optimizer does not move them). The table's
     gradient is clipped by its own norm (grad_clip), not jointly with the rest. The saved weights
     (model.safetensors) hold the whole table, so evaluation and serving are unchanged; resuming
-    on another worker count restarts the table's AdamW moments, as DeepSpeed's."""
+    on another worker count restarts the table's AdamW moments, as DeepSpeed's. Each worker still
+    holds the whole table while it builds the model (then keeps its rows) and while it evaluates
+    (to rank its users against every item)."""
     init_from: str = ""
     """Incremental training: a checkpoint of an earlier run (its folder or URI, as in that run's
     checkpoint_path.txt) whose weights this run starts from, on new data (e.g. a newer log with
