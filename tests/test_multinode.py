@@ -90,6 +90,8 @@ def ray_list(address: str, env: dict, what: str, *filters: str) -> list[dict]:
         command += ["--filter", condition]
     listing = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stdout + listing.stderr
+    if listing.stdout.strip() == "No resource in the cluster":  # Ray's CLI says so, even in json, for none
+        return []
     return json.loads(listing.stdout)
 
 
