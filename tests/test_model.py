@@ -174,6 +174,25 @@ def test_an_id_table_sharded_on_one_rank_looks_up_learns_and_resumes_as_the_tabl
     assert torch.equal(other.item_encoder.id_embedding.rows, stepped)  # moments and step count came back
 
 
+def test_a_sharded_table_clips_its_gradient_by_its_own_norm(one_rank_group):
+    """grad_clip on a sharded table: its AdamW steps on the gradient scaled to norm grad_clip, as
+    torch's clip_grad_norm_ on the table alone would give (what test_zero_stages cannot show:
+    its trajectories run without clipping)."""
+    whole, sharded = tiny_model(**ID_ONLY).train(), tiny_model(**ID_ONLY).train()
+    sharded.item_encoder.shard_id_table({"lr": 0.1, "betas": (0.9, 0.98), "weight_decay": 0.01, "grad_clip": 1e-3})
+    table, reference = sharded.item_encoder.id_embedding.rows, whole.item_encoder.id_embedding.weight
+    optimizer = torch.optim.AdamW([reference], lr=0.1, betas=(0.9, 0.98), weight_decay=0.01)
+    batch = batch_of([[1, 2, 3, 30, 5], [6, 17, 8, 29]])
+    for _ in range(2):
+        whole(batch).backward()
+        sharded(batch).backward()
+        assert torch.nn.utils.clip_grad_norm_([reference], 1e-3) > 1e-3  # the clip does act
+        optimizer.step()
+        optimizer.zero_grad()
+        sharded.item_encoder.id_embedding.step(0.1)
+    assert torch.allclose(table, reference, atol=1e-6)
+
+
 def test_causal_attention_without_a_mask_equals_the_masked_path():
     model = tiny_model()
     full, padded = [1, 2, 3, 4, 5, 6, 7, 8, 9], [3, 4, 5]
