@@ -99,14 +99,14 @@ def setup_engine(model: InterestFormer, train) -> tuple[object, dict | None]:
         if folder:
             with open(os.path.join(folder, STATE_FILE)) as f:
                 state = json.load(f)
-        world = ray.train.get_context().get_world_size()
+        world, rank = ray.train.get_context().get_world_size(), ray.train.get_context().get_world_rank()
         resharded = state is not None and state.get("world_size", world) != world
         if resharded:
             weights = load_file(os.path.join(folder, WEIGHTS_FILE))
             model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
         if train.shard_item_table:
-            model.item_encoder.shard_id_table({"lr": train.lr, "betas": ADAM_BETAS, "weight_decay": train.weight_decay,
-                                               "grad_clip": train.grad_clip}, ray.train.torch.get_device())
+            model.item_encoder.shard_id_table({"lr": train.lr, "betas": ADAM_BETAS, "weight_decay": train.weight_decay},
+                                              train.grad_clip, ray.train.torch.get_device())
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.param_groups(train.lr),
                                                config=deepspeed_config(train))
         if resharded:
@@ -117,9 +117,8 @@ def setup_engine(model: InterestFormer, train) -> tuple[object, dict | None]:
             check_pickles(os.path.join(folder, "deepspeed"))
             engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
             if table := sharded_table(engine):
-                rank = ray.train.get_context().get_world_rank()
                 table.load_shard_state(load_file(os.path.join(folder, ITEM_TABLE_DIR, f"rank{rank}.safetensors")))
-            if ray.train.get_context().get_world_rank() == 0:
+            if rank == 0:
                 print(f"Resumed from the checkpoint of epoch {state['epoch']} (step {state['step']})", flush=True)
     return engine, state
 

@@ -263,14 +263,14 @@ class ItemEncoder(nn.Module):
                 getattr(self, name).copy_(tensor)
 
     @torch.no_grad()
-    def shard_id_table(self, optimizer: dict, device: torch.device | str = "cpu"):
+    def shard_id_table(self, adamw: dict, grad_clip: float, device: torch.device | str = "cpu"):
         """Splits the ID table by rows across the ranks of the default process group
         (train.shard_item_table): each rank keeps its rows, on `device`, and steps them with an
         AdamW of these arguments (ShardedEmbedding). Every rank must call it, once the whole
         table's weights are in place."""
         if self.id_embedding is not None:
-            self.id_embedding = ShardedEmbedding(self.id_embedding.weight, self.id_embedding.padding_idx, optimizer,
-                                                 device)
+            self.id_embedding = ShardedEmbedding(self.id_embedding.weight, self.id_embedding.padding_idx, adamw,
+                                                 grad_clip, device)
 
     @torch.no_grad()
     def load_id_buckets(self, id_bucket: torch.Tensor):
@@ -283,9 +283,10 @@ class ShardedEmbedding(nn.Module):
     """An embedding table split by rows across the ranks of the default process group, as
     TorchRec's row-wise sharding: rank r holds rows [bounds[r], bounds[r + 1]), so in training
     each worker holds 1/world of the table, its gradient and its optimizer state, and no step
-    gathers the whole (full_weight does, for checkpoints and evaluation). A lookup sends every rank's asked rows to every rank (all-gather), each rank looks
-    up the rows it holds, and an all-to-all returns each rank its vectors; the backward pass
-    returns the gradients the same way, summed at the rows' owners. Every rank must call forward
+    gathers the whole (full_weight does, for checkpoints and evaluation). A lookup sends every
+    rank's asked rows to every rank (all-gather), each rank looks up the rows it holds, and an
+    all-to-all returns each rank its vectors; the backward pass returns the gradients the same
+    way, summed at the rows' owners. Every rank must call forward
     together (as data-parallel training steps do).
 
     The rows are not an nn.Parameter: the data-parallel engine (DeepSpeed) would average their
@@ -294,29 +295,27 @@ class ShardedEmbedding(nn.Module):
     over the ranks as the engine averages every other one and clipped by its own norm. The
     module's state dict leaves the rows out; `full_weight` gathers the whole table."""
 
-    def __init__(self, table: torch.Tensor, padding_idx: int | None, optimizer: dict, device: torch.device | str):
-        """table (rows, d): the whole table's weights, the same on every rank; optimizer: AdamW's
-        arguments (lr, betas, weight_decay) and grad_clip (0: none); device: where this rank's rows
-        live (module.to does not move them: they are not a parameter)."""
+    def __init__(self, table: torch.Tensor, padding_idx: int | None, adamw: dict, grad_clip: float,
+                 device: torch.device | str):
+        """table (rows, d): the whole table's weights, the same on every rank; adamw: AdamW's
+        arguments (lr, betas, weight_decay); grad_clip: the gradient's largest norm (0: none);
+        device: where this rank's rows live (module.to does not move them: they are not a
+        parameter)."""
         super().__init__()
         world, rank = dist.get_world_size(), dist.get_rank()
         self.bounds = [len(table) * r // world for r in range(world + 1)]
         self.start, self.padding_idx, self.dim = self.bounds[rank], padding_idx, table.shape[1]
         self.rows = table[self.start:self.bounds[rank + 1]].detach().to(device, copy=True).requires_grad_()
-        optimizer = dict(optimizer)
-        self.grad_clip = optimizer.pop("grad_clip")
+        self.grad_clip = grad_clip
         # Fused: one pass over the rows; the default steps through temporaries as large as the rows
         # (a 2M x 64 table's step on 2 workers peaked 240 MB higher).
-        self.optimizer = torch.optim.AdamW([self.rows], fused=True, **optimizer)
+        self.optimizer = torch.optim.AdamW([self.rows], fused=True, **adamw)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         world = dist.get_world_size()
-        counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(world)]
-        dist.all_gather(counts, torch.tensor([len(rows)], device=rows.device))
-        width = int(max(counts))
-        asked = [torch.zeros(width, dtype=rows.dtype, device=rows.device) for _ in range(world)]
-        dist.all_gather(asked, F.pad(rows, (0, width - len(rows))))
-        local = torch.stack(asked) - self.start  # (world, width): every rank's rows, in this rank's numbering
+        width = int(max(_all_gather_padded(torch.tensor([len(rows)], device=rows.device), 1)))
+        # (world, width): every rank's asked rows, in this rank's numbering
+        local = torch.stack(_all_gather_padded(rows, width)) - self.start
         held = (local >= 0) & (local < len(self.rows))
         vectors = self.rows[local.clamp(0, max(len(self.rows) - 1, 0))] if len(self.rows) else \
             self.rows.new_zeros(*local.shape, self.dim)
@@ -347,8 +346,7 @@ class ShardedEmbedding(nn.Module):
     def full_weight(self) -> torch.Tensor:
         """The whole table (rows, d), on every rank; every rank must call it."""
         size = max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
-        parts = [self.rows.new_zeros(size, self.dim) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, F.pad(self.rows.detach(), (0, 0, 0, size - len(self.rows))))
+        parts = _all_gather_padded(self.rows.detach(), size)
         return torch.cat([part[:b - a] for part, a, b in zip(parts, self.bounds[:-1], self.bounds[1:])])
 
     def shard_state(self) -> dict[str, torch.Tensor]:
@@ -363,6 +361,13 @@ class ShardedEmbedding(nn.Module):
         moments = {k: v.to(self.rows.device) for k, v in state.items() if k != "rows"}  # fused: step too
         if moments:
             self.optimizer.state[self.rows] = moments
+
+
+def _all_gather_padded(tensor: torch.Tensor, width: int) -> list[torch.Tensor]:
+    """Every rank's `tensor`, each padded with zeros to `width` rows (all_gather needs equal shapes)."""
+    parts = [tensor.new_zeros(width, *tensor.shape[1:]) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, width - len(tensor))))
+    return parts
 
 
 class _AllToAll(torch.autograd.Function):

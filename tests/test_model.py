@@ -148,8 +148,8 @@ def test_an_id_table_sharded_on_one_rank_looks_up_learns_and_resumes_as_the_tabl
     same vectors and gradients, the padding row never learns, and a rank's saved rows and AdamW
     state restore exactly (2 workers: tests/test_zero_stages.py)."""
     whole, sharded = tiny_model(**ID_ONLY).train(), tiny_model(**ID_ONLY).train()
-    optimizer = {"lr": 0.1, "betas": (0.9, 0.98), "weight_decay": 0.0, "grad_clip": 0.0}
-    sharded.item_encoder.shard_id_table(optimizer)
+    adamw = {"lr": 0.1, "betas": (0.9, 0.98), "weight_decay": 0.0}
+    sharded.item_encoder.shard_id_table(adamw, grad_clip=0.0)
     table = sharded.item_encoder.id_embedding
     assert InterestFormer.ID_TABLE not in sharded.state_dict()  # not DeepSpeed's to average or partition
     assert not any(p is table.rows for p in sharded.parameters())
@@ -162,12 +162,13 @@ def test_an_id_table_sharded_on_one_rank_looks_up_learns_and_resumes_as_the_tabl
 
     table.step(0.1)
     saved = {k: v.clone() for k, v in table.shard_state().items()}
-    assert set(saved) == {"rows", "step", "exp_avg", "exp_avg_sq"} and not torch.equal(saved["rows"], whole.item_encoder.id_embedding.weight)
+    assert set(saved) == {"rows", "step", "exp_avg", "exp_avg_sq"}
+    assert not torch.equal(saved["rows"], whole.item_encoder.id_embedding.weight)
     sharded(batch).backward()
     table.step(0.1)
     stepped = table.rows.detach().clone()
     other = tiny_model(**ID_ONLY).train()
-    other.item_encoder.shard_id_table(optimizer)
+    other.item_encoder.shard_id_table(adamw, grad_clip=0.0)
     other.item_encoder.id_embedding.load_shard_state(saved)
     other(batch).backward()
     other.item_encoder.id_embedding.step(0.1)
@@ -179,7 +180,7 @@ def test_a_sharded_table_clips_its_gradient_by_its_own_norm(one_rank_group):
     torch's clip_grad_norm_ on the table alone would give (what test_zero_stages cannot show:
     its trajectories run without clipping)."""
     whole, sharded = tiny_model(**ID_ONLY).train(), tiny_model(**ID_ONLY).train()
-    sharded.item_encoder.shard_id_table({"lr": 0.1, "betas": (0.9, 0.98), "weight_decay": 0.01, "grad_clip": 1e-3})
+    sharded.item_encoder.shard_id_table({"lr": 0.1, "betas": (0.9, 0.98), "weight_decay": 0.01}, grad_clip=1e-3)
     table, reference = sharded.item_encoder.id_embedding.rows, whole.item_encoder.id_embedding.weight
     optimizer = torch.optim.AdamW([reference], lr=0.1, betas=(0.9, 0.98), weight_decay=0.01)
     batch = batch_of([[1, 2, 3, 30, 5], [6, 17, 8, 29]])

@@ -57,7 +57,8 @@ def losses_at_stage(stage: int, tmp_path, **train) -> list[float]:
     })
     trainer = TorchTrainer(train_fixed_batches, train_loop_config=cfg.to_dict(),
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                           run_config=ray.train.RunConfig(name=f"zero{stage}-{len(train)}", storage_path=str(tmp_path)))
+                           run_config=ray.train.RunConfig(name=f"zero{stage}" + "".join(f"-{key}" for key in train),
+                                                          storage_path=str(tmp_path)))
     return trainer.fit().return_value
 
 
