@@ -113,6 +113,11 @@ def test_deepspeed_config_follows_the_train_section():
     # stages keep DeepSpeed's default.
     assert ds["zero_optimization"]["reduce_bucket_size"] <= 2e7
     assert "reduce_bucket_size" not in deepspeed_config(load_config(None, ["train.zero_stage=2"]).train)["zero_optimization"]
+    # torch's fused AdamW (DeepSpeed passes "fused" on to torch.optim.AdamW); offloaded state steps
+    # in DeepSpeed's CPU Adam, which takes no such argument.
+    assert ds["optimizer"]["params"]["fused"] is True and ds["optimizer"]["params"]["torch_adam"] is True
+    offloaded = deepspeed_config(load_config(None, ["train.zero_stage=2", "train.offload_optimizer=true"]).train)
+    assert "fused" not in offloaded["optimizer"]["params"] and offloaded["optimizer"]["params"]["torch_adam"] is False
 
 
 def test_a_config_builds_on_its_base_section_by_section(tmp_path):
