@@ -48,6 +48,16 @@ class DataConfig:
     """Images are decoded and resized to this square size (pixels)."""
     num_negatives: int = 128
     """Uniformly sampled negative items shared by each training batch (on top of in-batch ones)."""
+    full_softmax: bool = False
+    """Score every training target against the whole catalogue (every item not held out), a full
+    cross-entropy, instead of against the batch's items plus num_negatives sampled ones. Costs a
+    (targets x catalogue) score matrix per batch: right for catalogues of thousands to tens of
+    thousands of items with frozen or no content encoders; live encoders would encode the whole
+    catalogue every step."""
+
+    def negatives(self) -> int | None:
+        """Sampled negatives per training batch; None: every item is a candidate (full_softmax)."""
+        return None if self.full_softmax else self.num_negatives
     vocab_size: int = 2000
     """Size of the word-piece vocabulary trained on the catalogue when no pretrained tokenizer is
     given (model.text.pretrained_path)."""

@@ -171,8 +171,10 @@ def left_pad(rows: list[np.ndarray], length: int) -> np.ndarray:
 class PackBatches:
     """A batch of stored sequences -> one packed batch (see the module docstring)."""
 
-    def __init__(self, prepared: PreparedData, split: Split, max_seq_len: int, num_negatives: int,
+    def __init__(self, prepared: PreparedData, split: Split, max_seq_len: int, num_negatives: int | None,
                  text: bool, image: bool, seed: int, cold_fraction: float, train_since: int):
+        """num_negatives: uniformly sampled negatives per training batch; None: every warm item is
+        a candidate (full softmax)."""
         self.split, self.T, self.train_since = split, max_seq_len, train_since
         self.num_items, self.num_negatives, self.seed = prepared.num_items, num_negatives, seed
         self.is_cold = is_cold_mask(prepared.num_items, cold_fraction)
@@ -208,7 +210,10 @@ class PackBatches:
         if self.split == "train":
             packed["targets"] = left_pad(targets, self.T)
             rng = np.random.default_rng([self.seed, zlib.crc32(str(batch["user_id"][0]).encode()), self.calls])
-            candidates += [packed["targets"].ravel(), rng.choice(self.negative_pool, self.num_negatives)]
+            if self.num_negatives is None:  # full softmax: every warm item, which holds every history and target
+                candidates = [self.negative_pool, [0]]
+            else:
+                candidates += [packed["targets"].ravel(), rng.choice(self.negative_pool, self.num_negatives)]
         else:
             packed["targets"] = np.asarray(targets, dtype=np.int64)
             packed["history_length"] = np.asarray(history_lengths, dtype=np.int64)
@@ -225,13 +230,21 @@ class PackBatches:
         return [num_events - (2 if self.split == "validation" else 1)]
 
 
+def by_history_length(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows of user sequences in order of their length: the batches cut from a block of them hold
+    users of like lengths, so little of a batch is padding (the model computes no column that is
+    padding in every row). Training blocks still come in random order."""
+    order = np.argsort(rows["num_events"], kind="stable")
+    return {name: values[order] for name, values in rows.items()}
+
+
 def training_end(num_events: int) -> int:
     """How many of a user's first events the training split reads (the rest validate and test)."""
     return num_events - 2 if num_events >= 3 else num_events
 
 
 def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_seq_len: int,
-                     num_negatives: int = 0, text: bool = True, image: bool = True, seed: int = 0,
+                     num_negatives: int | None = 0, text: bool = True, image: bool = True, seed: int = 0,
                      pipeline_workers: int = 1, cold_fraction: float = 0.0, train_since: int = 0,
                      new_user_fraction: float = 0.0) -> ray.data.Dataset:
     """A dataset whose rows are packed batches of `batch_size` users for `split`, one batch per
@@ -250,7 +263,9 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
         ds = ds.filter(_TargetIsCold(is_cold_mask(prepared.num_items, cold_fraction)))
     # Blocks of whole batches: a map task's last batch is short otherwise, and every short batch
     # is an extra step on fewer users.
-    return ds.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_TASK, strict=True).map_batches(
+    ds = ds.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_TASK, strict=True).map_batches(
+        by_history_length, batch_size=None, batch_format="numpy")
+    return ds.map_batches(
         PackBatches,
         fn_constructor_kwargs=dict(prepared=prepared, split=split, max_seq_len=max_seq_len,
                                    num_negatives=num_negatives, text=text, image=image, seed=seed,

@@ -562,15 +562,19 @@ class InterestFormer(nn.Module):
         return self.ln_f(x)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """Sampled-softmax next-item loss of a training batch (see datasets/pipeline.py for keys)."""
-        items = batch["unique_items"]  # (U,) sorted; the batch's candidates
+        """Softmax next-item loss of a training batch (see datasets/pipeline.py for keys) over its
+        candidates: sampled, or the whole catalogue (data.full_softmax)."""
+        items = batch["unique_items"]  # (U,) sorted, items[0] == 0 (padding); the batch's candidates
         vectors = self.encode_items(items, batch)  # (U, d)
-        history, targets = batch["history"], batch["targets"]  # (B, T) each
-        users = self.encode_users(vectors[torch.searchsorted(items, history)], history, batch["event_types"])
+        # Columns that are padding in every row change nothing (positions count from the newest
+        # event), so they are not computed: batches of users with short histories cost less.
+        keep = trailing_real_columns(batch["history"])
+        history, targets, event_types = batch["history"][:, keep], batch["targets"][:, keep], batch["event_types"][:, keep]
+        users = self.encode_users(vectors[torch.searchsorted(items, history)], history, event_types)
         has_target = targets > 0
-        logits = users[has_target] @ F.normalize(vectors, dim=-1).T / self.cfg.temperature  # (M, U)
-        logits = logits.masked_fill(items == 0, float("-inf"))  # padding is never a candidate
-        labels = torch.searchsorted(items, targets[has_target])  # (M,)
+        # Padding (items[0]) is never a candidate: scored against items[1:] only.
+        logits = users[has_target] @ F.normalize(vectors[1:], dim=-1).T / self.cfg.temperature  # (M, U - 1)
+        labels = torch.searchsorted(items, targets[has_target]) - 1  # (M,)
         return F.cross_entropy(logits.float(), labels)
 
     def user_vectors(self, batch: dict) -> torch.Tensor:
@@ -617,6 +621,14 @@ class LongTermInterest(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         pooled = y.transpose(1, 2).reshape(B, T, d)
         return self.ln(pooled + self.mlp(pooled))
+
+
+def trailing_real_columns(history: torch.Tensor) -> slice:
+    """The columns of a left-padded (B, T) batch from the first that holds an event in any row
+    (at least the last column)."""
+    real = (history > 0).any(dim=0)
+    first = int(real.int().argmax()) if bool(real.any()) else history.shape[1] - 1
+    return slice(first, None)
 
 
 def attention_mask(is_real: torch.Tensor, window: int) -> torch.Tensor | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from interestformer.models.interest_former import InterestFormer
+from interestformer.models.interest_former import InterestFormer, trailing_real_columns
 
 
 def metric_sums(ranks: torch.Tensor, ks: Iterable[int]) -> dict[str, float]:
@@ -287,8 +287,9 @@ def evaluate_model(
     inverse_norms = 1 / representations.norm(dim=-1).clamp(min=1e-12)  # as F.normalize; row 0 scores 0
     totals = RankTotals(tuple(ks))
     for batch in eval_batches:
-        history = batch["history"]
-        user = model.encode_users(representations[history], history, batch["event_types"])[:, -1]  # (B, d)
+        keep = trailing_real_columns(batch["history"])  # all-padding columns change nothing
+        history = batch["history"][:, keep]
+        user = model.encode_users(representations[history], history, batch["event_types"][:, keep])[:, -1]  # (B, d)
         empty = ~(history > 0).any(dim=1, keepdim=True)  # (B, 1)
 
         def scores(a: int, b: int) -> torch.Tensor:  # cosines; the temperature does not change the order
