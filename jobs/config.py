@@ -48,7 +48,23 @@ class TrainConfig:
     """Ray Data actors that run the frozen encoders over the catalogue into the feature store
     (jobs.embed_items, or jobs.train when the store is missing); one GPU each when use_gpu."""
     epochs: int = 3
-    """Passes over the training sequences."""
+    """Most passes over the training sequences; early stopping (patience) may end a run sooner."""
+    eval_every: int = 1
+    """Validate every this many epochs (and always after the last): each validation ranks the
+    whole catalogue for every validation user."""
+    select_metric: str = "val_ndcg@10"
+    """The validation metric (higher is better) that picks the run's best epoch and drives early
+    stopping; Tune sweeps judge trials by it too. The best epoch's weights are what the run tests
+    once at its end, saves as its model and logs to MLflow (best_epoch, stopped_epoch)."""
+    patience: int = 0
+    """Early stopping: end the run after this many validations in a row without a gain of at least
+    min_delta over the best. 0: train all epochs (the best epoch's weights are still the model)."""
+    min_delta: float = 0.0
+    """The least gain in select_metric that counts as an improvement for patience."""
+    max_minutes: float = 0.0
+    """A time budget: the run ends after the first epoch that finishes past this many minutes of
+    the workers' time (a resumed run counts what came before), and tests its best epoch as after
+    an early stop. 0: no limit."""
     micro_batch_size: int = 32
     """Users per batch on each worker."""
     grad_accum_steps: int = 1
@@ -59,6 +75,11 @@ class TrainConfig:
     """AdamW weight decay."""
     warmup_steps: int = 20
     """Optimizer steps of linear learning-rate warm-up."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant holds lr; cosine decays it to lr x min_lr_ratio over all
+    train.epochs (a run that stops early stops somewhere on the way down)."""
+    min_lr_ratio: float = 0.1
+    """Where the cosine schedule ends, as a fraction of lr."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     zero_stage: int = 2
@@ -108,11 +129,16 @@ class TrainConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("zero_stage", f"must be one of 0, 1, 2, 3, got {self.zero_stage}")
         for key in ("epochs", "micro_batch_size", "grad_accum_steps", "log_every_steps", "pipeline_workers",
-                    "embed_workers"):
+                    "embed_workers", "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         if self.max_failures < -1:
             raise ConfigError("max_failures", f"must be >= -1, got {self.max_failures}")
+        for key in ("patience", "min_delta", "max_minutes"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("min_lr_ratio", f"must be within [0, 1], got {self.min_lr_ratio}")
         if self.lr <= 0 or self.cpus_per_worker <= 0:
             raise ConfigError("lr" if self.lr <= 0 else "cpus_per_worker", "must be > 0")
         if self.offload_optimizer and self.zero_stage == 0:
@@ -162,7 +188,8 @@ class ExperimentConfig:
     mlflow_experiment: str = "interestformer"
     """MLflow experiment the run is recorded in."""
     keep_checkpoints: int = 2
-    """Most recent checkpoints kept."""
+    """Most recent checkpoints kept. Each also holds the best epoch's weights so far, so the best
+    model survives however many are dropped."""
     system_metrics_interval_s: float = 10.0
     """Seconds between samples of CPU, memory, disk, network and NVIDIA GPU use, logged to the run
     as system/* metrics by MLflow's monitor in the rank-0 training worker (so they describe the
@@ -207,9 +234,6 @@ class TuneConfig:
     """Times one trial is retried after an error (it resumes from its own checkpoint)."""
     fail_fast: bool = False
     """Stop the whole sweep at the first trial that fails for good."""
-    metric: str = "val_ndcg@10"
-    """Validation metric reported every epoch, which ASHA and the best trial are judged by
-    (higher is better)."""
     registered_model: str = ""
     """MLflow registered model name of the best trial's model. Empty: the sweep's name."""
 
@@ -222,9 +246,6 @@ class TuneConfig:
         if self.max_concurrent_trials < 0 or self.max_failures < -1:
             raise ConfigError("max_concurrent_trials" if self.max_concurrent_trials < 0 else "max_failures",
                               "must be >= 0 (max_failures: >= -1, -1 retries forever)")
-        if not self.metric.startswith("val_"):
-            raise ConfigError("metric", f"must be a validation metric (val_...), got {self.metric!r}: "
-                                        "the test split is read once, after model selection")
         for key, spec in self.search_space.items():
             where = f"search_space.{key}"
             if len(spec) != 1 or next(iter(spec)) not in SEARCH_DISTRIBUTIONS:
@@ -272,6 +293,10 @@ class JobConfig:
             )
         if self.data.max_seq_len < 2:
             raise ConfigError("data.max_seq_len", "must be >= 2")
+        validation = ["val_mrr"] + [f"val_{m}@{k}" for k in self.eval.ks for m in ("hr", "ndcg")]
+        if self.train.select_metric not in validation:
+            raise ConfigError("train.select_metric", f"{self.train.select_metric!r} is not a validation metric of "
+                                                     f"eval.ks={self.eval.ks}; one of {validation}")
         if self.train.shard_item_table and not self.model.use_item_id:
             raise ConfigError("train.shard_item_table", "the model has no item-ID table to shard "
                                                         "(model.use_item_id=false)")

@@ -5,8 +5,11 @@ already set up the process group (gloo on CPU, NCCL on GPU), which DeepSpeed pic
 
 A checkpoint folder holds:
     deepspeed/          DeepSpeed's own sharded model and optimizer state (exact resume)
-    model.safetensors   the whole model's weights, gathered from every ZeRO stage (evaluation,
-                        serving; loads without unpickling anything)
+    model.safetensors   the run's model: the weights of its best epoch so far (train.select_metric),
+                        gathered from every ZeRO stage (evaluation, serving, init_from; loads
+                        without unpickling anything)
+    latest.safetensors  the weights of the checkpoint's own epoch, where that is not the best one
+                        (read to resume on another number of workers)
     item_table/         with train.shard_item_table, each rank's rows of the item-ID table and
                         their AdamW state (rank<r>.safetensors)
     checkpoint.json     epoch and step reached, the config and the data spec
@@ -17,6 +20,7 @@ A checkpoint folder holds:
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -34,6 +38,7 @@ from interestformer.datasets.storage import join, read_bytes, read_json
 from interestformer.models.interest_former import DataSpec, InterestFormer, ShardedEmbedding
 
 WEIGHTS_FILE = "model.safetensors"
+LATEST_WEIGHTS_FILE = "latest.safetensors"
 STATE_FILE = "checkpoint.json"
 ITEM_IDS_FILE = "item_ids.json"
 DEEPSPEED_TAG = "deepspeed"
@@ -41,8 +46,9 @@ ITEM_TABLE_DIR = "item_table"
 ADAM_BETAS = (0.9, 0.98)
 
 
-def deepspeed_config(train) -> dict:
-    """The DeepSpeed config of a TrainConfig; the only place one is built."""
+def deepspeed_config(train, total_steps: int = 0) -> dict:
+    """The DeepSpeed config of a TrainConfig; the only place one is built. total_steps: the
+    optimizer steps of all train.epochs (optimizer_steps), which a cosine schedule decays over."""
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
@@ -57,12 +63,7 @@ def deepspeed_config(train) -> dict:
                        "torch_adam": not train.offload_optimizer,
                        **({} if train.offload_optimizer else {"fused": True})},
         },
-        "scheduler": {
-            "type": "WarmupLR",
-            # No warmup_max_lr: each parameter group warms up to its own lr (encoders may have
-            # their own, see InterestFormer.param_groups).
-            "params": {"warmup_min_lr": 0.0, "warmup_num_steps": train.warmup_steps, "warmup_type": "linear"},
-        },
+        "scheduler": lr_scheduler(train, total_steps),
         "zero_optimization": {
             "stage": train.zero_stage,
             "stage3_gather_16bit_weights_on_model_save": True,
@@ -80,14 +81,34 @@ def deepspeed_config(train) -> dict:
     }
 
 
-def setup_engine(model: InterestFormer, train) -> tuple[object, dict | None]:
+def lr_scheduler(train, total_steps: int) -> dict:
+    """The learning-rate schedule, as DeepSpeed's scheduler config: linear warm-up over
+    train.warmup_steps, then constant or cosine decay to train.min_lr_ratio at total_steps. Each
+    parameter group follows it from its own lr (encoders may have their own, see
+    InterestFormer.param_groups), so no absolute rates appear here."""
+    if train.lr_schedule == "constant":
+        return {"type": "WarmupLR",
+                "params": {"warmup_min_lr": 0.0, "warmup_num_steps": train.warmup_steps, "warmup_type": "linear"}}
+    return {"type": "WarmupCosineLR",
+            "params": {"warmup_min_ratio": 0.0, "warmup_num_steps": max(1, train.warmup_steps), "warmup_type": "linear",
+                       "cos_min_ratio": train.min_lr_ratio, "total_num_steps": max(1, total_steps)}}
+
+
+def optimizer_steps(train, train_users: int, world_size: int) -> int:
+    """Optimizer steps in all train.epochs: each epoch every worker steps through its share of the
+    training users in micro-batches, train.grad_accum_steps of them a step."""
+    batches = math.ceil(train_users / (train.micro_batch_size * world_size))
+    return train.epochs * math.ceil(batches / train.grad_accum_steps)
+
+
+def setup_engine(model: InterestFormer, train, total_steps: int = 0) -> tuple[object, dict | None]:
     """Wraps the model in a DeepSpeed engine on this worker's device, resumed from the run's latest
     checkpoint when it has one; returns (engine, the checkpoint's state or None).
 
     On the world size that wrote the checkpoint, DeepSpeed's own shards load: weights, optimizer
     moments and learning-rate schedule, exactly. On another world size those shards do not fit
-    the new partitioning, so the weights come from the checkpoint's consolidated
-    model.safetensors (loaded before DeepSpeed partitions them), the learning-rate schedule
+    the new partitioning, so the weights come from the checkpoint's consolidated weights of its
+    epoch (loaded before DeepSpeed partitions them), the learning-rate schedule
     continues at the saved step, and the optimizer's moments start again from zero. With
     train.shard_item_table the ID table is split across the ranks here, before DeepSpeed sees the
     model, and its rows and moments resume alike."""
@@ -102,13 +123,14 @@ def setup_engine(model: InterestFormer, train) -> tuple[object, dict | None]:
         world, rank = ray.train.get_context().get_world_size(), ray.train.get_context().get_world_rank()
         resharded = state is not None and state.get("world_size", world) != world
         if resharded:
-            weights = load_file(os.path.join(folder, WEIGHTS_FILE))
+            latest = os.path.join(folder, LATEST_WEIGHTS_FILE)
+            weights = load_file(latest if os.path.exists(latest) else os.path.join(folder, WEIGHTS_FILE))
             model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
         if train.shard_item_table:
             model.item_encoder.shard_id_table({"lr": train.lr, "betas": ADAM_BETAS, "weight_decay": train.weight_decay},
                                               train.grad_clip, ray.train.torch.get_device())
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.param_groups(train.lr),
-                                               config=deepspeed_config(train))
+                                               config=deepspeed_config(train, total_steps))
         if resharded:
             engine.lr_scheduler.step(state["step"])
             print(f"Resumed a {state['world_size']}-worker checkpoint on {world} workers: weights from "
@@ -233,9 +255,16 @@ def train_steps(rows, device):
         yield last, (world / sum(has_batch) if row is not None else 0.0), waited
 
 
-def save_and_report(engine, weights: dict | None, metrics: dict, state: dict, item_ids: list[str]):
-    """Saves a checkpoint on every rank (rank 0 writes the gathered weights) and reports it with the
-    metrics to Ray Train."""
+def best_checkpoint_weights() -> dict[str, torch.Tensor]:
+    """The best epoch's weights held by the run's latest checkpoint (its model.safetensors)."""
+    with ray.train.get_checkpoint().as_directory() as folder:
+        return load_file(os.path.join(folder, WEIGHTS_FILE))
+
+
+def save_and_report(engine, weights: dict, latest: dict | None, metrics: dict, state: dict, item_ids: list[str]):
+    """Saves a checkpoint on every rank and reports it with the metrics to Ray Train. Rank 0 writes
+    the gathered weights: `weights`, the run's model (its best epoch's), and `latest`, this epoch's
+    own, where they differ."""
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
         rank = ray.train.get_context().get_world_rank()
@@ -245,6 +274,8 @@ def save_and_report(engine, weights: dict | None, metrics: dict, state: dict, it
                       os.path.join(folder, ITEM_TABLE_DIR, f"rank{rank}.safetensors"))
         if rank == 0:
             write_weights_and_state(folder, weights, state, item_ids)
+            if latest is not None:
+                save_file(latest, os.path.join(folder, LATEST_WEIGHTS_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 

@@ -384,7 +384,13 @@ def run_data(uri: str, run_id: str):
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[float]:
-    return [m.value for m in _client(uri).get_metric_history(run_id, _metric_key(key))]
+    return [m.value for m in metric_points(uri, run_id, key)]
+
+
+def metric_points(uri: str, run_id: str, key: str) -> list:
+    """Every logged value of a metric, as MLflow's Metric (value, timestamp in ms, step), in the
+    order logged."""
+    return sorted(_client(uri).get_metric_history(run_id, _metric_key(key)), key=lambda m: (m.step, m.timestamp))
 
 
 def _metric_key(key: str) -> str:

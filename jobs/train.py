@@ -32,6 +32,7 @@ from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, config_parser, load_config
 from interestformer.jobs.embed_items import feature_store, load_features
 from interestformer.jobs.distributed import (
+    best_checkpoint_weights,
     check_start_from,
     checkpoint_uri,
     deepspeed_config,
@@ -41,6 +42,7 @@ from interestformer.jobs.distributed import (
     full_state_dict,
     model_from_weights,
     optimizer_step,
+    optimizer_steps,
     save_and_report,
     setup_engine,
     start_from,
@@ -48,6 +50,7 @@ from interestformer.jobs.distributed import (
 )
 from interestformer.jobs.evaluate import device_batches, eval_datasets, evaluate_most_popular, popularity_counts
 from interestformer.jobs.report import log_report
+from interestformer.jobs.selection import ModelSelection
 from interestformer.models.interest_former import DataSpec, InterestFormer
 from interestformer.models.ranking import RankTotals, evaluate_model, item_representations
 
@@ -87,20 +90,25 @@ def train_loop_per_worker(loop_config: dict):
     # A fresh run's first epoch starts its pipeline while DeepSpeed sets up. A resumed run may have
     # no epoch left, and a pipeline nobody reads would hold a CPU through the final evaluation.
     rows = epoch_rows() if ray.train.get_checkpoint() is None else None
-    engine, state = setup_engine(model, cfg.train)  # resumed from the run's latest checkpoint, if any
+    steps_per_epoch = math.ceil(loop_config["train_users"] / (cfg.train.micro_batch_size * world))
+    engine, state = setup_engine(model, cfg.train, optimizer_steps(cfg.train, loop_config["train_users"], world))
     state = state or {"epoch": 0, "step": 0}
     state.update(config=loop_config["config"], spec=loop_config["spec"], prepared_path=loop_config["prepared_path"],
                  world_size=world)
-    steps_per_epoch = math.ceil(loop_config["train_users"] / (cfg.train.micro_batch_size * world))
+    selection = ModelSelection.for_run(cfg.train, state.get("selection"))
+    best_weights = best_checkpoint_weights() if selection.best_epoch else None  # a resumed run's best so far
     progress = _progress(rank, cfg.train.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch)
     throughput = []  # per epoch run here: users, events, seconds, samples/s, data wait
     metrics_out = tracking.MetricsOutbox(uri, run_id)  # rank 0's logging; survives a tracking outage
     system_metrics = None  # rank 0 samples the machine it trains on (the driver's may not train at all)
     if rank == 0:
         system_metrics = tracking.start_system_metrics(uri, run_id, cfg.experiment.system_metrics_interval_s)
+    evaluation = EpochEvaluation(cfg, spec, prepared, device)  # holds the evaluation rows after their first pass
 
-    items = None  # the item table of the latest weights
+    began = time.perf_counter() - state.get("worker_seconds", 0.0)  # what earlier attempts of the run spent counts
     for epoch in range(state["epoch"], cfg.train.epochs):
+        if selection.should_stop or _out_of_time(cfg.train.max_minutes, time.perf_counter() - began):
+            break  # a run resumed after its early stop, or with its time spent
         engine.train()
         window = {"loss": 0.0, "batches": 0, "users": 0, "events": 0, "wait": 0.0, "start": time.perf_counter()}
         seen = torch.zeros(2, dtype=torch.float64)  # users and events (targets) this worker trained on
@@ -123,26 +131,40 @@ def train_loop_per_worker(loop_config: dict):
                 if rank == 0 and state["step"] % cfg.train.log_every_steps == 0:
                     _log_window(metrics_out, window, world, engine, state["step"])
         throughput.append(_epoch_throughput(seen, time.perf_counter() - started, waits, device))
-        if epoch + 1 < cfg.train.epochs:  # the next epoch's pipeline starts while this one validates
-            rows = epoch_rows()
+        rows = None
+        boundary = time.perf_counter()
         weights = full_state_dict(engine)  # on every rank; ZeRO-3 gathers the partitions
-        model = model_from_weights(weights, cfg, spec, device)
-        items = _item_table(model, device)  # every rank takes part, here and in _evaluate_share
-        val = _evaluate_share(model, items, "validation", cfg, device, prepared)
         metrics = {"epoch": epoch}
+        last = epoch + 1 == cfg.train.epochs
+        if (epoch + 1) % cfg.train.eval_every == 0 or last:
+            val = {f"val_{k}": v for k, v in evaluation.totals(weights, "validation").metrics().items()}
+            if selection.update(epoch + 1, val):
+                best_weights = weights
+            metrics.update(val)
+            progress.set_description(f"epoch {epoch + 1}/{cfg.train.epochs} {selection.metric} "
+                                     f"{val[selection.metric]:.4f} (best {selection.best:.4f} at {selection.best_epoch})")
+        last = last or selection.should_stop or _out_of_time(cfg.train.max_minutes, time.perf_counter() - began)
+        if not last:  # the next epoch's pipeline starts while this one checkpoints
+            rows = epoch_rows()
+        state.update(epoch=epoch + 1, selection=selection.state(), worker_seconds=time.perf_counter() - began)
+        metrics.update(best_epoch=selection.best_epoch, epoch_samples_per_s=throughput[-1]["samples_per_s"],
+                       epoch_data_wait_fraction=throughput[-1]["data_wait_fraction"],
+                       epoch_train_s=throughput[-1]["seconds"], epoch_eval_s=time.perf_counter() - boundary,
+                       **({"stopped_epoch": epoch + 1} if last else {}))
         if rank == 0:
-            metrics.update({f"val_{k}": v for k, v in val.metrics().items()},
-                           epoch_samples_per_s=throughput[-1]["samples_per_s"],
-                           epoch_data_wait_fraction=throughput[-1]["data_wait_fraction"])
-            metrics_out.log({k: v for k, v in metrics.items() if k != "epoch"}, step=state["step"])
-            progress.set_description(f"epoch {epoch + 1}/{cfg.train.epochs} val ndcg@10 {metrics['val_ndcg@10']:.4f}")
-        state["epoch"] = epoch + 1
-        save_and_report(engine, weights, metrics, state, catalogue)
+            metrics_out.log({**{k: v for k, v in metrics.items() if k != "epoch"}, "epochs_done": epoch + 1},
+                            step=state["step"])
+        saving = time.perf_counter()
+        save_and_report(engine, best_weights or weights, None if best_weights is None or best_weights is weights
+                        else weights, metrics, state, catalogue)
+        if rank == 0:
+            metrics_out.log({"epoch_checkpoint_s": time.perf_counter() - saving}, step=state["step"])
+        if last:
+            break
 
-    if items is None:  # a resumed run with no epoch left to train; else the last epoch's model ranks
-        model = model_from_weights(full_state_dict(engine), cfg, spec, device)
-        items = _item_table(model, device)
-    results = {split: _evaluate_share(model, items, split, cfg, device, prepared) for split in final_splits(cfg)}
+    # The test splits are read once, with the best epoch's weights (a run with no epoch left to train
+    # has them from its checkpoint; one that validated nothing yet, its latest).
+    results = {split: evaluation.totals(best_weights or full_state_dict(engine), split) for split in final_splits(cfg)}
     progress.close()
     if rank == 0:
         for split, totals in results.items():
@@ -153,7 +175,8 @@ def train_loop_per_worker(loop_config: dict):
         if unsent:  # the driver retries them for longer, with MLflow's own retries
             print(f"MLflow still unreachable at the end: {len(unsent['metrics'])} metrics handed to the driver",
                   file=sys.stderr)
-        return {**results, "step": state["step"], "unsent_metrics": unsent, "throughput": throughput}
+        return {**results, "step": state["step"], "unsent_metrics": unsent, "throughput": throughput,
+                "best_epoch": selection.best_epoch, "stopped_epoch": state["epoch"], "validation": selection.best_metrics}
 
 
 def _epoch_throughput(seen: torch.Tensor, seconds: float, waits: list[float], device) -> dict:
@@ -173,31 +196,67 @@ def _epoch_throughput(seen: torch.Tensor, seconds: float, waits: list[float], de
             "data_wait_fraction": slowest[2].item()}
 
 
-def _item_table(model, device) -> torch.Tensor:
-    """The whole catalogue's item representations, made by every worker together (each must call
-    it): a worker encodes its share of the catalogue and the shares are summed."""
+def _out_of_time(max_minutes: float, seconds: float) -> bool:
+    """Whether train.max_minutes has run out, as rank 0's clock says (every rank must call it
+    together, and all get the same answer)."""
     import torch.distributed as dist
 
-    items = item_representations(model, device_batches(ray.train.get_dataset_shard("items").iter_torch_batches(
-        batch_size=1), device), model.spec.num_items)
-    dist.all_reduce(items)  # each item's row was encoded by exactly one worker, the others hold 0
-    return items
+    if not max_minutes:
+        return False
+    out = torch.tensor([seconds > 60 * max_minutes], dtype=torch.float32, device=ray.train.torch.get_device())
+    dist.broadcast(out, src=0)
+    return bool(out.item())
 
 
-def _evaluate_share(model, items: torch.Tensor, split: str, cfg: JobConfig, device,
-                    prepared: PreparedData) -> RankTotals:
-    """Full ranking of the split's users against the item table, shared by every worker (each
-    must call it): a worker ranks its share of the users, and every worker gets the totals over
-    all users."""
-    import torch.distributed as dist
+class EpochEvaluation:
+    """Full ranking inside the training workers, shared by all of them (every worker must call
+    `totals` together, with the same weights): each encodes its share of the catalogue (the shares
+    are summed into the whole item table) and ranks its share of a split's users against every
+    item, and every worker gets the totals over all users.
 
-    share = evaluate_model(model, items,
-                           device_batches(ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=1), device),
-                           cfg.eval.ks, cfg.eval.exclude_history, cfg.eval.item_chunk_size,
-                           popularity_counts(prepared, cfg, split).to(device))
-    shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, share)
-    return RankTotals.merge(shares)
+    The model and item table are built once per weights, so the test splits after the last
+    validation reuse them. The packed evaluation rows (index arrays; item content only for live
+    encoders) are read from Ray Data on their first pass and held for later epochs while a
+    dataset's share stays under HELD_BYTES, so an epoch boundary starts no pipeline for them."""
+
+    HELD_BYTES = 256 * 2**20
+
+    def __init__(self, cfg: JobConfig, spec: DataSpec, prepared: PreparedData, device):
+        self.cfg, self.spec, self.prepared, self.device = cfg, spec, prepared, device
+        self.held: dict[str, list] = {}
+        self.weights = self.model = self.items = None
+
+    def totals(self, weights: dict, split: str) -> RankTotals:
+        import torch.distributed as dist
+
+        if weights is not self.weights:
+            self.weights, self.model = weights, model_from_weights(weights, self.cfg, self.spec, self.device)
+            self.items = item_representations(self.model, device_batches(self._rows("items"), self.device),
+                                              self.spec.num_items)
+            dist.all_reduce(self.items)  # each item's row was encoded by exactly one worker, the others hold 0
+        share = evaluate_model(self.model, self.items, device_batches(self._rows(split), self.device), self.cfg.eval.ks,
+                               self.cfg.eval.exclude_history, self.cfg.eval.item_chunk_size,
+                               popularity_counts(self.prepared, self.cfg, split).to(self.device))
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, share)
+        return RankTotals.merge(shares)
+
+    def _rows(self, name: str):
+        """This worker's packed rows of a dataset: from memory after a first full pass that fit."""
+        if name in self.held:
+            yield from self.held[name]
+            return
+        rows, size = [], 0
+        for row in ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=1):
+            if rows is not None:
+                size += sum(value.numel() * value.element_size() for value in row.values())
+                if size > self.HELD_BYTES:  # too large to hold: stream it again next time
+                    rows = None
+                else:
+                    rows.append(row)
+            yield row
+        if rows is not None:
+            self.held[name] = rows
 
 
 def _log_window(metrics_out, window, world, engine, step):
@@ -356,7 +415,7 @@ def data_spec(prepared: PreparedData, cfg: JobConfig) -> DataSpec:
 def training_batches(prepared: PreparedData, cfg: JobConfig):
     """The packed training batches that stream to the workers (split across them by ExactSplit)."""
     text, image = cfg.model.live_content()
-    return sequence_batches(prepared, "train", cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.num_negatives,
+    return sequence_batches(prepared, "train", cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.negatives(),
                             text, image, cfg.train.seed, cfg.train.pipeline_workers, cfg.data.cold_item_fraction,
                             cfg.data.train_since, cfg.data.new_user_fraction)
 
@@ -379,7 +438,9 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
                           f"leaves no user with a training target ({report['users']} users read)")
     run_name = cfg.experiment.name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
     uri = tracking.tracking_uri(cfg)
-    run_id = tracking.start_run(cfg, deepspeed_config(cfg.train), report, run_name, parent_run_id)
+    run_id = tracking.start_run(cfg, deepspeed_config(cfg.train, optimizer_steps(cfg.train, train_users,
+                                                                                 cfg.train.num_workers)),
+                                report, run_name, parent_run_id)
     events_path, _ = input_paths(cfg.data)
     dataset_name = "demo-events" if cfg.data.source == "demo" else os.path.basename(events_path.rstrip("/"))
     tracking.log_training_data(uri, run_id, dataset_name, events_path, prepared.meta["fingerprint"], report)
@@ -428,8 +489,8 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
     if result.return_value["unsent_metrics"]:
         tracking.log_unsent(uri, run_id, result.return_value["unsent_metrics"])
     summary = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri,
-               "checkpoint": checkpoint_uri(result.checkpoint), "data": report, "validation": result.metrics,
-               "throughput": result.return_value["throughput"]}
+               "checkpoint": checkpoint_uri(result.checkpoint), "data": report,
+               **{key: result.return_value[key] for key in ("validation", "best_epoch", "stopped_epoch", "throughput")}}
     evaluations = {}
     for split in eval_splits:
         baseline = evaluate_most_popular(prepared, datasets[split].iter_torch_batches(batch_size=1), cfg, split)

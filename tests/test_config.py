@@ -41,7 +41,9 @@ def test_demo_config_file_is_the_embedded_default():
     (["tune.search_space={train.lr: {loguniform: [0, 1]}}"], "tune.search_space.train.lr.loguniform", "low > 0"),
     (["tune.search_space={train.lr: {normal: [0, 1]}}"], "tune.search_space.train.lr", "one of"),
     (["tune.search=optuna", "tune.search_space={train.lr: {grid: [0.1]}}"], "tune.search_space.train.lr.grid", "choice"),
-    (["tune.metric=test_ndcg@10"], "tune.metric", "validation"),
+    (["train.select_metric=test_ndcg@10"], "train.select_metric", "validation metric"),
+    (["eval.ks=[5, 20]"], "train.select_metric", "val_ndcg@20"),  # the default val_ndcg@10 is not computed
+    (["train.patience=-1"], "train.patience", ">= 0"),
     (["train.zero_stage=2", "train.offload_params=true"], "train.offload_params", "zero_stage=3"),
     (["model.use_item_id=false", "train.shard_item_table=true"], "train.shard_item_table", "no item-ID table"),
     (["model.dropout=1.5"], "model.dropout", "[0, 1)"),

@@ -157,7 +157,11 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
     one worker (consolidated weights) or on two (DeepSpeed's shards). Item IDs are hashed (their
     map is a buffer, gathered and saved with the weights), the ID table's rows are split across the
     workers (saved whole in model.safetensors, and each worker's rows with their AdamW state) and
-    blocks recompute their activations."""
+    blocks recompute their activations.
+
+    Early stopping across the resume: no gain short of 1.0 counts (min_delta), so epoch 1 stays the
+    best and the resumed run stops on patience after epoch 2 of 3, testing epoch 1's weights. A
+    resume that forgot the best epoch would take epoch 2 as its first validation, hence its best."""
     overrides = [
         f"data.prepared_dir={tiny_prepared_dir}",
         f"experiment.storage_path={tmp_path / 'runs'}",
@@ -169,6 +173,8 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
         "model.item_id_buckets=32",
         "train.shard_item_table=true",
         "model.activation_checkpointing=true",
+        "train.patience=1",
+        "train.min_delta=1.0",
     ]
     config = os.path.join(PROJECT_DIR, "configs", "tiny.yaml")
     first = train(load_config(config, overrides + ["train.epochs=1"]))
@@ -185,12 +191,18 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
     for name, value in first["test"].items():
         assert resharded["test"][name] == pytest.approx(value, abs=1e-9), name
 
-    second = train(load_config(config, overrides + ["train.epochs=2"]))  # two workers again: DeepSpeed's shards
+    second = train(load_config(config, overrides + ["train.epochs=3"]))  # two workers again: DeepSpeed's shards
+    assert (second["best_epoch"], second["stopped_epoch"]) == (1, 2)
+    logged = tracking.run_data(second["tracking_uri"], second["run_id"]).metrics
+    assert (logged["best_epoch"], logged["stopped_epoch"]) == (1, 2)
+    for name, value in first["test"].items():  # epoch 1's weights, tested again
+        assert second["test"][name] == pytest.approx(value, abs=1e-9), name
+    assert os.path.isfile(os.path.join(second["checkpoint"], "latest.safetensors"))  # epoch 2's, to resume from
     assert second["checkpoint"] != first["checkpoint"]
     assert os.path.dirname(second["checkpoint"]) == os.path.dirname(first["checkpoint"])  # same Ray Train run
     assert second["run_id"] == resharded["run_id"] == first["run_id"]  # one MLflow run, continued
     val = tracking.metric_history(second["tracking_uri"], second["run_id"], "val_ndcg_at_10")
-    assert len(val) == 2  # epoch 1 ran once (first job), epoch 2 in the second; none again
+    assert len(val) == 2  # epoch 1 ran once (first job), epoch 2 in the second, then the early stop
     metrics = evaluate.main(["--checkpoint", second["checkpoint"]])
     for name, value in second["test"].items():
         assert metrics[name] == pytest.approx(value, abs=1e-9), name

@@ -43,8 +43,8 @@ def prepared(tmp_path_factory, ray_local):
 
 
 def job_config(cold_fraction: float = 0.0, new_user_fraction: float = 0.0) -> JobConfig:
-    return JobConfig.from_dict({"eval": {"ks": [1, 3]}, "data": {"cold_item_fraction": cold_fraction,
-                                                                 "new_user_fraction": new_user_fraction}})
+    return JobConfig.from_dict({"eval": {"ks": [1, 3]}, "train": {"select_metric": "val_ndcg@3"},
+                                "data": {"cold_item_fraction": cold_fraction, "new_user_fraction": new_user_fraction}})
 
 
 def most_popular(prepared, split: str, cold_fraction: float = 0.0, new_user_fraction: float = 0.0) -> dict:

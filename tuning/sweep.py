@@ -59,17 +59,17 @@ def trial_run_name(sweep_name: str, trial_id: str) -> str:
 
 
 class EpochReports(TuneReportCallback):
-    """Passes each epoch's validation metrics on to Tune, except the last epoch's: the trial reports
-    that one itself once training has returned. A scheduler stops a trial on a report (ASHA always
-    does at its last epoch), and a stop on the last epoch's report would cut off the trial's test
-    evaluation and model logging."""
+    """Passes each validated epoch's metrics on to Tune, except the last epoch's (the end of
+    train.epochs, or an early stop): the trial reports its best epoch's itself once training has
+    returned. A scheduler stops a trial on a report (ASHA always does at its last epoch), and a stop
+    on the last epoch's report would cut off the trial's test evaluation and model logging."""
 
-    def __init__(self, epochs: int):
+    def __init__(self, metric: str):
         super().__init__()
-        self.epochs = epochs
+        self.metric = metric
 
     def after_report(self, run_context, metrics, checkpoint):
-        if metrics[0]["epoch"] + 1 < self.epochs:
+        if self.metric in metrics[0] and "stopped_epoch" not in metrics[0]:
             super().after_report(run_context, metrics, checkpoint)
 
 
@@ -78,7 +78,7 @@ def run_trial(params: dict):
     child run are named after the trial, so a retried or resumed trial continues both."""
     cfg = trial_config(params["config"], params["values"])
     cfg.experiment.name = trial_run_name(params["sweep_name"], tune.get_context().get_trial_id())
-    summary = train(cfg, parent_run_id=params["parent_run_id"], callbacks=[EpochReports(cfg.train.epochs)])
+    summary = train(cfg, parent_run_id=params["parent_run_id"], callbacks=[EpochReports(cfg.train.select_metric)])
     tune.report(summary["validation"])
 
 
@@ -123,7 +123,7 @@ def sweep(cfg: JobConfig, resume: bool = False) -> tune.ResultGrid:
             param_space={"config": cfg.to_dict(), "parent_run_id": parent_run_id, "sweep_name": name,
                          "values": search_space(cfg)},
             tune_config=tune.TuneConfig(
-                metric=cfg.tune.metric, mode="max", num_samples=cfg.tune.num_samples,
+                metric=cfg.train.select_metric, mode="max", num_samples=cfg.tune.num_samples,
                 search_alg=_searcher(cfg), scheduler=_scheduler(cfg), max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(
                 name=name, storage_path=cfg.experiment.storage_path,
@@ -157,7 +157,7 @@ def _scheduler(cfg: JobConfig):
 
 def report(cfg: JobConfig, name: str, path: str, uri: str, parent_run_id: str, results: tune.ResultGrid):
     """Writes the best trial's config, registers its model, closes the MLflow runs, prints a table."""
-    metric = cfg.tune.metric
+    metric = cfg.train.select_metric
     tracking.close_unfinished_children(uri, parent_run_id)  # trials ASHA stopped, or that failed
     rows = []
     for result in results:
