@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from interestformer.datasets.pipeline import BATCHES_PER_TASK, PackBatches, unpack
+from interestformer.datasets.pipeline import BATCHES_PER_TASK, PackBatches, by_history_length, unpack
 from interestformer.datasets.prepare import PreparedData
 from interestformer.jobs.config import JobConfig
 from interestformer.jobs.distributed import ADAM_BETAS, lr_scheduler
@@ -40,7 +40,8 @@ def packed_batches(prepared: PreparedData, cfg: JobConfig, split: str, batch_siz
     batches = []
     for first in range(0, table.num_rows, batch_size * BATCHES_PER_TASK):  # the pipeline's blocks
         block = table.slice(first, batch_size * BATCHES_PER_TASK)
-        block = block.sort_by("num_events")  # as pipeline.by_history_length (both sorts are stable)
+        if split != "train" or cfg.data.group_by_length:
+            block = by_history_length(block)
         for start in range(0, block.num_rows, batch_size):
             batch = pack(block.slice(start, batch_size).to_pydict())
             batches.append({name: torch.from_numpy(np.asarray(value)) for name, value in unpack(batch).items()})
@@ -62,16 +63,18 @@ def plain_model(prepared: PreparedData, cfg: JobConfig, threads: int, total_step
     return model, optimizer, getattr(lr_schedules, schedule["type"])(optimizer, **schedule["params"])
 
 
-def train_epoch(model, optimizer, scheduler, batches: list[dict], grad_clip: float) -> dict:
-    """One pass over the batches; users, seconds and samples/s."""
+def train_epoch(model, optimizer, scheduler, batches: list[dict], train) -> dict:
+    """One pass over the batches; users, seconds and samples/s. With train.precision bf16 the
+    steps compute in bf16 under autocast (DeepSpeed's engine holds bf16 weights instead)."""
     model.train()
     started, users = time.perf_counter(), 0
     for batch in batches:
-        loss = model(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train.precision == "bf16"):
+            loss = model(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         optimizer.step()
         scheduler.step()
         users += len(batch["history"])
@@ -84,7 +87,7 @@ def plain_training(prepared: PreparedData, cfg: JobConfig, threads: int) -> list
     seconds and samples/s."""
     batches = packed_batches(prepared, cfg, "train", cfg.train.micro_batch_size)
     model, optimizer, scheduler = plain_model(prepared, cfg, threads, cfg.train.epochs * len(batches))
-    return [train_epoch(model, optimizer, scheduler, batches, cfg.train.grad_clip) for _ in range(cfg.train.epochs)]
+    return [train_epoch(model, optimizer, scheduler, batches, cfg.train) for _ in range(cfg.train.epochs)]
 
 
 @torch.no_grad()
@@ -112,8 +115,7 @@ def plain_convergence(prepared: PreparedData, cfg: JobConfig, threads: int, batc
     selection, best_weights, curve = ModelSelection.for_run(cfg.train), None, []
     order = np.random.default_rng(cfg.train.seed)
     for epoch in range(1, cfg.train.epochs + 1):
-        train_epoch(model, optimizer, scheduler, [batches[i] for i in order.permutation(len(batches))],
-                    cfg.train.grad_clip)
+        train_epoch(model, optimizer, scheduler, [batches[i] for i in order.permutation(len(batches))], cfg.train)
         val = {f"val_{k}": v for k, v in full_ranking(model, prepared, cfg, validation, "validation").items()}
         if selection.update(epoch, val):
             best_weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}

@@ -55,6 +55,12 @@ class DataConfig:
     thousands of items with frozen or no content encoders; live encoders would encode the whole
     catalogue every step."""
 
+    group_by_length: bool = False
+    """Cut training batches from blocks of users sorted by history length, so that a batch holds
+    users of like lengths and little of it is padding (the model computes no column that is
+    padding in every row): fewer operations per epoch on logs whose history lengths vary, at the
+    price of less mixed batches. Evaluation batches are always grouped so."""
+
     def negatives(self) -> int | None:
         """Sampled negatives per training batch; None: every item is a candidate (full_softmax)."""
         return None if self.full_softmax else self.num_negatives

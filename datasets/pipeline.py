@@ -230,12 +230,12 @@ class PackBatches:
         return [num_events - (2 if self.split == "validation" else 1)]
 
 
-def by_history_length(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rows of user sequences in order of their length: the batches cut from a block of them hold
-    users of like lengths, so little of a batch is padding (the model computes no column that is
-    padding in every row). Training blocks still come in random order."""
-    order = np.argsort(rows["num_events"], kind="stable")
-    return {name: values[order] for name, values in rows.items()}
+def by_history_length(rows: pa.Table) -> pa.Table:
+    """Rows of user sequences in order of their length (a stable sort): the batches cut from a
+    block of them hold users of like lengths, so little of a batch is padding (the model computes
+    no column that is padding in every row). Evaluation blocks always are, training blocks with
+    data.group_by_length (they still come in random order)."""
+    return rows.sort_by("num_events")
 
 
 def training_end(num_events: int) -> int:
@@ -246,7 +246,7 @@ def training_end(num_events: int) -> int:
 def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_seq_len: int,
                      num_negatives: int | None = 0, text: bool = True, image: bool = True, seed: int = 0,
                      pipeline_workers: int = 1, cold_fraction: float = 0.0, train_since: int = 0,
-                     new_user_fraction: float = 0.0) -> ray.data.Dataset:
+                     new_user_fraction: float = 0.0, group_by_length: bool = False) -> ray.data.Dataset:
     """A dataset whose rows are packed batches of `batch_size` users for `split`, one batch per
     block: a map task packs BATCHES_PER_TASK batches' worth of users into one output block of
     that many batches (only the split's very last batch can be short), and a split across workers
@@ -263,8 +263,9 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
         ds = ds.filter(_TargetIsCold(is_cold_mask(prepared.num_items, cold_fraction)))
     # Blocks of whole batches: a map task's last batch is short otherwise, and every short batch
     # is an extra step on fewer users.
-    ds = ds.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_TASK, strict=True).map_batches(
-        by_history_length, batch_size=None, batch_format="numpy")
+    ds = ds.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_TASK, strict=True)
+    if split != "train" or group_by_length:
+        ds = ds.map_batches(by_history_length, batch_size=None, batch_format="pyarrow")
     return ds.map_batches(
         PackBatches,
         fn_constructor_kwargs=dict(prepared=prepared, split=split, max_seq_len=max_seq_len,

@@ -455,7 +455,7 @@ def _check_quality(report: dict, max_bad_fraction: float):
 def _fingerprint(cfg: DataConfig, tokenizer_path: str, *inputs: str) -> str:
     """Changes when the inputs or anything in the config that shapes the prepared data change."""
     # Keys the batching reads (not the prepared files) must not invalidate the cache.
-    batching = ("max_seq_len", "num_negatives", "full_softmax", "max_bad_fraction", "cold_item_fraction", "new_user_fraction",
+    batching = ("max_seq_len", "num_negatives", "full_softmax", "group_by_length", "max_bad_fraction", "cold_item_fraction", "new_user_fraction",
                 "train_since")
     shaping = {k: v for k, v in asdict(cfg).items() if k not in batching}
     listing = []

@@ -417,7 +417,7 @@ def training_batches(prepared: PreparedData, cfg: JobConfig):
     text, image = cfg.model.live_content()
     return sequence_batches(prepared, "train", cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.negatives(),
                             text, image, cfg.train.seed, cfg.train.pipeline_workers, cfg.data.cold_item_fraction,
-                            cfg.data.train_since, cfg.data.new_user_fraction)
+                            cfg.data.train_since, cfg.data.new_user_fraction, cfg.data.group_by_length)
 
 
 def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict:
