@@ -9,8 +9,8 @@ For each config in configs/ml1m_<name>.yaml it runs jobs.train twice:
   2. the cold-start protocol: the same config with data.cold_item_fraction = 0.1 (10% of items
      held out of training entirely) -> cold_hr@10 and cold_ndcg@10 over test users whose target is
      one of those items.
-Every number is the final epoch's model, read once on the test split; epochs and learning rates
-were chosen on validation only. Most-popular is scored on the same users. Results are written to
+Every number is the best-validation epoch's model (train.select_metric, with early stopping),
+read once on the test split; the recipe was chosen on validation only. Most-popular is scored on the same users. Results are written to
 benchmarks/results/ml1m.json (merged with configs run before, so configs can run one at a time)
 and printed as a Markdown table beside the published numbers.
 """

@@ -56,3 +56,38 @@ def test_command_line_mistakes_fail_before_training(argv):
 def test_a_config_mistake_in_set_fails_naming_the_key_before_training():
     with pytest.raises(ConfigError, match="model.interest"):
         main(["--datasets", "demo", "--set", "model.interest=both"])
+
+
+def test_convergence_times_each_validation_level_both_curves_reach():
+    from interestformer.benchmarks.convergence import level_ratios, minutes_to
+
+    ours = [{"epoch": 1, "minutes": 2.0, "val_ndcg@10": 0.05}, {"epoch": 2, "minutes": 4.0, "val_ndcg@10": 0.125},
+            {"epoch": 3, "minutes": 6.0, "val_ndcg@10": 0.11}]
+    plain = [{"epoch": 1, "minutes": 1.0, "val_ndcg@10": 0.06}, {"epoch": 2, "minutes": 5.0, "val_ndcg@10": 0.13}]
+    assert minutes_to(ours, "val_ndcg@10", 0.12) == 4.0 and minutes_to(ours, "val_ndcg@10", 0.13) is None
+    ratios = level_ratios(ours, plain, "val_ndcg@10")
+    assert list(ratios) == [f"{level / 100:.2f}" for level in range(1, 13)]  # up to 0.12, which both reach
+    assert ratios["0.05"] == 2.0 and ratios["0.06"] == 4.0 and ratios["0.12"] == pytest.approx(0.8)
+
+
+@pytest.mark.slow
+def test_the_plain_loop_validates_stops_and_tests_its_best_epoch(ray_local, tiny_prepared_dir):
+    """benchmarks.convergence's reference side on the tiny data: a validation per epoch, a stop once
+    validation reaches the level asked for, and the test split ranked with the best epoch."""
+    import os
+
+    from interestformer.benchmarks.plain_loop import plain_convergence
+    from interestformer.datasets.prepare import prepare
+    from interestformer.jobs.config import PROJECT_DIR, load_config
+
+    cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
+        f"data.prepared_dir={tiny_prepared_dir}", "train.epochs=3", "data.full_softmax=true",
+        "model.text.enabled=false", "model.image.enabled=false"])  # the loop ranks models without live encoders
+    prepared = prepare(cfg.data)
+    full = plain_convergence(prepared, cfg, threads=1, batch_size=8, max_minutes=10)
+    assert [p["epoch"] for p in full["curve"]] == [1, 2, 3] and full["stopped_epoch"] == 3
+    best = max(full["curve"], key=lambda p: p["val_ndcg@10"])
+    assert full["best_epoch"] == best["epoch"] and full["validation"]["val_ndcg@10"] == best["val_ndcg@10"]
+    assert full["test"]["users"] == full["validation"]["val_users"] > 0
+    stopped = plain_convergence(prepared, cfg, threads=1, batch_size=8, max_minutes=10, stop_at=0.0)
+    assert [p["epoch"] for p in stopped["curve"]] == [1]
