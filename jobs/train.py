@@ -155,8 +155,8 @@ def train_loop_per_worker(loop_config: dict):
             metrics_out.log({**{k: v for k, v in metrics.items() if k != "epoch"}, "epochs_done": epoch + 1},
                             step=state["step"])
         saving = time.perf_counter()
-        save_and_report(engine, best_weights or weights, None if best_weights is None or best_weights is weights
-                        else weights, metrics, state, catalogue)
+        model_weights = weights if best_weights is None else best_weights  # nothing validated yet: this epoch's
+        save_and_report(engine, model_weights, None if model_weights is weights else weights, metrics, state, catalogue)
         if rank == 0:
             metrics_out.log({"epoch_checkpoint_s": time.perf_counter() - saving}, step=state["step"])
         if last:
