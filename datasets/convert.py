@@ -311,8 +311,7 @@ def epoch_seconds(value, unit: str, latest: float) -> tuple[int | None, str]:
         number = as_number(value)
         if number is None:
             return None, "not a number (is --time-unit right?)"
-        seconds = (number // 1000 if unit == "ms" else math.floor(number))
-        seconds = int(seconds)
+        seconds = int(number // 1000 if unit == "ms" else math.floor(number))
     if seconds < 0:
         return None, "before 1970"
     if seconds > latest:
@@ -348,10 +347,12 @@ class Output:
         self.quarantine = open(self.quarantine_path, "w", encoding="utf-8")
         return self
 
-    def add(self, row: tuple) -> None:
+    def add(self, *rows: tuple) -> None:
+        """Writes the output rows of one input row (a sequences line gives one per event)."""
         self.counts["rows_written"] += 1
-        for column, value in zip(self.columns, row):
-            column.append(value)
+        for row in rows:
+            for column, value in zip(self.columns, row):
+                column.append(value)
         if len(self.columns[0]) >= ROWS_PER_GROUP:
             self.flush()
 
@@ -371,6 +372,7 @@ class Output:
         batch = pa.table([pa.array(c, f.type) for c, f in zip(self.columns, self.schema)], schema=self.schema)
         self.writer.write_table(batch)
         self.rows_in_part += batch.num_rows
+        self.counts["parquet_rows"] += batch.num_rows
         self.columns = [[] for _ in self.schema]
 
     def __exit__(self, *error) -> None:
@@ -462,7 +464,6 @@ def convert_sequences(source: str, out: str, separator: str = " ") -> dict:
         raise UsageError("--separator is empty; pass the text between items, e.g. ' ' or ','")
     schema = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64())])
     next_ordinal: dict[str, int] = {}
-    events = 0
     with Output("sequences", out, schema) as output, open_binary(path) as binary:
         tap = LineTap(binary)
         for text in tap:
@@ -487,16 +488,10 @@ def convert_sequences(source: str, out: str, separator: str = " ") -> dict:
                               f"empty item at position {items.index('') + 1}")
             else:
                 start = next_ordinal.get(user_id, 0)
-                for ordinal, item_id in enumerate(items, start):
-                    output.add((user_id, item_id, ordinal))
+                output.add(*[(user_id, item_id, t) for t, item_id in enumerate(items, start)])
                 next_ordinal[user_id] = start + len(items)
-                events += len(items)
-                output.counts["lines_written"] += 1
-    report = output.report(path, users=len(next_ordinal), events_written=events)
-    # Rows of this input are lines (users), not events.
-    report["rows_read"] = output.counts["lines_written"] + report["rows_set_aside"]
-    report["rows_written"] = output.counts["lines_written"]
-    return report
+    # The rows of this input are lines (users); each written line gives its events.
+    return output.report(path, users=len(next_ordinal), events_written=output.counts["parquet_rows"])
 
 
 def resolve_image(value, root: str) -> str | None:
@@ -509,7 +504,7 @@ def resolve_image(value, root: str) -> str | None:
     return os.path.normpath(os.path.join(root, os.path.expanduser(value)))
 
 
-def convert_items(source: str, out: str, item: str, text: list[str] = (), image: str | None = None,
+def convert_items(source: str, out: str, item: str, text: tuple[str, ...] | list[str] = (), image: str | None = None,
                   image_root: str | None = None, fmt: str | None = None) -> dict:
     """An item table (CSV/TSV/JSON lines) -> out/part-*.parquet; returns the report."""
     path = one_file(source, "item")
