@@ -14,10 +14,10 @@ demo: setup  ## train + evaluate the demo on a local Ray, log to MLflow (mlflow.
 test: setup setup-browser  ## the whole suite (what CI runs)
 	$(PY) -m pytest tests
 
-test-multinode: setup  ## the 2-node Ray cluster test alone, over a local S3 server (3-7 min)
+test-multinode: setup  ## the 2-node Ray cluster test alone, over a local S3 server (a few minutes)
 	$(PY) -m pytest tests -m multinode
 
-test-fast: setup  ## the fast subset, under 2 minutes
+test-fast: setup  ## the tests not marked slow (no Ray, no training job), under 2 minutes
 	$(PY) -m pytest tests -m "not slow"
 
 sweep: setup  ## a small ASHA sweep: 4 trials of the tiny config, a few minutes

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv with everything InterestFormer needs; safe to run again (it only adds what is missing).
-# On a machine without an NVIDIA GPU it installs PyTorch's CPU wheel first, so pip does not pull the
-# multi-GB CUDA build; on a GPU machine it leaves the torch you have alone.
+# Torch: when there is no nvidia-smi and .venv has no torch yet, it first runs `pip install torch==2.13.0`,
+# which takes a CPU wheel on a machine without a GPU (should that fail, the CPU build from PyTorch's CPU
+# index). On a GPU machine it installs no torch itself: a torch already in .venv is left alone (the
+# dependency is unpinned), and in a .venv without one pip installs its default torch with the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import BIN, free_port, ray_env, ray_node_command, start_server, stop_server, submit_job, wait_for_job_api
 
-# In `make test`; `make test-multinode` runs it alone (166 s on a quiet machine, 2026-12-02).
+# In `make test`; `make test-multinode` runs it alone, in a few minutes (docs/benchmarks.md has the measured time).
 pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.timeout(1800)]
 BUCKET = "interestformer"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}

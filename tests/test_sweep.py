@@ -59,7 +59,7 @@ def test_asha_sweep_records_trials_writes_the_best_config_and_registers_its_mode
     assert {"best_config.yaml", "trials.csv", "trials.md"} <= {a.path for a in trials}
 
     # The written config is the best trial's, whole: every data, model and train key as that trial
-    # ran it (and trained), so `python -m jobs.train --config best_config.yaml` repeats it.
+    # ran it, so `python -m jobs.train --config best_config.yaml` repeats it (not run here).
     best = load_config(str(tmp_path / "runs" / cfg.experiment.name / "best_config.yaml"))
     trial = client.get_run(best_run).data.params
     written = {k: v for k, v in flatten(best.to_dict()).items() if k.split(".")[0] in ("data", "model", "train")}
