@@ -87,6 +87,9 @@ class DataConfig:
     prepared data, quarantine, checkpoints, logs or MLflow. The key is read from the environment
     variable INTERESTFORMER_ID_KEY, or from the file named by INTERESTFORMER_ID_KEY_FILE; it is
     never logged. The same key always gives the same pseudonyms."""
+    reference_time: int = 0
+    """Events more than a day after this time (Unix seconds) are set aside as bad_timestamp. 0: the
+    wall clock when prepare runs. Set it where a re-run must prepare the same data on any date."""
     max_bad_fraction: float = 0.2
     """The job stops with an error when more than this fraction of events or items is unusable."""
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
@@ -107,6 +110,8 @@ class DataConfig:
         for key in ("cold_item_fraction", "new_user_fraction"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(key, f"must be within [0, 1), got {getattr(self, key)}")
+        if self.reference_time < 0:
+            raise ConfigError("reference_time", f"must be a Unix timestamp >= 0 (0: the wall clock), got {self.reference_time}")
         if self.train_since < 0:
             raise ConfigError("train_since", f"must be a Unix timestamp >= 0 (0: every event trains), got {self.train_since}")
         if self.pseudonymise_user_ids and not pseudonym_key():

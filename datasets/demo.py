@@ -48,7 +48,7 @@ class DemoDataConfig:
     """Mean behaviour-sequence length (lengths vary per user, minimum 3)."""
     start_days: int = 365
     """Each user's first event falls on a day drawn uniformly from this many days after
-    2026-01-01; fewer days give more users active at the same time (benchmarks/incremental.py)."""
+    2025-01-01; fewer days give more users active at the same time (benchmarks/incremental.py)."""
     num_shards: int = 4
     """Parquet files the events are written to."""
     image_size: int = 48
@@ -81,7 +81,9 @@ TEXTURES = ["smooth", "grainy", "speckled"]
 FILLER = ["the", "new", "classic", "premium", "edition", "set", "with", "for", "and", "best",
           "original", "deluxe", "collection", "series", "daily", "essential", "mini", "pro", "plus"]
 EVENT_TYPES = np.array(["view", "click", "purchase"])
-START_2026 = 1767225600  # 2026-01-01T00:00:00Z
+# A fixed window in the past: the same seed gives the same events on any date, all of them before
+# the wall clock that prepare checks timestamps against.
+START = 1735689600  # 2025-01-01T00:00:00Z
 SUCCESS = "_SUCCESS"
 
 
@@ -250,7 +252,7 @@ def _make_events(rng, cfg, sampler):
         within = np.clip(rng.lognormal(np.log(120), 1.0, L), 5, 3600)
         gaps = np.where(new_session, between, within).astype(np.int64)
         gaps[0] = 0
-        stamps.append(START_2026 + int(rng.integers(0, cfg.start_days * 86400)) + np.cumsum(gaps))
+        stamps.append(START + int(rng.integers(0, cfg.start_days * 86400)) + np.cumsum(gaps))
         users.append(np.full(L, u))
         items.append(seq)
     return np.concatenate(users), np.concatenate(items), np.concatenate(stamps)

@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from interestformer import ConfigError
 from interestformer.datasets.config import DataConfig, pseudonym_key
 from interestformer.datasets.demo import generate_demo
 from interestformer.datasets.schema import (
@@ -86,6 +87,7 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
     earlier run's prepared one); empty trains a word-piece vocabulary of cfg.vocab_size on the
     catalogue's text.
     """
+    check_inputs(cfg)
     out = absolute(cfg.prepared_dir)
     if cfg.source == "demo":
         generate_demo(join(out, "raw"), cfg.demo)
@@ -129,7 +131,8 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
 
     item_index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
     id_key = pseudonym_key() if cfg.pseudonymise_user_ids else b""
-    tagged = read_shards(events_fs, event_files, tag_events, "pandas", item_index=item_index, id_key=id_key)
+    tagged = read_shards(events_fs, event_files, tag_events, "pandas", item_index=item_index, id_key=id_key,
+                         reference_time=cfg.reference_time)
     _write_split(tagged, None, join(out, "quarantine", "events"))
     good = tagged.map_batches(_usable_rows, batch_format="pyarrow")
     sequences = good.groupby("user_id", num_partitions=cfg.sequence_shards).map_groups(_user_sequence, batch_format="pandas")
@@ -139,6 +142,19 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
     _check_quality(meta["report"], cfg.max_bad_fraction)
     write_json(join(out, "meta.json"), meta)
     return PreparedData(out, meta)
+
+
+def check_inputs(cfg: DataConfig):
+    """Fails naming the key when a local input folder of cfg does not exist: before Ray starts,
+    not as a Ray Data error. (Object-store paths are listed when prepare reads them.)"""
+    if cfg.source != "parquet":
+        return
+    for key in ("events_path", "items_path"):
+        path = getattr(cfg, key)
+        if "://" not in path and not os.path.exists(absolute(path)):
+            raise ConfigError(f"data.{key}", f"{path} does not exist: write your logs there in Parquet "
+                                             "(python -m interestformer.datasets.convert converts CSV, TSV and "
+                                             "JSON lines; docs/data.md) or fix the path")
 
 
 def input_paths(cfg: DataConfig) -> tuple[str, str]:

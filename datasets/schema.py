@@ -103,15 +103,16 @@ def as_id_strings(column: pd.Series) -> pd.Series:
     return ids.where(ids.notna() & (ids != ""), None).astype(object)
 
 
-def as_epoch_seconds(column: pd.Series) -> pd.Series:
-    """Integer seconds, from integers, floats or datetimes; unusable values become NaN."""
+def as_epoch_seconds(column: pd.Series, reference_time: int = 0) -> pd.Series:
+    """Integer seconds, from integers, floats or datetimes; unusable values become NaN, and so do
+    times more than a day after `reference_time` (0: the wall clock now)."""
     if pd.api.types.is_datetime64_any_dtype(column):
         if column.dt.tz is not None:
             column = column.dt.tz_convert("UTC").dt.tz_localize(None)
         numbers = ((column - pd.Timestamp(0)) // pd.Timedelta(seconds=1)).astype("float64")
     else:
         numbers = pd.to_numeric(column, errors="coerce").astype("float64")
-    latest = time.time() + FUTURE_SLACK_SECONDS
+    latest = (reference_time or time.time()) + FUTURE_SLACK_SECONDS
     return numbers.where(np.isfinite(numbers) & (numbers >= 0) & (numbers <= latest))
 
 
@@ -121,9 +122,10 @@ def pseudonymise(ids: pd.Series, key: bytes) -> pd.Series:
     return ids.map(lambda v: hmac.new(key, v.encode(), hashlib.sha256).hexdigest()[:32] if isinstance(v, str) else None)
 
 
-def tag_events(batch: pd.DataFrame, item_index: dict[str, int], id_key: bytes = b"") -> pa.Table:
+def tag_events(batch: pd.DataFrame, item_index: dict[str, int], id_key: bytes = b"", reference_time: int = 0) -> pa.Table:
     """Normalises an event batch and gives every unusable row its reason (None when usable).
-    With id_key, user ids are pseudonymised before anything is kept or set aside."""
+    With id_key, user ids are pseudonymised before anything is kept or set aside; timestamps
+    more than a day after reference_time (0: now) are bad."""
     missing = [c for c in EVENT_REQUIRED if c not in batch.columns]
     if missing:
         raise ValueError(f"events are missing required column(s) {missing}; found {list(batch.columns)}")
@@ -131,7 +133,7 @@ def tag_events(batch: pd.DataFrame, item_index: dict[str, int], id_key: bytes = 
     if id_key:
         users = pseudonymise(users, id_key)
     items = as_id_strings(batch["item_id"])
-    seconds = as_epoch_seconds(batch["timestamp"])
+    seconds = as_epoch_seconds(batch["timestamp"], reference_time)
     event_type = (
         batch["event_type"].astype("string").fillna(DEFAULT_EVENT_TYPE).astype(object)
         if "event_type" in batch.columns

@@ -34,6 +34,8 @@ def finished_run(ray_local, tmp_path_factory, tiny_prepared_dir):
         "train.zero_stage=2",
         "train.num_workers=2",
         "train.epochs=3",
+        "train.eval_every=2",  # validates after epochs 2 and 3 (the last always validates)
+        "data.full_softmax=true",  # every catalogue item a candidate of every target
         "experiment.system_metrics_interval_s=2",  # several samples within this short run
     ])
     return cfg, train(cfg)
@@ -83,9 +85,11 @@ def test_mlflow_run_holds_params_metrics_and_configs(finished_run):
                 "test_hr_at_200", "most_popular_test_ndcg_at_10", "data/events_unknown_item"):
         assert key in data.metrics, key
     assert data.metrics["samples_per_s"] > 0
-    for key in ("val_hr_at_10", "val_ndcg_at_10"):  # once per epoch
-        assert len(tracking.metric_history(uri, run_id, key)) == cfg.train.epochs
+    for key in ("val_hr_at_10", "val_ndcg_at_10"):  # after epochs 2 and 3 (train.eval_every 2)
+        assert len(tracking.metric_history(uri, run_id, key)) == 2
+    assert len(tracking.metric_history(uri, run_id, "epochs_done")) == cfg.train.epochs
     assert data.metrics["data/events_unknown_item"] >= 1  # the demo plants unknown items; counted
+    assert data.metrics.get("data/events_bad_timestamp", 0) == 0  # its fixed window is past on any date
     import mlflow
 
     client = mlflow.MlflowClient(uri)
@@ -211,8 +215,10 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
 
 def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp_path, tiny_prepared_dir):
     """Frozen text (features computed once into the Parquet feature store), the image encoder's
-    top layer training at its own lr, ZeRO-3 in bf16, 20% of items held out: the run reports cold-start metrics beside
-    most-popular's, and its checkpoint (frozen features inside) re-evaluates the cold split exactly."""
+    top layer training at its own lr, ZeRO-3 in bf16, 20% of items held out, length-grouped
+    batches: the run reports cold-start metrics beside most-popular's, and its checkpoint (frozen
+    features inside) re-evaluates the cold split exactly. Its time budget (train.max_minutes) runs
+    out in the first epoch, so it ends after that epoch, as after an early stop."""
     from interestformer.jobs.embed_items import feature_store, load_features
     from interestformer.jobs.train import data_spec
 
@@ -226,9 +232,13 @@ def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp
         "model.image.lr=0.0005",
         "train.zero_stage=3",
         "train.precision=bf16",
+        "data.group_by_length=true",
+        "train.epochs=3",
+        "train.max_minutes=0.001",
     ]
     cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), overrides)
     summary = train(cfg)
+    assert (summary["best_epoch"], summary["stopped_epoch"], len(summary["throughput"])) == (1, 1, 1)
     assert summary["cold"]["users"] == summary["most_popular_cold"]["users"] > 0
     assert summary["most_popular_cold"]["hr@10"] == 0.0  # held-out items have no popularity
     logged = tracking.run_data(summary["tracking_uri"], summary["run_id"]).metrics
@@ -353,7 +363,8 @@ def test_a_run_continues_from_another_runs_checkpoint_on_a_newer_window(finished
     """Incremental training: a new run starts from the finished run's checkpoint and trains one
     epoch on the events at or after train_since only (earlier ones are history). Every user with
     such a target trains, once. And jobs.evaluate ranking the checkpoint on data named by a config
-    (items matched by id, here the same catalogue) gives the run's own test metrics."""
+    (items matched by id, here the same catalogue) gives the run's own test metrics, plus the
+    cut-off that config's eval section adds."""
     import numpy as np
     import pyarrow.parquet as pq
     import yaml
@@ -386,7 +397,8 @@ def test_a_run_continues_from_another_runs_checkpoint_on_a_newer_window(finished
     data_config = tmp_path / "data.yaml"
     data_config.write_text(yaml.safe_dump({"data": {"prepared_dir": cfg.data.prepared_dir, **{
         key: getattr(cfg.data, key) for key in ("max_seq_len", "image_size", "num_negatives", "sequence_shards")},
-        "demo": vars(cfg.data.demo)}}))
+        "demo": vars(cfg.data.demo)}, "eval": {"ks": [5, *cfg.eval.ks]}}))  # and its protocol: one more K
     metrics = evaluate.main(["--checkpoint", summary["checkpoint"], "--data-config", str(data_config)])
     for name, value in summary["test"].items():
         assert metrics[name] == pytest.approx(value, abs=1e-6), name
+    assert 0.0 <= metrics["ndcg@5"] <= metrics["hr@5"] <= metrics["hr@10"]

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from interestformer import ConfigError
 from interestformer.datasets.config import DataConfig
-from interestformer.datasets.pipeline import sequence_batches, unpack
+from interestformer.datasets.pipeline import by_history_length, sequence_batches, unpack
 from interestformer.datasets.prepare import DataQualityError, PreparedData, _fingerprint, input_paths, prepare
 
 pytestmark = pytest.mark.slow  # real Ray Data jobs: about a minute
@@ -147,6 +148,23 @@ def test_time_split_last_for_test_one_before_for_validation(prepared):
     assert len(train) == 3
 
 
+def test_full_softmax_and_length_grouped_training_batches(prepared):
+    """data.full_softmax: every item is a candidate of every training batch. data.group_by_length:
+    the same training rows, cut from blocks sorted by history length."""
+    def train_batches(**kwargs):
+        return [unpack(row) for row in sequence_batches(prepared, "train", batch_size=1, max_seq_len=4, text=False,
+                                                        image=False, **kwargs).iter_torch_batches(batch_size=1)]
+
+    every_item = list(range(prepared.num_items + 1))  # no item held out here; 0 is padding
+    for batch in train_batches(num_negatives=None):
+        assert batch["unique_items"].tolist() == every_item
+    rows = sorted((b["history"].tolist(), b["targets"].tolist()) for b in train_batches())
+    assert sorted((b["history"].tolist(), b["targets"].tolist()) for b in train_batches(group_by_length=True)) == rows
+
+    block = pa.table({"user_id": ["x", "y", "z", "w"], "num_events": [5, 2, 9, 2]})
+    assert by_history_length(block).column("user_id").to_pylist() == ["y", "w", "x", "z"]  # stable
+
+
 def test_batching_keys_reuse_the_prepared_data_and_shaping_keys_do_not(prepared):
     """A continued run (train_since), held-out users or items, another window or other negatives
     read the same prepared files: prepare() returns them untouched. A key that shapes the files
@@ -171,3 +189,24 @@ def test_too_much_bad_input_stops_the_job_with_the_counts(ray_local, tmp_path):
                      prepared_dir=str(tmp_path / "prepared"), max_bad_fraction=0.5, vocab_size=60)
     with pytest.raises(DataQualityError, match=r"2 of 3 events are unusable"):
         prepare(cfg)
+
+
+def test_timestamps_are_checked_against_the_reference_time_not_only_the_clock():
+    import time
+
+    import pandas as pd
+
+    from interestformer.datasets.schema import tag_events
+
+    now = int(time.time())
+    batch = pd.DataFrame({"user_id": ["u", "u", "u"], "item_id": ["a", "a", "a"],
+                          "timestamp": [1_000_000, now - 3600, now + 10 * 86400]})
+    by_clock = tag_events(batch, {"a": 1}).column("reason").to_pylist()
+    assert by_clock == [None, None, "bad_timestamp"]  # ten days ahead of the clock
+    # A reference time in the past makes the same log prepare the same way on any later date.
+    pinned = tag_events(batch, {"a": 1}, reference_time=2_000_000).column("reason").to_pylist()
+    assert pinned == [None, "bad_timestamp", "bad_timestamp"]
+    ahead = tag_events(batch, {"a": 1}, reference_time=now + 30 * 86400).column("reason").to_pylist()
+    assert ahead == [None, None, None]
+    with pytest.raises(ConfigError, match="reference_time"):
+        DataConfig(reference_time=-1)
