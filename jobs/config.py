@@ -73,8 +73,12 @@ class TrainConfig:
     """Peak learning rate of AdamW (after linear warm-up)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
-    warmup_steps: int = 20
-    """Optimizer steps of linear learning-rate warm-up."""
+    warmup_fraction: float = 0.025
+    """Linear learning-rate warm-up over this fraction of all the optimizer steps of train.epochs,
+    so that it scales with the data: a small log has few steps an epoch, and a fixed count of
+    warm-up steps could last many epochs there."""
+    warmup_steps: int = 0
+    """Warm-up as a number of optimizer steps instead; > 0 overrides warmup_fraction."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """After warm-up: constant holds lr; cosine decays it to lr x min_lr_ratio over all
     train.epochs (a run that stops early stops somewhere on the way down)."""
@@ -137,6 +141,10 @@ class TrainConfig:
         for key in ("patience", "min_delta", "max_minutes"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ConfigError("warmup_fraction", f"must be within [0, 1), got {self.warmup_fraction}")
+        if self.warmup_steps < 0:
+            raise ConfigError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError("min_lr_ratio", f"must be within [0, 1], got {self.min_lr_ratio}")
         if self.lr <= 0 or self.cpus_per_worker <= 0:
@@ -361,6 +369,8 @@ def set_key(data: dict, key: str, value: Any):
 def read_yaml(path: str) -> dict:
     """A config file's sections. `base: other.yaml` (relative to the file) starts from that
     file's keys and lays this file's on top, section by section."""
+    if not os.path.isfile(path):
+        raise ConfigError("--config", f"{path}: no such file (the configs/ folder has examples)")
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
@@ -457,9 +467,11 @@ def field_docs(cls=JobConfig, prefix: str = "") -> list[tuple[str, str, str]]:
         for node, following in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
                 docs[node.target.id] = " ".join(str(following.value.value).split())
-    rows, defaults = [], cls()
+    rows = []
     for f in dataclasses.fields(cls):
-        value = getattr(defaults, f.name)
+        # The declared default, not an instance's value after __post_init__: a key whose default
+        # is resolved later (train_mode `auto`) must not show what an empty config resolves it to.
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if dataclasses.is_dataclass(value):
             rows += field_docs(type(value), _join(prefix, f.name))
         else:

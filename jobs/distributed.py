@@ -83,14 +83,15 @@ def deepspeed_config(train, total_steps: int = 0) -> dict:
 
 def lr_scheduler(train, total_steps: int) -> dict:
     """The learning-rate schedule, as DeepSpeed's scheduler config: linear warm-up over
-    train.warmup_steps, then constant or cosine decay to train.min_lr_ratio at total_steps. Each
-    parameter group follows it from its own lr (encoders may have their own, see
-    InterestFormer.param_groups), so no absolute rates appear here."""
+    train.warmup_steps (or train.warmup_fraction of total_steps), then constant or cosine decay to
+    train.min_lr_ratio at total_steps. Each parameter group follows it from its own lr (encoders
+    may have their own, see InterestFormer.param_groups), so no absolute rates appear here."""
+    warmup = max(1, train.warmup_steps or round(train.warmup_fraction * total_steps))
     if train.lr_schedule == "constant":
         return {"type": "WarmupLR",
-                "params": {"warmup_min_lr": 0.0, "warmup_num_steps": train.warmup_steps, "warmup_type": "linear"}}
+                "params": {"warmup_min_lr": 0.0, "warmup_num_steps": warmup, "warmup_type": "linear"}}
     return {"type": "WarmupCosineLR",
-            "params": {"warmup_min_ratio": 0.0, "warmup_num_steps": max(1, train.warmup_steps), "warmup_type": "linear",
+            "params": {"warmup_min_ratio": 0.0, "warmup_num_steps": warmup, "warmup_type": "linear",
                        "cos_min_ratio": train.min_lr_ratio, "total_num_steps": max(1, total_steps)}}
 
 
@@ -365,6 +366,9 @@ def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[Interes
     from interestformer.jobs.config import JobConfig
 
     state = read_json(join(folder, STATE_FILE))
+    if state is None:
+        raise ConfigError("--checkpoint", f"{folder} holds no checkpoint ({STATE_FILE} not found): give the "
+                                          "checkpoint folder the training job printed")
     model = model_from_weights(load_tensors(read_bytes(join(folder, WEIGHTS_FILE))),
                                JobConfig.from_dict(state["config"]), DataSpec(**state["spec"]), device)
     return model, state

@@ -28,7 +28,6 @@ the feature store.
 import dataclasses
 import hashlib
 import json
-import sys
 import time
 
 import numpy as np
@@ -192,11 +191,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as e:  # config and data errors end the job with their message, not a trace
-        from interestformer.datasets.prepare import DataQualityError
+    from interestformer.jobs.cli import run
 
-        if isinstance(e, (ConfigError, DataQualityError)):
-            sys.exit(f"error: {e}")
-        raise
+    run(main)

@@ -5,8 +5,9 @@
 Reads the checkpoint's gathered weights (model.safetensors) and its config, streams the split's
 users and the catalogue through Ray Data, and prints (and with --run-id logs to MLflow) the
 metrics, overall and per user segment. With --data-config the users and catalogue are another
-data's (e.g. a newer window of the log): items are matched by id, and items the checkpoint never
-saw are ranked from their content (jobs.train.catalogue_model). The training job evaluates through the same `evaluate` function, so a checkpoint
+data's (e.g. a newer window of the log), and its eval section, if any, the protocol: items are
+matched by id, and items the checkpoint never saw are ranked from their content
+(jobs.train.catalogue_model). The training job evaluates through the same `evaluate` function, so a checkpoint
 evaluated here gives the metrics its run logged.
 """
 
@@ -19,7 +20,7 @@ import torch
 from interestformer.datasets.config import DataConfig
 from interestformer.datasets.pipeline import catalogue_ids, cold_items, item_batches, sequence_batches, unpack
 from interestformer.datasets.prepare import PreparedData, prepare
-from interestformer.jobs.config import JobConfig, load_config
+from interestformer.jobs.config import JobConfig, load_config, read_yaml
 from interestformer.models.ranking import RankTotals, evaluate_model, evaluate_popularity, item_representations
 
 
@@ -90,7 +91,9 @@ def main(argv=None):
                              "whose target is a held-out item (runs with data.cold_item_fraction > 0); new_users: "
                              "held-out users after 0-3 events (runs with data.new_user_fraction > 0)")
     parser.add_argument("--data-config", default="", help="a config file whose data section names the data to "
-                        "rank (prepared if need be) instead of the checkpoint's; its other sections are ignored")
+                        "rank (prepared if need be) instead of the checkpoint's, and whose eval section, if it has "
+                        "one, is the protocol to rank under (eval.ks, eval.exclude_history); other sections are "
+                        "ignored")
     parser.add_argument("--run-id", default="", help="also log the metrics into this MLflow run")
     parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default as in jobs.train)")
     args = parser.parse_args(argv)
@@ -103,7 +106,10 @@ def main(argv=None):
     cfg = JobConfig.from_dict(state["config"])
     ray.init(ignore_reinit_error=True)
     if args.data_config:
-        model, prepared = checkpoint_on_data(args.checkpoint, cfg, load_config(args.data_config).data)
+        other = load_config(args.data_config)
+        if "eval" in read_yaml(args.data_config):  # re-scored under another protocol
+            cfg.eval = other.eval
+        model, prepared = checkpoint_on_data(args.checkpoint, cfg, other.data)
         model = model.to(device).eval()
     else:
         prepared = PreparedData.load(state["prepared_path"])
@@ -120,4 +126,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from interestformer.jobs.cli import run
+
+    run(main)

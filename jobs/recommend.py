@@ -199,4 +199,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from interestformer.jobs.cli import run
+
+    run(main)

@@ -26,7 +26,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from interestformer import ConfigError
 from interestformer.datasets.pipeline import catalogue_ids, id_buckets, sequence_batches, training_sequences
-from interestformer.datasets.prepare import PreparedData, input_paths, prepare
+from interestformer.datasets.prepare import PreparedData, check_inputs, input_paths, prepare
 from interestformer.datasets.storage import join, local_folder, read_json
 from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, config_parser, load_config
@@ -54,7 +54,6 @@ from interestformer.jobs.selection import ModelSelection
 from interestformer.models.interest_former import DataSpec, InterestFormer
 from interestformer.models.ranking import RankTotals, evaluate_model, item_representations
 
-HEADLINE = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
 METRIC_PREFIX = {"test": "test_", "cold": "cold_test_", "new_users": "new_user_"}  # MLflow names of each split's metrics
 
 
@@ -135,7 +134,8 @@ def train_loop_per_worker(loop_config: dict):
         boundary = time.perf_counter()
         weights = full_state_dict(engine)  # on every rank; ZeRO-3 gathers the partitions
         metrics = {"epoch": epoch}
-        last = epoch + 1 == cfg.train.epochs
+        # The last epoch always validates, also when the time budget ends the run early.
+        last = epoch + 1 == cfg.train.epochs or _out_of_time(cfg.train.max_minutes, time.perf_counter() - began)
         if (epoch + 1) % cfg.train.eval_every == 0 or last:
             val = {f"val_{k}": v for k, v in evaluation.totals(weights, "validation").metrics().items()}
             if selection.update(epoch + 1, val):
@@ -143,7 +143,7 @@ def train_loop_per_worker(loop_config: dict):
             metrics.update(val)
             progress.set_description(f"epoch {epoch + 1}/{cfg.train.epochs} {selection.metric} "
                                      f"{val[selection.metric]:.4f} (best {selection.best:.4f} at {selection.best_epoch})")
-        last = last or selection.should_stop or _out_of_time(cfg.train.max_minutes, time.perf_counter() - began)
+        last = last or selection.should_stop
         if not last:  # the next epoch's pipeline starts while this one checkpoints
             rows = epoch_rows()
         state.update(epoch=epoch + 1, selection=selection.state(), worker_seconds=time.perf_counter() - began)
@@ -422,7 +422,8 @@ def training_batches(prepared: PreparedData, cfg: JobConfig):
 
 def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict:
     """Prepare, fit, evaluate, log. Returns the run's id, test metrics, baseline and checkpoint."""
-    tracking.check_reachable(tracking.tracking_uri(cfg))  # before any Ray resource is taken
+    check_inputs(cfg.data)  # before any Ray resource is taken
+    tracking.check_reachable(tracking.tracking_uri(cfg))
     if cfg.train.init_from:
         check_start_from(cfg)
     ensure_ray(cfg)
@@ -521,13 +522,14 @@ def main(argv=None) -> dict:
     minutes = (time.perf_counter() - started) / 60
     print(f"\nFinished in {minutes:.1f} min. Test split, full ranking over {summary['data']['items']} items "
           f"({summary['test']['users']} users):")
-    print(f"  {'':14}" + "".join(f"{k:>10}" for k in HEADLINE))
+    headline = [f"{metric}@{k}" for k in cfg.eval.ks for metric in ("hr", "ndcg")] + ["mrr"]  # as eval.ks asks
+    print(f"  {'':14}" + "".join(f"{k:>10}" for k in headline))
     for name, metrics in (("InterestFormer", summary["test"]), ("most popular", summary["most_popular"])):
-        print(f"  {name:14}" + "".join(f"{metrics[k]:>10.4f}" for k in HEADLINE))
+        print(f"  {name:14}" + "".join(f"{metrics[k]:>10.4f}" for k in headline))
     if "cold" in summary:
         print(f"Cold-start items ({summary['cold']['users']} test users whose target was held out of training):")
         for name, metrics in (("InterestFormer", summary["cold"]), ("most popular", summary["most_popular_cold"])):
-            print(f"  {name:14}" + "".join(f"{metrics[k]:>10.4f}" for k in HEADLINE))
+            print(f"  {name:14}" + "".join(f"{metrics[k]:>10.4f}" for k in headline))
     if "new_users" in summary:
         print(f"New users ({summary['new_users']['users']} rankings of held-out users after their first 0-3 events), "
               f"hr@10 by events seen:")
@@ -540,11 +542,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as e:  # config and data errors end the job with their message, not a trace
-        from interestformer.datasets.prepare import DataQualityError
+    from interestformer.jobs.cli import run
 
-        if isinstance(e, (ConfigError, DataQualityError, tracking.TrackingUnavailable)):
-            sys.exit(f"error: {e}")
-        raise
+    run(main)

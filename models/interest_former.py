@@ -146,6 +146,9 @@ class ModelConfig:
         return (self.text.enabled and "text" not in frozen, self.image.enabled and "image" not in frozen)
 
     def __post_init__(self):
+        for key in ("d_model", "n_layers", "n_heads"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         if self.d_model % self.n_heads:
             raise ConfigError("n_heads", f"must divide d_model={self.d_model}, got {self.n_heads}")
         if not (self.use_item_id or self.text.enabled or self.image.enabled):

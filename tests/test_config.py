@@ -47,6 +47,9 @@ def test_demo_config_file_is_the_embedded_default():
     (["train.zero_stage=2", "train.offload_params=true"], "train.offload_params", "zero_stage=3"),
     (["model.use_item_id=false", "train.shard_item_table=true"], "train.shard_item_table", "no item-ID table"),
     (["model.dropout=1.5"], "model.dropout", "[0, 1)"),
+    (["model.d_model=-4"], "model.d_model", ">= 1"),  # its own key, not n_heads
+    (["train.warmup_fraction=1.5"], "train.warmup_fraction", "[0, 1)"),
+    (["data.reference_time=-1"], "data.reference_time", ">= 0"),
     (["model.n_heads=3"], "model.n_heads", "divide d_model"),
     (["model.item_id_buckets=-1"], "model.item_id_buckets", ">= 0"),
     (["model.item_id_buckets=64", "model.use_item_id=false"], "model.item_id_buckets", "use_item_id"),
@@ -80,11 +83,31 @@ def test_job_fails_on_bad_config_before_ray_starts(tmp_path):
     started = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(path)], cwd=PROJECT_DIR,
                          capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0
+    assert run.returncode == 2
     assert "model.text.layers" in run.stderr and "unknown key" in run.stderr
-    assert "Traceback" not in run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
     assert "Started a local Ray instance" not in run.stdout + run.stderr
     assert time.perf_counter() - started < 60  # no Ray start-up happened
+
+
+@pytest.mark.parametrize("job, argv, words", [
+    ("train", ["--config", "configs/no_such.yaml"], "--config"),
+    ("train", ["--set", "data.source=parquet", "--set", "data.events_path=/no/such/logs",
+               "--set", "data.items_path=/no/such/items"], "data.events_path"),
+    ("evaluate", ["--checkpoint", "/no/such/checkpoint"], "--checkpoint"),
+])
+def test_user_mistakes_end_in_one_line_and_exit_status_2(job, argv, words, capsys):
+    """Every entry point ends a user's mistake the same way (jobs.cli.run), before Ray starts."""
+    import importlib
+
+    from interestformer.jobs.cli import run
+
+    entry = importlib.import_module(f"interestformer.jobs.{job}")
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda: entry.main(argv))
+    assert exit_.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and words in line
 
 
 def test_more_gpu_workers_than_gpus_fails_before_ray_starts():
@@ -102,6 +125,9 @@ def test_help_explains_every_config_key():
     for key, _, doc in field_docs():
         assert key in run.stdout
         assert doc, f"config key {key} has no docstring"
+    # A default resolved later is shown as declared, with its rule in the doc, not as an empty
+    # config resolves it (a pretrained encoder runs frozen, not full).
+    assert "model.text.train_mode (default 'auto'): frozen:" in run.stdout
 
 
 def test_deepspeed_config_follows_the_train_section():

@@ -68,3 +68,13 @@ def test_the_learning_rate_schedule(schedule):
         assert rates[-1] == pytest.approx([0.01, 0.001])
     else:
         assert rates[25][0] < rates[15][0] and rates[-1][0] == pytest.approx(0.001, rel=0.05)
+
+
+def test_warm_up_scales_with_the_steps_unless_given_as_a_count():
+    def warmup(overrides, total_steps):
+        return lr_scheduler(load_config(None, overrides).train, total_steps)["params"]["warmup_num_steps"]
+
+    assert warmup(["train.warmup_fraction=0.1"], 1000) == 100
+    assert warmup(["train.warmup_fraction=0.1"], 30) == 3  # a small log: a few steps, not epochs of warm-up
+    assert warmup(["train.warmup_fraction=0.1", "train.warmup_steps=7"], 1000) == 7
+    assert warmup(["train.lr_schedule=cosine", "train.warmup_fraction=0.0"], 1000) == 1

@@ -203,7 +203,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, tracking.TrackingUnavailable) as e:
-        sys.exit(f"error: {e}")
+    from interestformer.jobs.cli import run
+
+    run(main)
