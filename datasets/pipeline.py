@@ -273,7 +273,7 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
                                    cold_fraction=cold_fraction, train_since=train_since),
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=(1, pipeline_workers),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pipeline_workers),
         # An evaluation batch is a few index arrays (users read the encoded catalogue), so its
         # packing actor takes no CPU of its own: it runs beside the next epoch's training
         # pipeline without a CPU kept for it (jobs.train.data_cpus).

@@ -123,7 +123,7 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
         ),
         batch_format="pandas",
         batch_size=256,
-        concurrency=(1, max(1, int(ray.available_resources().get("CPU", 1)))),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.available_resources().get("CPU", 1)))),
     )
     # Materialised once: the item rows feed two writes (kept, quarantined), and recomputing them
     # would decode every catalogue image twice. Resized PNGs are small beside the raw catalogue.

@@ -202,6 +202,10 @@ class ExperimentConfig:
     """Seconds between samples of CPU, memory, disk, network and NVIDIA GPU use, logged to the run
     as system/* metrics by MLflow's monitor in the rank-0 training worker (so they describe the
     machine it runs on, all of it). 0 disables."""
+    verbose: bool = False
+    """Stream every Ray process's output (training workers, Ray Data, libraries' warnings) to the
+    console, as Ray does by default (--verbose). Off: the console shows the run's progress and
+    results only; everything is still in Ray's log folder (/tmp/ray/session_latest/logs)."""
 
     def __post_init__(self):
         if self.keep_checkpoints < 1:
@@ -491,4 +495,7 @@ def config_parser(prog: str, description: str, example: str = "train.zero_stage=
     parser.add_argument("--config", help="YAML config file; without it, the demo config (all defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override one config key, e.g. --set {example} (repeatable)")
+    parser.add_argument("--verbose", action="append_const", dest="set", const="experiment.verbose=true",
+                        help="also stream every Ray process's output and libraries' warnings to the console "
+                             "(same as --set experiment.verbose=true)")
     return parser

@@ -48,6 +48,7 @@ from interestformer.jobs.distributed import (
     start_from,
     train_steps,
 )
+from interestformer.jobs.progress import DriverDisplay, ProgressBoard, WorkerProgress
 from interestformer.jobs.evaluate import device_batches, eval_datasets, evaluate_most_popular, popularity_counts
 from interestformer.jobs.report import log_report
 from interestformer.jobs.selection import ModelSelection
@@ -79,8 +80,7 @@ def train_loop_per_worker(loop_config: dict):
     catalogue = catalogue_ids(prepared)
     init_from = cfg.train.init_from if ray.train.get_checkpoint() is None else ""  # a run's own checkpoint comes first
     model, carried = catalogue_model(cfg, spec, loop_config["features_uri"], catalogue, init_from)
-    if carried and rank == 0:
-        print(f"Started from {init_from}: {carried}", flush=True)
+    carried_line = f"Started from {init_from}: {carried}" if carried else ""
     train_rows = ray.train.get_dataset_shard("train")
 
     def epoch_rows():  # an epoch of this worker's packed batches, its pipeline starting now
@@ -96,7 +96,8 @@ def train_loop_per_worker(loop_config: dict):
                  world_size=world)
     selection = ModelSelection.for_run(cfg.train, state.get("selection"))
     best_weights = best_checkpoint_weights() if selection.best_epoch else None  # a resumed run's best so far
-    progress = _progress(rank, cfg.train.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch)
+    progress = WorkerProgress(loop_config["progress_board"], rank, cfg.train.epochs * steps_per_epoch,
+                              state["epoch"] * steps_per_epoch, carried_line)
     throughput = []  # per epoch run here: users, events, seconds, samples/s, data wait
     metrics_out = tracking.MetricsOutbox(uri, run_id)  # rank 0's logging; survives a tracking outage
     system_metrics = None  # rank 0 samples the machine it trains on (the driver's may not train at all)
@@ -111,6 +112,7 @@ def train_loop_per_worker(loop_config: dict):
         engine.train()
         window = {"loss": 0.0, "batches": 0, "users": 0, "events": 0, "wait": 0.0, "start": time.perf_counter()}
         seen = torch.zeros(2, dtype=torch.float64)  # users and events (targets) this worker trained on
+        epoch_loss = [0.0, 0]  # rank 0's loss sum and batches, for the epoch's line on the console
         started, waits = time.perf_counter(), []
         rows = rows or epoch_rows()
         for batch, weight, wait in train_steps(rows, device):
@@ -123,6 +125,7 @@ def train_loop_per_worker(loop_config: dict):
                 window.update(loss=window["loss"] + loss.item(), batches=window["batches"] + 1,
                               users=window["users"] + users, events=window["events"] + events)
                 seen += torch.tensor([users, events])
+                epoch_loss = [epoch_loss[0] + loss.item(), epoch_loss[1] + 1]
                 progress.update(1)
             window["wait"] += wait
             if engine.is_gradient_accumulation_boundary():
@@ -141,8 +144,6 @@ def train_loop_per_worker(loop_config: dict):
             if selection.update(epoch + 1, val):
                 best_weights = weights
             metrics.update(val)
-            progress.set_description(f"epoch {epoch + 1}/{cfg.train.epochs} {selection.metric} "
-                                     f"{val[selection.metric]:.4f} (best {selection.best:.4f} at {selection.best_epoch})")
         last = last or selection.should_stop
         if not last:  # the next epoch's pipeline starts while this one checkpoints
             rows = epoch_rows()
@@ -154,6 +155,7 @@ def train_loop_per_worker(loop_config: dict):
         if rank == 0:
             metrics_out.log({**{k: v for k, v in metrics.items() if k != "epoch"}, "epochs_done": epoch + 1},
                             step=state["step"])
+        progress.epoch(*_epoch_line(epoch + 1, cfg, epoch_loss, throughput[-1], metrics, selection))
         saving = time.perf_counter()
         model_weights = weights if best_weights is None else best_weights  # nothing validated yet: this epoch's
         save_and_report(engine, model_weights, None if model_weights is weights else weights, metrics, state, catalogue)
@@ -273,20 +275,14 @@ def _log_window(metrics_out, window, world, engine, step):
     window.update(loss=0.0, batches=0, users=0, events=0, wait=0.0, start=time.perf_counter())
 
 
-class _NoProgress:
-    def update(self, n): ...
-    def set_description(self, text): ...
-    def close(self): ...
-
-
-def _progress(rank: int, total: int, done: int):
-    if rank != 0:
-        return _NoProgress()
-    from ray.experimental.tqdm_ray import tqdm
-
-    bar = tqdm(total=total, desc="training", unit="batch")
-    bar.update(done)  # a resumed run starts where its checkpoint left off
-    return bar
+def _epoch_line(epoch: int, cfg: JobConfig, loss: list, throughput: dict, metrics: dict,
+                selection: ModelSelection) -> tuple[str, str]:
+    """The console's line for an epoch, and the progress bar's description after it."""
+    best = f"best {selection.best:.4f} at epoch {selection.best_epoch}" if selection.best_epoch else ""
+    validated = f", {selection.metric} {metrics[selection.metric]:.4f} ({best})" if selection.metric in metrics else ""
+    line = (f"epoch {epoch}/{cfg.train.epochs}: {loss[1]} batches, loss {loss[0] / max(1, loss[1]):.4f}, "
+            f"{throughput['samples_per_s']:.0f} users/s{validated}")
+    return line, f"epoch {min(epoch + 1, cfg.train.epochs)}/{cfg.train.epochs}" + (f" ({best})" if best else "")
 
 
 def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: float = 0.0):
@@ -303,11 +299,15 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: float = 0.
                                                    f"this machine has {gpus} (set train.use_gpu=false for CPUs)")
     # One progress bar (training) rather than one per Ray Data operator of every pass.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    verbose = cfg.experiment.verbose
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)
+    if not verbose:  # the driver's own library noise; the workers' stays in Ray's log folder
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     if ray.is_initialized():
         return
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(**quiet)
         check_cluster_fits(cfg, concurrent_runs, driver_cpus)
         return
     needed = concurrent_runs * (cfg.train.num_workers * cfg.train.cpus_per_worker + data_cpus(cfg) + driver_cpus)
@@ -316,7 +316,7 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: float = 0.
     # group of a run whose controller is gone; without it every finished Tune trial keeps its
     # workers' CPUs and the next trial waits forever.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=True,
-             dashboard_host="127.0.0.1", runtime_env={"env_vars": _worker_env(cfg)})
+             dashboard_host="127.0.0.1", runtime_env={"env_vars": _worker_env(cfg)}, **quiet)
 
 
 def data_cpus(cfg: JobConfig) -> int:
@@ -420,8 +420,10 @@ def training_batches(prepared: PreparedData, cfg: JobConfig):
                             cfg.data.train_since, cfg.data.new_user_fraction, cfg.data.group_by_length)
 
 
-def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict:
-    """Prepare, fit, evaluate, log. Returns the run's id, test metrics, baseline and checkpoint."""
+def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display: bool = True) -> dict:
+    """Prepare, fit, evaluate, log. Returns the run's id, test metrics, baseline and checkpoint.
+    display: draw the run's progress on this process's console (jobs.progress); a sweep's trials
+    do not."""
     check_inputs(cfg.data)  # before any Ray resource is taken
     tracking.check_reachable(tracking.tracking_uri(cfg))
     if cfg.train.init_from:
@@ -445,7 +447,9 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
     events_path, _ = input_paths(cfg.data)
     dataset_name = "demo-events" if cfg.data.source == "demo" else os.path.basename(events_path.rstrip("/"))
     tracking.log_training_data(uri, run_id, dataset_name, events_path, prepared.meta["fingerprint"], report)
-    print(f"MLflow run {run_id} in {uri}; data: {report}", flush=True)
+    print(f"MLflow run {run_id} in {uri}. Data: {report['users']} users, {report['items']} items, "
+          f"{report['events_used']} of {report['events_in']} events used (the rest set aside or duplicates: "
+          f"counts by reason in the run's data/* metrics and {prepared.path}/quarantine)", flush=True)
 
     items, validation = eval_datasets(prepared, cfg, "validation")
     eval_splits = final_splits(cfg)
@@ -455,6 +459,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
         "items": items,
         **{split: eval_datasets(prepared, cfg, split)[1] for split in eval_splits},
     }
+    board = ProgressBoard.remote() if display else None
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -465,6 +470,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
             "run_id": run_id,
             "features_uri": features_uri,
             "train_users": train_users,
+            "progress_board": board,
         },
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker},
@@ -483,7 +489,11 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = ()) -> dict
         dataset_config=ExactSplit(datasets_to_split=list(datasets)),
     )
     try:
-        result = trainer.fit()
+        if board is None:
+            result = trainer.fit()
+        else:
+            with DriverDisplay(board):
+                result = trainer.fit()
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")
         raise

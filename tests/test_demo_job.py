@@ -1,4 +1,5 @@
-"""The README's main job on its embedded default (the demo): it must beat most-popular."""
+"""The README's main job on its embedded default (the demo): it must beat most-popular, and its
+console shows the run's progress and results only."""
 
 import json
 import os
@@ -29,6 +30,10 @@ def test_demo_beats_most_popular_on_the_test_split(tmp_path):
     assert run.returncode == 0, output[-5000:]
     print(output[output.index("Finished in"):])  # the table the user sees: both rows
     assert "most popular" in output
+    # One clean display: a line per epoch from the driver, none of the workers' or libraries' output.
+    assert re.search(r"^epoch 1/\d+: \d+ batches, loss \d", run.stdout + run.stderr, re.M), output[-3000:]
+    for noise in ("RayTrainWorker", "core_worker", "Warning", "deprecated", "Progress bars", "Started a local Ray"):
+        assert noise not in output, (noise, output[-5000:])
     check_printed_ui_command(output, uri)
 
     client = mlflow.MlflowClient(uri)

@@ -78,7 +78,8 @@ def run_trial(params: dict):
     child run are named after the trial, so a retried or resumed trial continues both."""
     cfg = trial_config(params["config"], params["values"])
     cfg.experiment.name = trial_run_name(params["sweep_name"], tune.get_context().get_trial_id())
-    summary = train(cfg, parent_run_id=params["parent_run_id"], callbacks=[EpochReports(cfg.train.select_metric)])
+    summary = train(cfg, parent_run_id=params["parent_run_id"], callbacks=[EpochReports(cfg.train.select_metric)],
+                    display=False)
     tune.report(summary["validation"])
 
 
