@@ -50,22 +50,49 @@ USER_WEIGHTS, USER_MODEL, CATALOGUE, ITEM_IDS = (
     "user_model.safetensors", "user_model.json", "catalogue.safetensors", "item_ids.json")
 PARAMS = {"k": 10, "exclude_history": True, "explain": 3}  # predict's params and their defaults
 
-SIGNATURE = ModelSignature(
-    inputs=Schema([
-        ColSpec(Array(DataType.string), "history"),  # raw item ids, oldest first
-        ColSpec(Array(DataType.string), "event_types", required=False),  # one per history item
-    ]),
-    outputs=Schema([
-        ColSpec(Array(DataType.string), "item_ids"),  # best first
-        ColSpec(Array(DataType.double), "scores"),
-        ColSpec(Array(Array(DataType.string)), "explanations"),  # per recommended item: history item ids
-        ColSpec(Array(Array(DataType.double)), "explanation_weights"),  # ... and the score drop without each
-        ColSpec(DataType.long, "unknown_items"),
-    ]),
-    params=ParamSchema([ParamSpec("k", DataType.long, PARAMS["k"]),
-                        ParamSpec("exclude_history", DataType.boolean, PARAMS["exclude_history"]),
-                        ParamSpec("explain", DataType.long, PARAMS["explain"])]),
-)
+
+
+def signature(item_id_type: str) -> ModelSignature:
+    """What the model takes and returns; item ids in the type the training logs had them
+    (item_id_type: "long" for integer ids, "string" otherwise)."""
+    ids = DataType.long if item_id_type == "long" else DataType.string
+    return ModelSignature(
+        inputs=Schema([
+            ColSpec(Array(ids), "history"),  # raw item ids, oldest first
+            ColSpec(Array(DataType.string), "event_types", required=False),  # one per history item
+        ]),
+        outputs=Schema([
+            ColSpec(Array(ids), "item_ids"),  # best first
+            ColSpec(Array(DataType.double), "scores"),
+            ColSpec(Array(Array(ids)), "explanations"),  # per recommended item: history item ids
+            ColSpec(Array(Array(DataType.double)), "explanation_weights"),  # ... and the score drop without each
+            ColSpec(DataType.long, "unknown_items"),
+        ]),
+        params=ParamSchema([ParamSpec("k", DataType.long, PARAMS["k"]),
+                            ParamSpec("exclude_history", DataType.boolean, PARAMS["exclude_history"]),
+                            ParamSpec("explain", DataType.long, PARAMS["explain"])]),
+    )
+
+
+def input_item_id_type(items_path: str) -> str:
+    """"long" when the item_id column of every Parquet file of the input catalogue has an integer
+    type (prepare keeps ids as text), else "string"; "string" too when the input is gone."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from interestformer.datasets.storage import filesystem
+
+    def integer(t) -> bool:
+        return pa.types.is_integer(t) or (pa.types.is_dictionary(t) and pa.types.is_integer(t.value_type))
+
+    try:
+        fs, path = filesystem(items_path)
+        files = ds.dataset(path, filesystem=fs, format="parquet").files
+        types = [pq.read_schema(f, filesystem=fs).field("item_id").type for f in files]
+    except (OSError, KeyError, ValueError):
+        return "string"
+    return "long" if types and all(integer(t) for t in types) else "string"
 MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving_model.py")
 # The layers the loaded model imports (as interestformer.<layer>), copied into the model.
 CODE_PATHS = [os.path.join(PROJECT_DIR, folder) for folder in ("interestformer", "models", "jobs", "datasets")]
@@ -83,7 +110,7 @@ def export(checkpoint_folder: str, out: str) -> dict[str, str]:
     {artifact name: path}. Encodes the whole catalogue once (Ray Data over the prepared items),
     on a GPU when there is one."""
     from interestformer.datasets.pipeline import catalogue_ids, item_batches
-    from interestformer.datasets.prepare import PreparedData
+    from interestformer.datasets.prepare import PreparedData, input_paths
     from interestformer.jobs.config import JobConfig
     from interestformer.jobs.distributed import load_model
     from interestformer.jobs.evaluate import device_batches
@@ -92,20 +119,23 @@ def export(checkpoint_folder: str, out: str) -> dict[str, str]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, state = load_model(checkpoint_folder, device)
     prepared = PreparedData.load(state["prepared_path"])
-    eval_cfg = JobConfig.from_dict(state["config"]).eval
+    cfg = JobConfig.from_dict(state["config"])
+    eval_cfg = cfg.eval
     batch_size = eval_cfg.batch_size
     rows = item_batches(prepared, batch_size, *model.cfg.live_content()).iter_torch_batches(batch_size=1)
     representations = item_representations(model, device_batches(rows, device), prepared.num_items).cpu()
     popularity = torch.tensor(prepared.meta["popularity_pretest"], dtype=torch.int64)
     return write_artifacts(model, representations, popularity, catalogue_ids(prepared), prepared.meta["event_types"],
-                           eval_cfg.item_chunk_size, out)
+                           eval_cfg.item_chunk_size, out, input_item_id_type(input_paths(cfg.data)[1]))
 
 
 def write_artifacts(model: InterestFormer, representations: torch.Tensor, popularity: torch.Tensor,
-                    item_ids: list[str], event_types: list[str], item_chunk_size: int, out: str) -> dict[str, str]:
+                    item_ids: list[str], event_types: list[str], item_chunk_size: int, out: str,
+                    item_id_type: str = "string") -> dict[str, str]:
     """Writes the serving artifacts (module docstring) into folder `out`; returns {artifact name:
     path}. representations (N + 1, d) and popularity (N + 1,) are by item index, item_ids and
-    event_types in index order (index i is entry i - 1)."""
+    event_types in index order (index i is entry i - 1); item_id_type is the ids' type in the
+    logs ("long" or "string"), which the model takes and returns them in."""
     from interestformer.jobs.tracking import redact
 
     os.makedirs(out, exist_ok=True)
@@ -114,7 +144,7 @@ def write_artifacts(model: InterestFormer, representations: torch.Tensor, popula
                     if not name.startswith("item_encoder.")}  # the item encoder's work is in the catalogue
     save_file(user_weights, paths[USER_WEIGHTS])
     about = {"model": dataclasses.asdict(model.cfg), "spec": dataclasses.asdict(model.spec),
-             "event_types": event_types, "item_chunk_size": item_chunk_size}
+             "event_types": event_types, "item_chunk_size": item_chunk_size, "item_id_type": item_id_type}
     with open(paths[USER_MODEL], "w") as f:
         f.write(redact(json.dumps(about, indent=1)))  # a pretrained_path might carry credentials
     save_file({"representations": representations, "popularity": popularity}, paths[CATALOGUE])
@@ -123,11 +153,18 @@ def write_artifacts(model: InterestFormer, representations: torch.Tensor, popula
     return paths
 
 
+def item_id_type(artifacts: dict[str, str]) -> str:
+    """The type ("long" or "string") the model takes and returns item ids in."""
+    with open(artifacts[USER_MODEL]) as f:
+        return json.load(f).get("item_id_type", "string")  # models logged before it was recorded: text
+
+
 def input_example(artifacts: dict[str, str]) -> pd.DataFrame:
     """A request MLflow stores with the model, to show how it is called: one history of the
     catalogue's first two items."""
     with open(artifacts[ITEM_IDS]) as f:
-        return pd.DataFrame({"history": [json.load(f)[:2]]})
+        first = json.load(f)[:2]
+    return pd.DataFrame({"history": [[int(i) for i in first] if item_id_type(artifacts) == "long" else first]})
 
 
 class Recommender:
@@ -147,8 +184,10 @@ class Recommender:
         self.representations = catalogue["representations"]  # (N + 1, d); what the user Transformer reads
         self.vectors = F.normalize(self.representations, dim=-1)  # what users are scored against
         with open(artifacts[ITEM_IDS]) as f:
-            self.item_ids = json.load(f)
-        self.item_index = {item_id: i + 1 for i, item_id in enumerate(self.item_ids)}
+            ids = json.load(f)  # as prepare keeps them: text
+        self.item_index = {item_id: i + 1 for i, item_id in enumerate(ids)}
+        # Returned in the type the logs had (integer ids come back as integers).
+        self.item_ids = [int(i) for i in ids] if about.get("item_id_type") == "long" else ids
         self.event_type_index = {name: i + 1 for i, name in enumerate(about["event_types"])}
         popularity = catalogue["popularity"][1:].double()
         self.most_popular = torch.argsort(popularity, descending=True, stable=True)  # 0-based positions
@@ -181,6 +220,7 @@ class Recommender:
             types = event_types[row] if event_types is not None and event_types[row] is not None else None
             if types is not None and len(types) != len(items):
                 raise ValueError(f"history {row} has {len(items)} items but {len(types)} event types")
+            items = [str(item) for item in items]  # integer ids are looked up as prepare wrote them
             pairs = [(self.item_index[item], self.event_type_index.get(types[j], 0) if types is not None else 0)
                      for j, item in enumerate(items) if item in self.item_index]
             known.append(pairs)

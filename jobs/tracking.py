@@ -347,7 +347,7 @@ def log_model(uri: str, run_id: str, checkpoint, step: int = 0) -> str:
         model = client.create_logged_model(experiment, name="model", source_run_id=run_id)
         saved = os.path.join(out, "model")
         mlflow.pyfunc.save_model(saved, python_model=serving.MODEL_CODE, artifacts=artifacts,
-                                 code_paths=serving.CODE_PATHS, signature=serving.SIGNATURE,
+                                 code_paths=serving.CODE_PATHS, signature=serving.signature(serving.item_id_type(artifacts)),
                                  input_example=serving.input_example(artifacts),
                                  pip_requirements=serving.requirements(),
                                  mlflow_model=mlflow.models.Model(model_id=model.model_id, run_id=run_id))

@@ -131,3 +131,37 @@ def test_explanations_name_the_planted_cause(tmp_path):
         assert weights[0] > 0 and weights[0] > 2 * abs(weights[1])
     empty = recommender.recommend([[], ["not-in-the-catalogue"]], None, 3, True, explain=3)
     assert empty.explanations.tolist() == [[[], [], []]] * 2  # most popular items: nothing to explain
+
+
+def test_integer_item_ids_go_in_and_come_out_as_integers(tmp_path):
+    """A catalogue whose logs had integer ids: the MLflow model takes and returns integers (its
+    signature says so, and MLflow checks requests against it); inside they are looked up as
+    prepare keeps them, as text."""
+    import mlflow
+    import pandas as pd
+
+    from interestformer.jobs import serving
+
+    ids = pa.table({"item_id": pa.array([10, 20, 30, 40, 50], pa.int64())})
+    pq.write_table(ids, tmp_path / "items.parquet")
+    assert serving.input_item_id_type(str(tmp_path / "items.parquet")) == "long"
+    pq.write_table(ids.cast(pa.schema([("item_id", pa.string())])), tmp_path / "text_items.parquet")
+    assert serving.input_item_id_type(str(tmp_path / "text_items.parquet")) == "string"
+    assert serving.input_item_id_type(str(tmp_path / "gone")) == "string"
+
+    torch.manual_seed(0)
+    model = InterestFormer(ModelConfig(d_model=16, n_layers=1, n_heads=2),
+                           DataSpec(num_items=5, num_event_types=1, max_seq_len=4, text_vocab_size=0,
+                                    text_max_tokens=0, image_size=0), with_item_encoder=False)
+    artifacts = write_artifacts(model.eval(), torch.randn(6, 16), torch.arange(6), ["10", "20", "30", "40", "50"],
+                                ["view"], 7, str(tmp_path / "artifacts"), "long")
+    mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=serving.MODEL_CODE, artifacts=artifacts,
+                             code_paths=serving.CODE_PATHS, signature=serving.signature(serving.item_id_type(artifacts)),
+                             input_example=serving.input_example(artifacts))
+    out = mlflow.pyfunc.load_model(str(tmp_path / "model")).predict(
+        pd.DataFrame({"history": [[10, 30], [99]]}), params={"k": 3, "explain": 1})
+    assert out.unknown_items.tolist() == [0, 1]
+    for row in out.item_ids:
+        assert len(row) == 3 and all(type(i) is int for i in row)
+    assert not {10, 30} & set(out.item_ids[0])  # its history is excluded
+    assert all(type(i) is int for per_item in out.explanations[0] for i in per_item)
