@@ -48,8 +48,8 @@ from interestformer.jobs.distributed import (
     start_from,
     train_steps,
 )
-from interestformer.jobs.progress import DriverDisplay, ProgressBoard, WorkerProgress
 from interestformer.jobs.evaluate import device_batches, eval_datasets, evaluate_most_popular, popularity_counts
+from interestformer.jobs.progress import DriverDisplay, ProgressBoard, WorkerProgress
 from interestformer.jobs.report import log_report
 from interestformer.jobs.selection import ModelSelection
 from interestformer.models.interest_former import DataSpec, InterestFormer
