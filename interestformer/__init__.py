@@ -20,4 +20,5 @@ class ConfigError(ValueError):
     def __init__(self, key: str, reason: str):
         self.key = key
         self.reason = reason
-        super().__init__(f"config key '{key}': {reason}")
+        # A command-line flag or path (--config, --checkpoint) is named as it is typed.
+        super().__init__(f"{key} {reason}" if key.startswith("--") else f"config key '{key}': {reason}")
