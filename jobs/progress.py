@@ -7,10 +7,23 @@ console, as Ray does by default. The driver draws the display, not a worker, so 
 that no other process writes into, and the final table comes on lines of its own.
 """
 
+import logging
+import os
 import threading
 import time
 
 import ray
+
+
+def quiet_console(verbose: bool):
+    """This process's share of a clean console: unless verbose, MLflow's INFO lines and artifact
+    progress bars and Ray Data's warnings are not printed (Ray's own lines are kept off by
+    ray.init(log_to_driver=..., logging_level=...), jobs.train.ensure_ray)."""
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # what mlflow's import sets its logger to
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+        logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])  # if imported already
 
 
 @ray.remote(num_cpus=0)

@@ -49,7 +49,7 @@ from interestformer.jobs.distributed import (
     train_steps,
 )
 from interestformer.jobs.evaluate import device_batches, eval_datasets, evaluate_most_popular, popularity_counts
-from interestformer.jobs.progress import DriverDisplay, ProgressBoard, WorkerProgress
+from interestformer.jobs.progress import DriverDisplay, ProgressBoard, WorkerProgress, quiet_console
 from interestformer.jobs.report import log_report
 from interestformer.jobs.selection import ModelSelection
 from interestformer.models.interest_former import DataSpec, InterestFormer
@@ -300,11 +300,10 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: float = 0.
     # One progress bar (training) rather than one per Ray Data operator of every pass.
     ray.data.DataContext.get_current().enable_progress_bars = False
     verbose = cfg.experiment.verbose
-    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)
-    if not verbose:  # the driver's own library noise; the workers' stays in Ray's log folder
-        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    quiet_console(verbose)
     if ray.is_initialized():
         return
+    # The workers' output (and the libraries' inside them) stays in Ray's log folder unless verbose.
     quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
@@ -425,6 +424,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display
     display: draw the run's progress on this process's console (jobs.progress); a sweep's trials
     do not."""
     check_inputs(cfg.data)  # before any Ray resource is taken
+    quiet_console(cfg.experiment.verbose)
     tracking.check_reachable(tracking.tracking_uri(cfg))
     if cfg.train.init_from:
         check_start_from(cfg)
