@@ -49,7 +49,11 @@ from interestformer.models.ranking import chunked_top_k
 USER_WEIGHTS, USER_MODEL, CATALOGUE, ITEM_IDS = (
     "user_model.safetensors", "user_model.json", "catalogue.safetensors", "item_ids.json")
 PARAMS = {"k": 10, "exclude_history": True, "explain": 3}  # predict's params and their defaults
-
+MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving_model.py")
+# The layers the loaded model imports (as interestformer.<layer>), copied into the model.
+CODE_PATHS = [os.path.join(PROJECT_DIR, folder) for folder in ("interestformer", "models", "jobs", "datasets")]
+# What importing those layers' serving path needs; recorded with the model, never installed by loading.
+SERVING_PACKAGES = ("mlflow", "torch", "safetensors", "numpy", "pandas", "pyarrow", "pillow", "pyyaml")
 
 
 def signature(item_id_type: str) -> ModelSignature:
@@ -93,11 +97,6 @@ def input_item_id_type(items_path: str) -> str:
     except (OSError, KeyError, ValueError):
         return "string"
     return "long" if types and all(integer(t) for t in types) else "string"
-MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving_model.py")
-# The layers the loaded model imports (as interestformer.<layer>), copied into the model.
-CODE_PATHS = [os.path.join(PROJECT_DIR, folder) for folder in ("interestformer", "models", "jobs", "datasets")]
-# What importing those layers' serving path needs; recorded with the model, never installed by loading.
-SERVING_PACKAGES = ("mlflow", "torch", "safetensors", "numpy", "pandas", "pyarrow", "pillow", "pyyaml")
 
 
 def requirements() -> list[str]:
