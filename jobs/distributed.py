@@ -104,7 +104,8 @@ def optimizer_steps(train, train_users: int, world_size: int) -> int:
 
 def setup_engine(model: InterestFormer, train, total_steps: int = 0) -> tuple[object, dict | None]:
     """Wraps the model in a DeepSpeed engine on this worker's device, resumed from the run's latest
-    checkpoint when it has one; returns (engine, the checkpoint's state or None).
+    checkpoint when it has one; returns (engine, the checkpoint's state or None). A resumed state's
+    "resumed" says how it resumed, for the console.
 
     On the world size that wrote the checkpoint, DeepSpeed's own shards load: weights, optimizer
     moments and learning-rate schedule, exactly. On another world size those shards do not fit
@@ -134,15 +135,14 @@ def setup_engine(model: InterestFormer, train, total_steps: int = 0) -> tuple[ob
                                                config=deepspeed_config(train, total_steps))
         if resharded:
             engine.lr_scheduler.step(state["step"])
-            print(f"Resumed a {state['world_size']}-worker checkpoint on {world} workers: weights from "
-                  f"{WEIGHTS_FILE}, optimizer moments restart, learning rate at step {state['step']}", flush=True)
+            state["resumed"] = (f"Resumed a {state['world_size']}-worker checkpoint on {world} workers: weights from "
+                                f"{WEIGHTS_FILE}, optimizer moments restart, learning rate at step {state['step']}")
         elif state is not None:
             check_pickles(os.path.join(folder, "deepspeed"))
             engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
             if table := sharded_table(engine):
                 table.load_shard_state(load_file(os.path.join(folder, ITEM_TABLE_DIR, f"rank{rank}.safetensors")))
-            if rank == 0:
-                print(f"Resumed from the checkpoint of epoch {state['epoch']} (step {state['step']})", flush=True)
+            state["resumed"] = f"Resumed from the checkpoint of epoch {state['epoch']} (step {state['step']})"
     return engine, state
 
 

@@ -96,8 +96,9 @@ def train_loop_per_worker(loop_config: dict):
                  world_size=world)
     selection = ModelSelection.for_run(cfg.train, state.get("selection"))
     best_weights = best_checkpoint_weights() if selection.best_epoch else None  # a resumed run's best so far
+    notes = "\n".join(line for line in (carried_line, state.pop("resumed", "")) if line)
     progress = WorkerProgress(loop_config["progress_board"], rank, cfg.train.epochs * steps_per_epoch,
-                              state["epoch"] * steps_per_epoch, carried_line)
+                              state["epoch"] * steps_per_epoch, notes)
     throughput = []  # per epoch run here: users, events, seconds, samples/s, data wait
     metrics_out = tracking.MetricsOutbox(uri, run_id)  # rank 0's logging; survives a tracking outage
     system_metrics = None  # rank 0 samples the machine it trains on (the driver's may not train at all)
