@@ -114,7 +114,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> dict:
-    from interestformer.benchmarks.common import write_results
+    from benchmarks.common import write_results
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.catalog", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -19,9 +19,9 @@ import json
 import os
 import time
 
-from interestformer.benchmarks.common import RESULTS_DIR, read_results, save_results, stamp
-from interestformer.benchmarks.ml1m import ensure_converted
-from interestformer.jobs.config import PROJECT_DIR, config_parser, load_config
+from benchmarks.common import PROJECT_DIR, RESULTS_DIR, read_results, save_results, stamp
+from benchmarks.ml1m import ensure_converted
+from interestformer.jobs.config import config_parser, load_config
 from interestformer.jobs.train import train
 
 DATASETS = {"demo": "configs/demo.yaml", "ml1m": "configs/ml1m_id_text_image.yaml"}

@@ -6,8 +6,8 @@ import platform
 import subprocess
 from datetime import datetime, timezone
 
-from interestformer.jobs.config import PROJECT_DIR
 
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks run from a checkout
 RESULTS_DIR = os.path.join(PROJECT_DIR, "benchmarks", "results")
 
 

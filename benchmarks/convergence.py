@@ -21,12 +21,12 @@ import json
 import os
 import time
 
-from interestformer.benchmarks.common import RESULTS_DIR, stamp
-from interestformer.benchmarks.ml1m import ensure_converted
-from interestformer.benchmarks.plain_loop import plain_convergence
+from benchmarks.common import PROJECT_DIR, RESULTS_DIR, stamp
+from benchmarks.ml1m import ensure_converted
+from benchmarks.plain_loop import plain_convergence
 from interestformer.datasets.prepare import prepare
 from interestformer.jobs import tracking
-from interestformer.jobs.config import PROJECT_DIR, config_parser, load_config
+from interestformer.jobs.config import config_parser, load_config
 from interestformer.jobs.train import ensure_ray, tokenizer_path, train
 
 CONFIG = os.path.join(PROJECT_DIR, "configs", "ml1m_id_only.yaml")

@@ -22,8 +22,7 @@ import sys
 import tempfile
 import time
 
-from interestformer.benchmarks.common import write_results
-from interestformer.jobs.config import PROJECT_DIR
+from benchmarks.common import PROJECT_DIR, write_results
 
 TARGETS_S = {"tiny_cold": 60.0, "demo_cold": 120.0}
 MARKS = {"data_ready_s": "MLflow run ", "first_epoch_s": "epoch 1/", "finished_s": "Finished in"}

@@ -39,8 +39,7 @@ from contextlib import nullcontext
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from interestformer.benchmarks.common import cpu_name, stamp
-from interestformer.jobs.config import PROJECT_DIR
+from benchmarks.common import PROJECT_DIR, cpu_name, stamp
 from interestformer.models.interest_former import (
     DataSpec, ImageEncoderConfig, InterestFormer, ModelConfig, TextEncoderConfig,
 )

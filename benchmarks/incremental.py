@@ -35,10 +35,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from interestformer.benchmarks.common import stamp, write_results
+from benchmarks.common import PROJECT_DIR, stamp, write_results
 from interestformer.datasets.demo import DemoDataConfig, generate_demo
 from interestformer.jobs import evaluate
-from interestformer.jobs.config import PROJECT_DIR, config_parser, load_config
+from interestformer.jobs.config import config_parser, load_config
 from interestformer.jobs.train import train
 
 WORK = os.path.join(PROJECT_DIR, "data", "incremental")

@@ -16,8 +16,8 @@ under 5% of step time.
 
 import time
 
-from interestformer.benchmarks.common import write_results
-from interestformer.benchmarks.overhead import steady_rate
+from benchmarks.common import write_results
+from benchmarks.overhead import steady_rate
 from interestformer.datasets.prepare import prepare
 from interestformer.jobs.config import config_parser, load_config
 from interestformer.jobs.train import ensure_ray, train, training_batches

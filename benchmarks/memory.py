@@ -147,7 +147,7 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    from interestformer.benchmarks.common import write_results
+    from benchmarks.common import write_results
     from interestformer.jobs.config import JobConfig
     from interestformer.jobs.train import ensure_ray
 

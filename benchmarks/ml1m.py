@@ -20,9 +20,9 @@ import json
 import os
 import time
 
-from interestformer.benchmarks.common import read_results, save_results, stamp as benchmark_stamp
+from benchmarks.common import PROJECT_DIR, read_results, save_results, stamp as benchmark_stamp
 from interestformer.datasets.movielens import convert_movielens
-from interestformer.jobs.config import PROJECT_DIR, load_config
+from interestformer.jobs.config import load_config
 from interestformer.jobs.train import train
 
 CONFIGS = ("id_only", "id_text", "id_text_image", "content_only")

@@ -12,8 +12,8 @@ Targets (issue 4): our 1-worker run within 10% of the plain loop; 2 workers fast
 """
 
 
-from interestformer.benchmarks.common import write_results
-from interestformer.benchmarks.plain_loop import plain_training
+from benchmarks.common import write_results
+from benchmarks.plain_loop import plain_training
 from interestformer.datasets.prepare import prepare
 from interestformer.jobs.config import config_parser, load_config
 from interestformer.jobs.train import ensure_ray, train

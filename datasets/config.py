@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.datasets.demo import DemoDataConfig
 
 
@@ -35,7 +35,7 @@ class DataConfig:
     """Item catalogue: Parquet file, folder or URI. Required when source is `parquet`."""
     prepared_dir: str = "data/prepared/demo"
     """Where the prepared sequences, item table and quarantine are written (local path or URI).
-    Relative paths are taken from the project folder."""
+    Relative paths are taken from the current directory."""
     text_columns: list[str] = field(default_factory=lambda: ["title", "description"])
     """Catalogue columns joined (in this order) into an item's text."""
     sequence_shards: int = 8

@@ -553,7 +553,9 @@ def text_value(value) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-PROG = "python -m interestformer.datasets.convert"
+# How the user typed the command: the console script, or the module form.
+PROG = ("interestformer-convert" if os.path.basename(sys.argv[0]) == "interestformer-convert"
+        else "python -m interestformer.datasets.convert")
 
 
 class Parser(argparse.ArgumentParser):

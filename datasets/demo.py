@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.datasets.storage import absolute, filesystem, join, read_json, write_json
 
 

@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.datasets.config import DataConfig, pseudonym_key
 from interestformer.datasets.demo import generate_demo
 from interestformer.datasets.schema import (

@@ -19,11 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.datasets.config import DataConfig
 from interestformer.models.interest_former import ModelConfig
-
-PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -189,10 +187,10 @@ class ExperimentConfig:
     name and storage_path resumes from that run's latest checkpoint."""
     storage_path: str = "runs"
     """Checkpoints and Ray Train state: local folder, or shared storage (s3://...) on a cluster.
-    Relative paths are taken from the project folder."""
+    Relative paths are taken from the current directory."""
     tracking_uri: str = ""
     """MLflow tracking URI. Empty: $MLFLOW_TRACKING_URI, else a SQLite store mlflow.db in the
-    project folder. A multi-node cluster needs a server every node reaches (http://...)."""
+    current directory. A multi-node cluster needs a server every node reaches (http://...)."""
     mlflow_experiment: str = "interestformer"
     """MLflow experiment the run is recorded in."""
     keep_checkpoints: int = 2
@@ -338,7 +336,7 @@ class JobConfig:
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig:
     """Reads a YAML config (none: the demo defaults), applies `key.path=value` overrides,
-    validates everything, and makes paths absolute: relative ones from the project folder,
+    validates everything, and makes paths absolute: relative ones from the current directory,
     `pkg:<package>/<sub/path>` from an installed Python package's folder."""
     data = read_yaml(path) if path else {}
     for override in overrides:
@@ -351,7 +349,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
                          ("experiment", "storage_path"), ("train", "init_from")):
         value = getattr(getattr(cfg, section), key)
         if value and "://" not in value and not os.path.isabs(value):
-            setattr(getattr(cfg, section), key, os.path.join(PROJECT_DIR, value))
+            setattr(getattr(cfg, section), key, os.path.abspath(value))
     for encoder in ("text", "image"):
         encoder_cfg = getattr(cfg.model, encoder)
         if encoder_cfg.pretrained_path:
@@ -404,7 +402,7 @@ def _local_path(value: str, key: str) -> str:
             raise ConfigError(key, f"no installed Python package {package!r} (from {value!r})")
         value = os.path.join(list(spec.submodule_search_locations)[0], inner)
     elif not os.path.isabs(value):
-        value = os.path.join(PROJECT_DIR, value)
+        value = os.path.abspath(value)
     if not os.path.exists(value):
         raise ConfigError(key, f"no such local file or folder: {value}")
     return value
@@ -489,7 +487,9 @@ def config_parser(prog: str, description: str, example: str = "train.zero_stage=
     import argparse
 
     keys = "\n".join(f"  {key} (default {default}): {doc}" for key, default, doc in field_docs())
-    parser = argparse.ArgumentParser(prog=prog, description=description,
+    from interestformer.jobs.cli import program
+
+    parser = argparse.ArgumentParser(prog=program(prog), description=description,
                                      epilog=f"config keys (YAML sections, or --set section.key=value):\n{keys}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file; without it, the demo config (all defaults)")

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file, save_file
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.datasets.pipeline import unpack
 from interestformer.datasets.storage import join, read_bytes, read_json
 from interestformer.models.interest_former import DataSpec, InterestFormer, ShardedEmbedding

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.datasets.pipeline import catalogue_rows
 from interestformer.datasets.prepare import PreparedData, prepare
 from interestformer.datasets.storage import filesystem, join, read_json, write_json
@@ -191,6 +191,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from interestformer.jobs.cli import run
+    from interestformer.jobs.cli import embed_items
 
-    run(main)
+    embed_items()

@@ -20,6 +20,7 @@ import torch
 from interestformer.datasets.config import DataConfig
 from interestformer.datasets.pipeline import catalogue_ids, cold_items, item_batches, sequence_batches, unpack
 from interestformer.datasets.prepare import PreparedData, prepare
+from interestformer.jobs.cli import program
 from interestformer.jobs.config import JobConfig, load_config, read_yaml
 from interestformer.models.ranking import RankTotals, evaluate_model, evaluate_popularity, item_representations
 
@@ -82,7 +83,7 @@ def checkpoint_on_data(checkpoint: str, cfg: JobConfig, data: DataConfig) -> tup
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.evaluate",
+        prog=program("python -m jobs.evaluate"),
         description="Full-ranking evaluation (HR@K, NDCG@K, MRR over every item) of a training checkpoint.",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder written by jobs.train")
@@ -126,6 +127,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from interestformer.jobs.cli import run
+    from interestformer.jobs.cli import evaluate
 
-    run(main)
+    evaluate()

@@ -43,6 +43,7 @@ from ray.data.expressions import col
 
 from interestformer.datasets.prepare import PreparedData
 from interestformer.datasets.storage import filesystem, join, read_bytes, read_json, read_parquet, write_json
+from interestformer.jobs.cli import program
 from interestformer.jobs.distributed import STATE_FILE
 from interestformer.jobs.embed_items import _files_schema_and_rows
 from interestformer.jobs.serving import Recommender, export
@@ -155,7 +156,7 @@ def recommend(checkpoint: str, out: str, users: list[str] | None, k: int, exclud
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.recommend",
+        prog=program("python -m jobs.recommend"),
         description="Top-K recommendations with explanations for every user of a checkpoint's prepared data "
                     "(or for the given users), written as Parquet: Ray Data batch inference.",
         epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -199,6 +200,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from interestformer.jobs.cli import run
+    from interestformer.jobs.cli import recommend
 
-    run(main)
+    recommend()

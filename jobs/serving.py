@@ -28,8 +28,10 @@ travel with it as MLflow code paths.
 """
 
 import dataclasses
+import importlib
 import json
 import os
+import shutil
 from importlib.metadata import version
 
 import mlflow.pyfunc
@@ -41,7 +43,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec
 from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import pad_sequence
 
-from interestformer.jobs.config import PROJECT_DIR, EvalConfig, build
+from interestformer.jobs.config import EvalConfig, build
 from interestformer.models.explain import history_contributions, top_contributors
 from interestformer.models.interest_former import DataSpec, InterestFormer, ModelConfig
 from interestformer.models.ranking import chunked_top_k
@@ -50,10 +52,26 @@ USER_WEIGHTS, USER_MODEL, CATALOGUE, ITEM_IDS = (
     "user_model.safetensors", "user_model.json", "catalogue.safetensors", "item_ids.json")
 PARAMS = {"k": 10, "exclude_history": True, "explain": 3}  # predict's params and their defaults
 MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving_model.py")
-# The layers the loaded model imports (as interestformer.<layer>), copied into the model.
-CODE_PATHS = [os.path.join(PROJECT_DIR, folder) for folder in ("interestformer", "models", "jobs", "datasets")]
+# The layers of the package the loaded model imports; package_code copies them into the model.
+SERVING_LAYERS = ("models", "jobs", "datasets")
 # What importing those layers' serving path needs; recorded with the model, never installed by loading.
 SERVING_PACKAGES = ("mlflow", "torch", "safetensors", "numpy", "pandas", "pyarrow", "pillow", "pyyaml")
+
+
+def package_code(out: str) -> list[str]:
+    """The model's code paths: a copy of the `interestformer` package's serving layers in
+    out/interestformer, taken from wherever this process imports them (a wheel's site-packages or
+    a checkout's editable install), so the model loads where the package is not installed."""
+    from interestformer import errors
+
+    package = os.path.join(out, "interestformer")
+    os.makedirs(package)
+    shutil.copy(errors.__file__, package)
+    for layer in SERVING_LAYERS:
+        # The first portion of the (namespace) layer: where this process imports its modules from.
+        source = list(importlib.import_module(f"interestformer.{layer}").__path__)[0]
+        shutil.copytree(source, os.path.join(package, layer), ignore=shutil.ignore_patterns("__pycache__"))
+    return [package]
 
 
 def signature(item_id_type: str) -> ModelSignature:

@@ -6,7 +6,7 @@ the trained model (log_model; jobs/serving.py is what MLflow calls to serve it),
 run. Workers use MlflowClient with an explicit run id, so no process relies on MLflow's global
 "active run"; the rank-0 worker also runs MLflow's system-metrics monitor on that run.
 
-The embedded default store is SQLite in the project folder (MLflow's file store is in maintenance
+The embedded default store is SQLite in the current directory (MLflow's file store is in maintenance
 mode); its artifacts go to mlartifacts/ beside it, an absolute location, so workers whose working
 directory is elsewhere write to the same place.
 """
@@ -22,14 +22,14 @@ import time
 import urllib.error
 import urllib.request
 
-from interestformer.jobs.config import PROJECT_DIR, JobConfig
+from interestformer.jobs.config import JobConfig
 
 
 def tracking_uri(cfg: JobConfig) -> str:
     return (
         cfg.experiment.tracking_uri
         or os.environ.get("MLFLOW_TRACKING_URI", "")
-        or f"sqlite:///{os.path.join(PROJECT_DIR, 'mlflow.db')}"
+        or f"sqlite:///{os.path.abspath('mlflow.db')}"
     )
 
 
@@ -101,7 +101,7 @@ def experiment_id(uri: str, name: str) -> str:
         return experiment.experiment_id
     artifacts = None
     if uri.startswith("sqlite:"):
-        artifacts = "file://" + os.path.join(os.path.dirname(uri.removeprefix("sqlite:///")) or PROJECT_DIR, "mlartifacts")
+        artifacts = "file://" + os.path.join(os.path.dirname(os.path.abspath(uri.removeprefix("sqlite:///"))), "mlartifacts")
     return client.create_experiment(name, artifact_location=artifacts)
 
 
@@ -347,7 +347,7 @@ def log_model(uri: str, run_id: str, checkpoint, step: int = 0) -> str:
         model = client.create_logged_model(experiment, name="model", source_run_id=run_id)
         saved = os.path.join(out, "model")
         mlflow.pyfunc.save_model(saved, python_model=serving.MODEL_CODE, artifacts=artifacts,
-                                 code_paths=serving.CODE_PATHS, signature=serving.signature(serving.item_id_type(artifacts)),
+                                 code_paths=serving.package_code(os.path.join(out, "code")), signature=serving.signature(serving.item_id_type(artifacts)),
                                  input_example=serving.input_example(artifacts),
                                  pip_requirements=serving.requirements(),
                                  mlflow_model=mlflow.models.Model(model_id=model.model_id, run_id=run_id))
@@ -400,7 +400,7 @@ def _metric_key(key: str) -> str:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True,
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
                               text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -24,7 +24,7 @@ import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.datasets.pipeline import catalogue_ids, id_buckets, sequence_batches, training_sequences
 from interestformer.datasets.prepare import PreparedData, check_inputs, input_paths, prepare
 from interestformer.datasets.storage import join, local_folder, read_json
@@ -553,6 +553,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from interestformer.jobs.cli import run
+    from interestformer.jobs.cli import train
 
-    run(main)
+    train()

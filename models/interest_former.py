@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 
 EncoderMode = Literal["auto", "frozen", "top", "full"]
 

@@ -1,7 +1,9 @@
 """Shared fixtures: one real local Ray for the in-process tests, a real MLflow server on 127.0.0.1,
 and where test output goes."""
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -145,9 +147,35 @@ def wait_for_job_api(address: str, env: dict, head: subprocess.Popen, log: str):
     pytest.fail("the Ray head did not answer: " + open(log).read())
 
 
-def submit_job(address: str, env: dict, entrypoint: list[str], options: tuple = ()) -> subprocess.CompletedProcess:
-    """`ray job submit --working-dir . [options] -- entrypoint` from the project folder."""
-    command = [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", *options, "--", *entrypoint]
+def committable_copy(dest) -> str:
+    """A copy of the files git would commit (tracked, or new and not ignored), as a fresh clone
+    would hold them: a package built in the checkout itself would reuse its build/ folder."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=PROJECT_DIR,
+                           check=True, capture_output=True, text=True).stdout.splitlines()
+    for name in files:
+        if os.path.isfile(os.path.join(PROJECT_DIR, name)):
+            os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
+            shutil.copy(os.path.join(PROJECT_DIR, name), os.path.join(dest, name))
+    return str(dest)
+
+
+@pytest.fixture(scope="session")
+def job_package(tmp_path_factory) -> str:
+    """The package alone (no dependencies) in a folder, as the README has users make it for
+    `ray job submit`: `pip install --no-deps --target build/job .`; returns its interestformer/."""
+    root = tmp_path_factory.mktemp("job-package")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+                    "--target", str(root / "job"), committable_copy(root / "source")], check=True, timeout=300)
+    return str(root / "job" / "interestformer")
+
+
+def submit_job(address: str, env: dict, package: str, arguments: list[str], options: tuple = ()) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir . --runtime-env-json '{"py_modules": [package]}' [options] --
+    python -m interestformer.jobs.train arguments` from the project folder: the code travels with
+    the job, as on a cluster whose nodes have only the dependencies installed."""
+    command = [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".",
+               "--runtime-env-json", json.dumps({"py_modules": [package]}), *options, "--",
+               "python", "-m", "interestformer.jobs.train", *arguments]
     for _ in range(30):  # the head's job agent comes up a little after its dashboard answers
         run = subprocess.run(command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=1100)
         if "No available agent to submit job" not in run.stderr:

@@ -5,8 +5,8 @@ import statistics
 
 import pytest
 
-from interestformer import ConfigError
-from interestformer.benchmarks.interest import across_seeds, main, markdown_table, with_earlier_seeds
+from interestformer.errors import ConfigError
+from benchmarks.interest import across_seeds, main, markdown_table, with_earlier_seeds
 
 
 def run(seed: int, ndcg: float) -> dict:
@@ -59,7 +59,7 @@ def test_a_config_mistake_in_set_fails_naming_the_key_before_training():
 
 
 def test_convergence_times_each_validation_level_both_curves_reach():
-    from interestformer.benchmarks.convergence import level_ratios, minutes_to
+    from benchmarks.convergence import level_ratios, minutes_to
 
     ours = [{"epoch": 1, "minutes": 2.0, "val_ndcg@10": 0.05}, {"epoch": 2, "minutes": 4.0, "val_ndcg@10": 0.125},
             {"epoch": 3, "minutes": 6.0, "val_ndcg@10": 0.11}]
@@ -76,9 +76,10 @@ def test_the_plain_loop_validates_stops_and_tests_its_best_epoch(ray_local, tiny
     validation reaches the level asked for, and the test split ranked with the best epoch."""
     import os
 
-    from interestformer.benchmarks.plain_loop import plain_convergence
+    from benchmarks.plain_loop import plain_convergence
     from interestformer.datasets.prepare import prepare
-    from interestformer.jobs.config import PROJECT_DIR, load_config
+    from benchmarks.common import PROJECT_DIR
+    from interestformer.jobs.config import load_config
 
     cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
         f"data.prepared_dir={tiny_prepared_dir}", "train.epochs=3", "data.full_softmax=true",

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.jobs.config import JobConfig, field_docs, load_config
 from interestformer.jobs.distributed import deepspeed_config
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.datasets.demo import DemoDataConfig, generate_demo
 
 SMALL = dict(num_users=50, num_items=40, num_topics=4, image_size=32, num_shards=3)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.datasets.pipeline import catalogue_ids, item_batches, unpack
 from interestformer.datasets.prepare import PreparedData
 from interestformer.jobs import embed_items

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.datasets.pipeline import catalogue_ids, id_buckets, unpack
 from interestformer.datasets.prepare import PreparedData, input_paths
 from interestformer.jobs import evaluate, tracking

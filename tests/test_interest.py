@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.jobs.config import JobConfig
 from interestformer.jobs.distributed import check_start_from, start_from, write_weights_and_state
 from interestformer.models.interest_former import DataSpec, ImageEncoderConfig, InterestFormer, ModelConfig, TextEncoderConfig

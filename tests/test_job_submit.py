@@ -37,12 +37,12 @@ def ray_head(tmp_path_factory):
         os.remove(current)
 
 
-def submit(address: str, env: dict, tmp_path, *args: str, options: tuple = (),
+def submit(address: str, env: dict, package: str, tmp_path, *args: str, options: tuple = (),
            prepared_dir: str = "") -> subprocess.CompletedProcess:
-    """`ray job submit [options]` of jobs.train on the tiny config with `args`, this test's storage
-    and MLflow store (and its prepared data unless prepared_dir is given)."""
-    return submit_job(address, env, [
-        "python", "-m", "jobs.train", "--config", "configs/tiny.yaml",
+    """`ray job submit [options]` of the training job on the tiny config with `args`, this test's
+    storage and MLflow store (and its prepared data unless prepared_dir is given)."""
+    return submit_job(address, env, package, [
+        "--config", "configs/tiny.yaml",
         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
         "--set", f"experiment.storage_path={tmp_path / 'runs'}",
         "--set", f"data.prepared_dir={prepared_dir or tmp_path / 'prepared'}", *args], options)
@@ -51,25 +51,25 @@ def submit(address: str, env: dict, tmp_path, *args: str, options: tuple = (),
 @pytest.mark.parametrize("override, key", [("train.num_workers=8", "train.num_workers"),
                                            ("train.cpus_per_worker=6", "train.cpus_per_worker"),
                                            ("train.placement_strategy=STRICT_SPREAD", "train.placement_strategy")])
-def test_more_than_the_cluster_holds_fails_before_training(ray_head, tmp_path, override, key):
+def test_more_than_the_cluster_holds_fails_before_training(ray_head, job_package, tmp_path, override, key):
     """The head has 4 CPUs: 8 workers x 0.5 CPU plus the pipelines' 3 cannot all run, no node
     holds a 6-CPU worker, and the one node cannot take the tiny config's 2 workers one a node.
     Each fails at once, naming the key, with nothing written."""
     address, env = ray_head
-    run = submit(address, env, tmp_path, "--set", override)
+    run = submit(address, env, job_package, tmp_path, "--set", override)
     output = run.stdout + run.stderr
     assert run.returncode != 0, output[-5000:]
     assert f"config key '{key}'" in output, output[-5000:]
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_stopped_job_resumes_from_its_checkpoint_in_the_same_mlflow_run(ray_head, tmp_path, tiny_prepared_dir):
+def test_a_stopped_job_resumes_from_its_checkpoint_in_the_same_mlflow_run(ray_head, job_package, tmp_path, tiny_prepared_dir):
     """`ray job submit`, then `ray job stop` once the first checkpoint exists, then the same
     command again: the job picks up after the checkpointed epoch (not from scratch), succeeds,
     prints how to browse its run, and continues the same MLflow run."""
     address, env = ray_head
     args = ("--set", "experiment.name=stopped", "--set", "train.epochs=3")
-    run = submit(address, env, tmp_path, *args, options=("--submission-id", "stop-me", "--no-wait"),
+    run = submit(address, env, job_package, tmp_path, *args, options=("--submission-id", "stop-me", "--no-wait"),
                  prepared_dir=tiny_prepared_dir)
     assert run.returncode == 0, run.stdout + run.stderr
     run_folder = tmp_path / "runs" / "stopped"
@@ -84,7 +84,7 @@ def test_a_stopped_job_resumes_from_its_checkpoint_in_the_same_mlflow_run(ray_he
                             capture_output=True, text=True, timeout=60).stdout
     assert "was stopped" in status, status
 
-    resumed = submit(address, env, tmp_path, *args, prepared_dir=tiny_prepared_dir)
+    resumed = submit(address, env, job_package, tmp_path, *args, prepared_dir=tiny_prepared_dir)
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0 and "succeeded" in output, output[-5000:]
     assert "mlflow ui --backend-store-uri sqlite:///" in output

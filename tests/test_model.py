@@ -102,7 +102,7 @@ def test_loss_falls_when_overfitting_a_batch(overrides):
 
 
 def test_config_needs_at_least_one_item_input():
-    from interestformer import ConfigError
+    from interestformer.errors import ConfigError
 
     with pytest.raises(ConfigError, match="use_item_id"):
         ModelConfig(use_item_id=False, text=TextEncoderConfig(enabled=False), image=ImageEncoderConfig(enabled=False))

@@ -95,14 +95,14 @@ def ray_list(address: str, env: dict, what: str, *filters: str) -> list[dict]:
     return json.loads(listing.stdout)
 
 
-def test_two_nodes_train_through_object_storage_and_an_mlflow_server(two_nodes, object_store, tmp_path):
+def test_two_nodes_train_through_object_storage_and_an_mlflow_server(two_nodes, object_store, job_package, tmp_path):
     address, env, temp_dirs = two_nodes
     mlflow_port = free_port()
     server = start_server(f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow_port, artifacts=str(tmp_path / "artifacts"))
     tracking_uri = f"http://127.0.0.1:{mlflow_port}"
     try:
-        run = submit_job(address, env, [
-            "python", "-m", "jobs.train", "--config", "configs/tiny.yaml", "--tracking-uri", tracking_uri,
+        run = submit_job(address, env, job_package, [
+            "--config", "configs/tiny.yaml", "--tracking-uri", tracking_uri,
             "--set", f"data.prepared_dir=s3://{BUCKET}/prepared", "--set", f"experiment.storage_path=s3://{BUCKET}/runs",
             "--set", "experiment.name=two-nodes", "--set", "train.epochs=1",
             "--set", "train.placement_strategy=STRICT_SPREAD", "--set", "model.text.train_mode=frozen"])
@@ -145,5 +145,9 @@ def test_two_nodes_train_through_object_storage_and_an_mlflow_server(two_nodes, 
         for folder in copies:
             written = {"runs", "data", "mlruns", "mlartifacts", "mlflow.db", "s3:"} & set(os.listdir(folder))
             assert not written, (folder, written)
+        # The package travelled with the job (runtime_env py_modules) to both nodes.
+        shipped = [temp_dir for temp_dir in temp_dirs if glob.glob(
+            f"{temp_dir}/session_*/runtime_resources/py_modules_files/*/interestformer/jobs/train.py")]
+        assert shipped == temp_dirs, temp_dirs
     finally:
         stop_server(server)

@@ -8,7 +8,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.datasets.config import DataConfig
 from interestformer.jobs import tracking
 from interestformer.jobs.config import load_config

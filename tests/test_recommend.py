@@ -156,7 +156,8 @@ def test_integer_item_ids_go_in_and_come_out_as_integers(tmp_path):
     artifacts = write_artifacts(model.eval(), torch.randn(6, 16), torch.arange(6), ["10", "20", "30", "40", "50"],
                                 ["view"], 7, str(tmp_path / "artifacts"), "long")
     mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=serving.MODEL_CODE, artifacts=artifacts,
-                             code_paths=serving.CODE_PATHS, signature=serving.signature(serving.item_id_type(artifacts)),
+                             code_paths=serving.package_code(str(tmp_path / "code")),
+                             signature=serving.signature(serving.item_id_type(artifacts)),
                              input_example=serving.input_example(artifacts))
     out = mlflow.pyfunc.load_model(str(tmp_path / "model")).predict(
         pd.DataFrame({"history": [[10, 30], [99]]}), params={"k": 3, "explain": 1})

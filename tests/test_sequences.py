@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.datasets.config import DataConfig
 from interestformer.datasets.pipeline import by_history_length, sequence_batches, unpack
 from interestformer.datasets.prepare import DataQualityError, PreparedData, _fingerprint, input_paths, prepare

@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from interestformer import ConfigError
+from interestformer.errors import ConfigError
 from interestformer.datasets.prepare import prepare
 from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, config_parser, load_config, set_key
@@ -107,6 +107,7 @@ def sweep(cfg: JobConfig, resume: bool = False) -> tune.ResultGrid:
         raise ConfigError("experiment.name", f"no sweep named {name!r} in {cfg.experiment.storage_path} to resume")
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
+    cfg.experiment.tracking_uri = uri  # as resolved here: Tune runs each trial in a folder of its own
     if os.environ.get("RAY_ADDRESS"):
         ensure_ray(cfg)  # joins the cluster, whose resources decide how many trials fit
     concurrent = concurrent_trials(cfg)
@@ -204,6 +205,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from interestformer.jobs.cli import run
+    from interestformer.jobs.cli import sweep
 
-    run(main)
+    sweep()

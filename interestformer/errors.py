@@ -1,13 +1,11 @@
-"""Import root of InterestFormer's layers.
+"""The error every layer raises for a config mistake.
 
-The layer folders (datasets/, models/, jobs/, tuning/) live at the repository root, which is also
-Ray's job working directory. They are imported as ``interestformer.<layer>`` so that our
-``datasets/`` folder never shadows Hugging Face's ``datasets`` package.
+`interestformer` is the package of InterestFormer's layers: interestformer.datasets (raw logs to
+batches), .models (batches to losses and scores), .jobs (the entry points) and .tuning (sweeps).
+In a checkout they are the top-level folders of those names, which pyproject.toml maps into the
+package. The package has no __init__.py: a regular package in the checkout's interestformer/
+folder would hide the mapped layers whenever the checkout is the current directory.
 """
-
-import os
-
-__path__ = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 
 class ConfigError(ValueError):
