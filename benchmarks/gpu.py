@@ -40,9 +40,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import PROJECT_DIR, cpu_name, stamp
-from interestformer.models.interest_former import (
-    DataSpec, ImageEncoderConfig, InterestFormer, ModelConfig, TextEncoderConfig,
-)
+from interestformer.models.encoders import ImageEncoderConfig, TextEncoderConfig
+from interestformer.models.interest_former import DataSpec, InterestFormer, ModelConfig
 
 DEFAULT_OUT = os.path.join(PROJECT_DIR, "benchmarks", "results", "gpu.json")
 # Sizes by preset: a GPU's are a substantial model and batch; a CPU's finish in about two minutes.

@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save_file
 from interestformer.errors import ConfigError
 from interestformer.datasets.pipeline import unpack
 from interestformer.datasets.storage import join, read_bytes, read_json
-from interestformer.models.interest_former import DataSpec, InterestFormer, ShardedEmbedding
+from interestformer.models.interest_former import DataSpec, InterestFormer
+from interestformer.models.sharded_table import ShardedEmbedding
 
 WEIGHTS_FILE = "model.safetensors"
 LATEST_WEIGHTS_FILE = "latest.safetensors"

@@ -1,6 +1,6 @@
 """Frozen encoders' item features -> a Parquet feature store that frozen-encoder training reads.
 
-    python -m jobs.embed_items --config configs/x.yaml [--set model.text.train_mode=frozen]
+    interestformer-embed-items --config configs/x.yaml [--set model.text.train_mode=frozen]
 
 A frozen encoder's output for an item never changes, so instead of running it in every step on
 every worker, this job runs it once over the catalogue and the model looks the features up
@@ -42,7 +42,8 @@ from interestformer.datasets.pipeline import catalogue_rows
 from interestformer.datasets.prepare import PreparedData, prepare
 from interestformer.datasets.storage import filesystem, join, read_json, write_json
 from interestformer.jobs.config import JobConfig, config_parser, load_config
-from interestformer.models.interest_former import DataSpec, build_image_encoder, build_text_encoder
+from interestformer.models.encoders import build_image_encoder, build_text_encoder
+from interestformer.models.interest_former import DataSpec
 
 SUMMARY = "_summary.json"  # the leading underscore keeps Parquet readers from taking it for data
 
@@ -144,8 +145,10 @@ class EncodeItems:
         torch.manual_seed(cfg.train.seed)  # the same random weights in every actor
         self.device = "cuda" if cfg.train.use_gpu else "cpu"
         frozen = cfg.model.frozen_encoders()
-        self.text = build_text_encoder(frozen["text"], spec).to(self.device).eval() if "text" in frozen else None
-        self.image = build_image_encoder(frozen["image"], spec).to(self.device).eval() if "image" in frozen else None
+        self.text = (build_text_encoder(frozen["text"], spec.text_vocab_size, spec.text_max_tokens).to(self.device).eval()
+                     if "text" in frozen else None)
+        self.image = (build_image_encoder(frozen["image"], spec.image_size).to(self.device).eval()
+                      if "image" in frozen else None)
 
     @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:

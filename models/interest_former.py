@@ -24,77 +24,27 @@ the data pipeline adds). Each unique item is encoded exactly once per step, howe
 appears. Scores are cosine similarities divided by a temperature.
 
 For scale: item IDs may be hashed into a fixed number of embedding rows (`item_id_buckets`),
-and the ID table may be split by rows across data-parallel workers (`ShardedEmbedding`);
-a batch without padding attends causally without any mask (the flash kernel on a GPU; no (T, T)
-mask in memory), and `activation_checkpointing` recomputes each block in the backward pass, so
-histories of thousands of events fit.
+and the ID table may be split by rows across data-parallel workers (`ShardedEmbedding`, in
+models/sharded_table.py); a batch without padding attends causally without any mask (the flash
+kernel on a GPU; no (T, T) mask in memory), and `activation_checkpointing` recomputes each block
+in the backward pass, so histories of thousands of events fit.
 
 Imports nothing of Ray, DeepSpeed or MLflow: the model runs the same in a notebook.
 """
 
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from interestformer.errors import ConfigError
-
-EncoderMode = Literal["auto", "frozen", "top", "full"]
-
-
-@dataclass
-class EncoderConfig:
-    """A content encoder (text or image) and how it trains."""
-
-    enabled: bool = True
-    """Encode this kind of content. Off gives a model without it."""
-    pretrained_path: str = ""
-    """Local pretrained weights. Text: a folder holding a transformers model and tokenizer (e.g.
-    all-MiniLM-L6-v2). Image: a transformers vision model folder, or an EfficientNet-Lite weights
-    file named efficientnet-liteN-*.pth. `pkg:<python package>/<sub/path>` names a path inside an
-    installed package. Empty builds a small encoder from the sizes below."""
-    hidden_size: int = 64
-    """Width of the encoder built from config."""
-    num_layers: int = 2
-    """Layers of the encoder built from config."""
-    num_heads: int = 2
-    """Attention heads of the encoder built from config."""
-    train_mode: EncoderMode = "auto"
-    """frozen: features computed once per run for the whole catalogue (fast: no encoder pass while
-    training); top: only the top `trainable_layers` layers train; full: end to end. auto: frozen
-    for a pretrained encoder, full for one built from config (random weights must learn)."""
-    trainable_layers: int = 1
-    """Top layers (Transformer layers, or EfficientNet blocks) that train when train_mode is top."""
-    lr: float = 0.0
-    """Peak learning rate of the encoder's own weights; 0 uses train.lr. Its output projection
-    always trains at train.lr."""
-
-    def __post_init__(self):
-        if self.train_mode == "auto":
-            self.train_mode = "frozen" if self.pretrained_path else "full"
-        if self.trainable_layers < 1:
-            raise ConfigError("trainable_layers", f"must be >= 1, got {self.trainable_layers}")
-        if self.lr < 0:
-            raise ConfigError("lr", f"must be >= 0, got {self.lr}")
-
-
-@dataclass
-class TextEncoderConfig(EncoderConfig):
-    """A Hugging Face transformers text encoder over each item's tokens, mean-pooled."""
-
-
-@dataclass
-class ImageEncoderConfig(EncoderConfig):
-    """An image encoder over each item's decoded picture; items without a usable image get a
-    learned 'no image' vector."""
-
-    patch_size: int = 8
-    """ViT patch size in pixels (encoder built from config); must divide data.image_size."""
+from interestformer.models.encoders import (
+    EncoderConfig, ImageEncoderConfig, TextEncoderConfig, build_image_encoder, build_text_encoder,
+)
+from interestformer.models.sharded_table import ShardedEmbedding
 
 
 @dataclass
@@ -207,7 +157,7 @@ class ItemEncoder(nn.Module):
                 self.register_buffer("text_features", torch.zeros(rows, spec.text_feature_dim))
                 width = spec.text_feature_dim
             else:
-                self.text_encoder = build_text_encoder(cfg.text, spec)
+                self.text_encoder = build_text_encoder(cfg.text, spec.text_vocab_size, spec.text_max_tokens)
                 width = self.text_encoder.width
             self.text_proj = nn.Linear(width, d)
             parts += 1
@@ -218,7 +168,7 @@ class ItemEncoder(nn.Module):
                 self.register_buffer("has_image", torch.zeros(rows, dtype=torch.bool))
                 width = spec.image_feature_dim
             else:
-                self.image_encoder = build_image_encoder(cfg.image, spec)
+                self.image_encoder = build_image_encoder(cfg.image, spec.image_size)
                 width = self.image_encoder.width
             self.image_proj = nn.Linear(width, d)
             self.missing_image = nn.Parameter(torch.zeros(d))
@@ -280,165 +230,6 @@ class ItemEncoder(nn.Module):
         """Fills the hashed-ID map: id_bucket (N+1,) is each item index's embedding row, 0 for padding
         (datasets.pipeline.id_buckets)."""
         self.id_bucket.copy_(id_bucket)
-
-
-class ShardedEmbedding(nn.Module):
-    """An embedding table split by rows across the ranks of the default process group, as
-    TorchRec's row-wise sharding: rank r holds rows [bounds[r], bounds[r + 1]), so in training
-    each worker holds 1/world of the table, its gradient and its optimizer state, and no step
-    gathers the whole (full_weight does, for checkpoints and evaluation). A lookup sends every
-    rank's asked rows to every rank (all-gather), each rank looks up the rows it holds, and an
-    all-to-all returns each rank its vectors; the backward pass returns the gradients the same
-    way, summed at the rows' owners. Every rank must call forward
-    together (as data-parallel training steps do).
-
-    The rows are not an nn.Parameter: the data-parallel engine (DeepSpeed) would average their
-    gradient over the ranks and partition them as if every rank held the same table. They step
-    in their own AdamW (a fused optimizer, as TorchRec's), `step`, with the gradient averaged
-    over the ranks as the engine averages every other one and clipped by its own norm. The
-    module's state dict leaves the rows out; `full_weight` gathers the whole table."""
-
-    def __init__(self, table: torch.Tensor, padding_idx: int | None, adamw: dict, grad_clip: float,
-                 device: torch.device | str):
-        """table (rows, d): the whole table's weights, the same on every rank; adamw: AdamW's
-        arguments (lr, betas, weight_decay); grad_clip: the gradient's largest norm (0: none);
-        device: where this rank's rows live (module.to does not move them: they are not a
-        parameter)."""
-        super().__init__()
-        world, rank = dist.get_world_size(), dist.get_rank()
-        self.bounds = [len(table) * r // world for r in range(world + 1)]
-        self.start, self.padding_idx, self.dim = self.bounds[rank], padding_idx, table.shape[1]
-        self.rows = table[self.start:self.bounds[rank + 1]].detach().to(device, copy=True).requires_grad_()
-        self.grad_clip = grad_clip
-        # Fused: one pass over the rows; the default steps through temporaries as large as the rows
-        # (a 2M x 64 table's step on 2 workers peaked 240 MB higher).
-        self.optimizer = torch.optim.AdamW([self.rows], fused=True, **adamw)
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        world = dist.get_world_size()
-        width = int(max(_all_gather_padded(torch.tensor([len(rows)], device=rows.device), 1)))
-        # (world, width): every rank's asked rows, in this rank's numbering
-        local = torch.stack(_all_gather_padded(rows, width)) - self.start
-        held = (local >= 0) & (local < len(self.rows))
-        vectors = self.rows[local.clamp(0, max(len(self.rows) - 1, 0))] if len(self.rows) else \
-            self.rows.new_zeros(*local.shape, self.dim)
-        vectors = vectors * held.unsqueeze(-1)
-        if self.padding_idx is not None:  # as nn.Embedding: the padding row is read but never trained
-            padding = (local == self.padding_idx - self.start).unsqueeze(-1)
-            vectors = torch.where(padding, vectors.detach(), vectors)
-        received = _AllToAll.apply(vectors.reshape(world * width, self.dim)).reshape(world, width, self.dim)
-        return received.sum(0)[:len(rows)]  # each row came from its one owner, zeros from the others
-
-    @torch.no_grad()
-    def step(self, lr: float):
-        """Steps this rank's rows at `lr` with what backward passes have summed into their gradient
-        since the last step, and clears it. Every rank must call it together."""
-        if self.rows.grad is None:
-            self.rows.grad = torch.zeros_like(self.rows)
-        grad = self.rows.grad.div_(dist.get_world_size())  # the mean over ranks, as the engine's gradients
-        if self.grad_clip:
-            norm = torch.linalg.vector_norm(grad) ** 2  # not grad.pow(2).sum(): no gradient-sized copy
-            dist.all_reduce(norm)
-            grad.mul_(min(1.0, self.grad_clip / (norm.sqrt().item() + 1e-6)))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.rows.grad = None
-
-    @torch.no_grad()
-    def full_weight(self) -> torch.Tensor:
-        """The whole table (rows, d), on every rank; every rank must call it."""
-        size = max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
-        parts = _all_gather_padded(self.rows.detach(), size)
-        return torch.cat([part[:b - a] for part, a, b in zip(parts, self.bounds[:-1], self.bounds[1:])])
-
-    def shard_state(self) -> dict[str, torch.Tensor]:
-        """This rank's rows and their AdamW state (step, exp_avg, exp_avg_sq: tensors, as the fused
-        AdamW keeps them), for its checkpoint."""
-        return {"rows": self.rows.detach(), **self.optimizer.state.get(self.rows, {})}
-
-    @torch.no_grad()
-    def load_shard_state(self, state: dict[str, torch.Tensor]):
-        """Restores what shard_state saved on this rank (the same world size)."""
-        self.rows.copy_(state["rows"])
-        moments = {k: v.to(self.rows.device) for k, v in state.items() if k != "rows"}  # fused: step too
-        if moments:
-            self.optimizer.state[self.rows] = moments
-
-
-def _all_gather_padded(tensor: torch.Tensor, width: int) -> list[torch.Tensor]:
-    """Every rank's `tensor`, each padded with zeros to `width` rows (all_gather needs equal shapes)."""
-    parts = [tensor.new_zeros(width, *tensor.shape[1:]) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, width - len(tensor))))
-    return parts
-
-
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single over the default group, equal splits, with its gradient (the reverse
-    exchange). torch.distributed.nn's version is deprecated."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(tensor)
-        dist.all_to_all_single(out, tensor.contiguous())
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad.contiguous())
-        return out
-
-
-class TextEncoder(nn.Module):
-    """A transformers text model, mean-pooled over real tokens: tokens (U, L) -> (U, width)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.width = model.config.hidden_size
-
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=tokens, attention_mask=mask).last_hidden_state  # (U, L, h)
-        mask = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # an item without text gives 0
-
-    def layers(self) -> list[nn.Module]:
-        return layer_stack(self.model)
-
-
-class ImageEncoder(nn.Module):
-    """A vision backbone: pixels (U, 3, S, S) uint8 -> (U, width) pooled features.
-
-    Pixels are scaled to [-1, 1], the input range of EfficientNet-Lite (and of the ViT built from
-    config). Batch norms of layers that do not train stay in eval mode."""
-
-    def __init__(self, backbone: nn.Module, width: int, layers: list[nn.Module]):
-        super().__init__()
-        self.backbone = backbone
-        self.width = width
-        self._layers = layers
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(next(self.backbone.parameters()).dtype) / 127.5 - 1.0
-        if hasattr(self.backbone, "extract_features"):  # EfficientNet: (U, C, h, w) feature map
-            return self.backbone.extract_features(x).mean(dim=(2, 3))
-        output = self.backbone(pixel_values=x)
-        pooled = getattr(output, "pooler_output", None)
-        if pooled is not None:
-            return pooled.flatten(1)
-        hidden = output.last_hidden_state
-        return hidden.mean(dim=1) if hidden.dim() == 3 else hidden.mean(dim=(2, 3))
-
-    def layers(self) -> list[nn.Module]:
-        return self._layers
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for module in self.modules():  # frozen batch norms must not update their statistics
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.weight.requires_grad:
-                module.eval()
-        return self
 
 
 class CausalBlock(nn.Module):
@@ -651,67 +442,3 @@ def attention_mask(is_real: torch.Tensor, window: int) -> torch.Tensor | None:
     # Every query may see itself, so rows of padding never softmax over nothing.
     allowed = (allowed & is_real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=is_real.device)
     return allowed.unsqueeze(1)
-
-
-def build_text_encoder(cfg: TextEncoderConfig, spec: DataSpec) -> TextEncoder:
-    from transformers import AutoModel, BertConfig, BertModel
-
-    if cfg.pretrained_path:
-        model = AutoModel.from_pretrained(cfg.pretrained_path)
-    else:
-        model = BertModel(BertConfig(vocab_size=spec.text_vocab_size, max_position_embeddings=max(spec.text_max_tokens, 8),
-                                     **_transformer_sizes(cfg)), add_pooling_layer=False)
-    return _set_trainable(TextEncoder(model), cfg)
-
-
-EFFICIENTNET_LITE = re.compile(r"(efficientnet-lite\d)[^/]*\.pth$")
-
-
-def build_image_encoder(cfg: ImageEncoderConfig, spec: DataSpec) -> ImageEncoder:
-    if EFFICIENTNET_LITE.search(cfg.pretrained_path):
-        from efficientnet_lite_pytorch import EfficientNet
-
-        net = EfficientNet.from_name(EFFICIENTNET_LITE.search(cfg.pretrained_path).group(1))
-        # weights_only: a weights file is data, never code to unpickle and run.
-        net.load_state_dict(torch.load(cfg.pretrained_path, map_location="cpu", weights_only=True))
-        del net._fc  # the ImageNet classifier; features come from the last convolution
-        head = nn.ModuleList([net._conv_head, net._bn1])
-        encoder = ImageEncoder(net, net._conv_head.out_channels, list(net._blocks) + [head])
-    else:
-        from transformers import AutoModel, ViTConfig, ViTModel
-
-        if cfg.pretrained_path:
-            model = AutoModel.from_pretrained(cfg.pretrained_path)
-        else:
-            model = ViTModel(ViTConfig(image_size=spec.image_size, patch_size=cfg.patch_size, **_transformer_sizes(cfg)),
-                             add_pooling_layer=False)
-        config = model.config
-        # Convolutional backbones (ConvNeXt, ResNet) report the widths of their stages.
-        width = config.hidden_sizes[-1] if hasattr(config, "hidden_sizes") else config.hidden_size
-        encoder = ImageEncoder(model, width, layer_stack(model))
-    return _set_trainable(encoder, cfg)
-
-
-def _transformer_sizes(cfg: EncoderConfig) -> dict:
-    """The sizes of a transformers encoder built from config (BERT for text, ViT for images)."""
-    return dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                intermediate_size=4 * cfg.hidden_size)
-
-
-def layer_stack(model: nn.Module) -> list[nn.Module]:
-    """A transformers model's stack of layers (BERT's encoder.layer, ViT's layers, ConvNeXt's
-    stages...): its largest ModuleList, bottom first."""
-    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    largest = max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()), default=[])
-    return list(largest)
-
-
-def _set_trainable(encoder: nn.Module, cfg: EncoderConfig) -> nn.Module:
-    """frozen: nothing trains; top: the top `trainable_layers` layers; full: everything."""
-    for p in encoder.parameters():
-        p.requires_grad_(cfg.train_mode == "full")
-    if cfg.train_mode == "top":
-        for layer in encoder.layers()[-cfg.trainable_layers:]:
-            for p in layer.parameters():
-                p.requires_grad_(True)
-    return encoder.train(encoder.training)

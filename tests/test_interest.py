@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from interestformer.errors import ConfigError
 from interestformer.jobs.config import JobConfig
 from interestformer.jobs.distributed import check_start_from, start_from, write_weights_and_state
-from interestformer.models.interest_former import DataSpec, ImageEncoderConfig, InterestFormer, ModelConfig, TextEncoderConfig
+from interestformer.models.encoders import ImageEncoderConfig, TextEncoderConfig
+from interestformer.models.interest_former import DataSpec, InterestFormer, ModelConfig
 from interestformer.models.ranking import RankTotals, evaluate_model, row_ranks
 
 SPEC = DataSpec(num_items=32, num_event_types=1, max_seq_len=12, text_vocab_size=60, text_max_tokens=6, image_size=16)

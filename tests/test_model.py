@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from interestformer.datasets.pipeline import id_buckets, left_pad
-from interestformer.models.interest_former import (
-    DataSpec, ImageEncoderConfig, InterestFormer, ModelConfig, TextEncoderConfig,
-)
+from interestformer.models.encoders import ImageEncoderConfig, TextEncoderConfig
+from interestformer.models.interest_former import DataSpec, InterestFormer, ModelConfig
 from interestformer.models.ranking import RankTotals, evaluate_model, item_representations, row_ranks
 
 SPEC = DataSpec(num_items=30, num_event_types=3, max_seq_len=8, text_vocab_size=50, text_max_tokens=6, image_size=16)
