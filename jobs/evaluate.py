@@ -1,14 +1,15 @@
 """Full-ranking evaluation of a checkpoint: HR@K, NDCG@K and MRR, every item a candidate.
 
-    python -m jobs.evaluate --checkpoint runs/<run>/checkpoint_<...> [--split test] [--run-id ID]
+    interestformer-evaluate --checkpoint runs/<run>/checkpoint_<...> [--split test] [--run-id ID]
 
 Reads the checkpoint's gathered weights (model.safetensors) and its config, streams the split's
 users and the catalogue through Ray Data, and prints (and with --run-id logs to MLflow) the
 metrics, overall and per user segment. With --data-config the users and catalogue are another
 data's (e.g. a newer window of the log), and its eval section, if any, the protocol: items are
 matched by id, and items the checkpoint never saw are ranked from their content
-(jobs.train.catalogue_model). The training job evaluates through the same `evaluate` function, so a checkpoint
-evaluated here gives the metrics its run logged.
+(jobs.train.catalogue_model). Training's validation and test ranking call the same
+models.ranking.evaluate_model on the same packed rows, so a checkpoint evaluated here gives the
+metrics its run logged (a test re-evaluates one).
 """
 
 import argparse

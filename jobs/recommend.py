@@ -1,6 +1,6 @@
 """Batch recommendations: every user's (or the given users') top-K items, with explanations, -> Parquet.
 
-    python -m jobs.recommend --checkpoint runs/<run>/checkpoint_<...> --out recommendations/
+    interestformer-recommend --checkpoint runs/<run>/checkpoint_<...> --out recommendations/
         [--users users.parquet | users.txt] [--k 10] [--include-history] [--explain 3]
 
 Ray Data batch inference, as jobs/embed_items.py is: the users' full histories stream from the

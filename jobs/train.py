@@ -1,8 +1,9 @@
 """Train the multimodal interest Transformer with Ray Train + DeepSpeed, logged to MLflow.
 
-    python -m jobs.train                                  # the demo, on a local Ray
-    python -m jobs.train --config configs/x.yaml --set train.epochs=3
-    ray job submit --working-dir . -- python -m jobs.train --config configs/x.yaml
+    interestformer-train                                  # the demo, on a local Ray
+    interestformer-train --config configs/x.yaml --set train.epochs=3
+    ray job submit --working-dir . --runtime-env-json '{"py_modules": ["build/job/interestformer"]}' \
+        -- python -m interestformer.jobs.train --config configs/x.yaml   # docs/cluster.md
 
 The job: validate the config (before Ray starts), prepare the data (cached), open the MLflow
 run, fit on Ray Train workers, evaluate the most-popular baseline on the same split, log the

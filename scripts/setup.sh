@@ -11,13 +11,7 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 pip=".venv/bin/python -m pip"
-# The package installs in setuptools' strict editable mode: a tree of links under build/ that maps
-# the layer folders into `interestformer` (the default mode cannot map a folder without
-# __init__.py, and datasets/ must have none: it would shadow Hugging Face's `datasets` whenever the
-# checkout is on sys.path). Edits show at once; a new or removed module needs this script again,
-# so the stamp covers the list of modules as well as pyproject.toml.
-stamp=.venv/.installed-$( (cat pyproject.toml; ls interestformer/*.py datasets/*.py models/*.py jobs/*.py tuning/*.py) \
-    | sha256sum | cut -c1-16)
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ -f "$stamp" ]; then
     exit 0
 fi
@@ -26,6 +20,6 @@ if ! command -v nvidia-smi >/dev/null 2>&1 && ! .venv/bin/python -c "import torc
     $pip install -q "torch==2.13.0" || $pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 fi
 echo "setup: installing dependencies into .venv (a few minutes the first time)"
-$pip install -q -e ".[test,pretrained]" --config-settings editable_mode=strict
+$pip install -q -e ".[test,pretrained]"
 rm -f .venv/.installed-*
 touch "$stamp"

@@ -1,8 +1,9 @@
 """A Ray Tune sweep over the training job: each trial is a whole jobs.train run.
 
-    python -m tuning.sweep --config configs/sweep_tiny.yaml             # 4 tiny trials, a few minutes
-    python -m tuning.sweep --config configs/sweep_tiny.yaml --resume    # a stopped sweep goes on
-    ray job submit --working-dir . -- python -m tuning.sweep --config configs/my_sweep.yaml
+    interestformer-sweep --config configs/sweep_tiny.yaml             # 4 tiny trials, a few minutes
+    interestformer-sweep --config configs/sweep_tiny.yaml --resume    # a stopped sweep goes on
+    ray job submit --working-dir . --runtime-env-json '{"py_modules": ["build/job/interestformer"]}' \
+        -- python -m interestformer.tuning.sweep --config configs/my_sweep.yaml   # docs/cluster.md
 
 Each trial builds its own TorchTrainer (DeepSpeed workers and all) through jobs.train.train: a
 Tuner whose trials launch TorchTrainers is the form Ray 2.60 recommends for Train V2. Train's
