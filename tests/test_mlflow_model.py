@@ -40,7 +40,8 @@ print(json.dumps({"item_ids": [list(ids) for ids in out["item_ids"]],
                   "unknown_items": [int(n) for n in out["unknown_items"]],
                   "explanations": [[list(ids) for ids in row] for row in out["explanations"]],
                   "explanation_weights": [[[float(w) for w in ws] for ws in row] for row in out["explanation_weights"]],
-                  "code": list(sys.modules["interestformer"].__path__)}))
+                  "code": [m.__file__ for name, m in sys.modules.items()
+                           if name.startswith("interestformer.") and getattr(m, "__file__", None)]}))
 """ % K
 
 
