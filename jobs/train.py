@@ -66,58 +66,85 @@ def final_splits(cfg: JobConfig) -> list[str]:
 
 
 def train_loop_per_worker(loop_config: dict):
-    """Runs in every Ray Train worker: set up, train, evaluate, checkpoint, log (rank 0)."""
-    cfg = JobConfig.from_dict(loop_config["config"])
-    spec = DataSpec(**loop_config["spec"])
-    uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
-    rank = ray.train.get_context().get_world_rank()
-    world = ray.train.get_context().get_world_size()
-    device = ray.train.torch.get_device()
+    """Runs in every Ray Train worker: set up, then each epoch train, validate, checkpoint and
+    report; at the end, test the best epoch."""
+    worker = TrainingWorker(loop_config)
+    for epoch in worker.epochs_left():
+        worker.train_epoch()
+        metrics, last = worker.validate(epoch)
+        worker.checkpoint(epoch, metrics, last)
+        if last:
+            break
+    return worker.test_best_epoch()
 
-    if not cfg.train.use_gpu:  # as many threads as reserved CPUs: workers must not fight over cores
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    prepared = PreparedData.load(loop_config["prepared_path"])
-    catalogue = catalogue_ids(prepared)
-    init_from = cfg.train.init_from if ray.train.get_checkpoint() is None else ""  # a run's own checkpoint comes first
-    model, carried = catalogue_model(cfg, spec, loop_config["features_uri"], catalogue, init_from)
-    carried_line = f"Started from {init_from}: {carried}" if carried else ""
-    train_rows = ray.train.get_dataset_shard("train")
 
-    def epoch_rows():  # an epoch of this worker's packed batches, its pipeline starting now
-        return fetch_ahead(train_rows.iter_torch_batches(batch_size=1, prefetch_batches=4))
+class TrainingWorker:
+    """One Ray Train worker's run, in the steps train_loop_per_worker takes. Every rank calls each
+    step together (they meet in collectives); rank 0 alone logs to MLflow."""
 
-    # A fresh run's first epoch starts its pipeline while DeepSpeed sets up. A resumed run may have
-    # no epoch left, and a pipeline nobody reads would hold a CPU through the final evaluation.
-    rows = epoch_rows() if ray.train.get_checkpoint() is None else None
-    steps_per_epoch = math.ceil(loop_config["train_users"] / (cfg.train.micro_batch_size * world))
-    engine, state = setup_engine(model, cfg.train, optimizer_steps(cfg.train, loop_config["train_users"], world))
-    state = state or {"epoch": 0, "step": 0}
-    state.update(config=loop_config["config"], spec=loop_config["spec"], prepared_path=loop_config["prepared_path"],
-                 world_size=world)
-    selection = ModelSelection.for_run(cfg.train, state.get("selection"))
-    best_weights = best_checkpoint_weights() if selection.best_epoch else None  # a resumed run's best so far
-    notes = "\n".join(line for line in (carried_line, state.pop("resumed", "")) if line)
-    progress = WorkerProgress(loop_config["progress_board"], rank, cfg.train.epochs * steps_per_epoch,
-                              state["epoch"] * steps_per_epoch, notes)
-    throughput = []  # per epoch run here: users, events, seconds, samples/s, data wait
-    metrics_out = tracking.MetricsOutbox(uri, run_id)  # rank 0's logging; survives a tracking outage
-    system_metrics = None  # rank 0 samples the machine it trains on (the driver's may not train at all)
-    if rank == 0:
-        system_metrics = tracking.start_system_metrics(uri, run_id, cfg.experiment.system_metrics_interval_s)
-    evaluation = EpochEvaluation(cfg, spec, prepared, device)  # holds the evaluation rows after their first pass
+    def __init__(self, loop_config: dict):
+        """Set up: the model and its DeepSpeed engine (resumed from the run's checkpoint if there is
+        one), this worker's share of the training data, model selection, evaluation and logging."""
+        cfg = self.cfg = JobConfig.from_dict(loop_config["config"])
+        self.spec = DataSpec(**loop_config["spec"])
+        self.rank = ray.train.get_context().get_world_rank()
+        self.world = ray.train.get_context().get_world_size()
+        self.device = ray.train.torch.get_device()
+        if not cfg.train.use_gpu:  # as many threads as reserved CPUs: workers must not fight over cores
+            torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        prepared = PreparedData.load(loop_config["prepared_path"])
+        self.catalogue = catalogue_ids(prepared)
+        init_from = cfg.train.init_from if ray.train.get_checkpoint() is None else ""  # a run's own checkpoint comes first
+        model, carried = catalogue_model(cfg, self.spec, loop_config["features_uri"], self.catalogue, init_from)
+        self.train_rows = ray.train.get_dataset_shard("train")
+        # A fresh run's first epoch starts its pipeline while DeepSpeed sets up. A resumed run may have
+        # no epoch left, and a pipeline nobody reads would hold a CPU through the final evaluation.
+        self.rows = self._epoch_rows() if ray.train.get_checkpoint() is None else None
+        steps_per_epoch = math.ceil(loop_config["train_users"] / (cfg.train.micro_batch_size * self.world))
+        self.engine, state = setup_engine(model, cfg.train, optimizer_steps(cfg.train, loop_config["train_users"],
+                                                                             self.world))
+        self.state = state or {"epoch": 0, "step": 0}
+        self.state.update(config=loop_config["config"], spec=loop_config["spec"],
+                          prepared_path=loop_config["prepared_path"], world_size=self.world)
+        self.selection = ModelSelection.for_run(cfg.train, self.state.get("selection"))
+        self.best_weights = best_checkpoint_weights() if self.selection.best_epoch else None  # a resumed run's best
+        notes = [f"Started from {init_from}: {carried}" if carried else "", self.state.pop("resumed", "")]
+        self.progress = WorkerProgress(loop_config["progress_board"], self.rank, cfg.train.epochs * steps_per_epoch,
+                                       self.state["epoch"] * steps_per_epoch, "\n".join(n for n in notes if n))
+        self.throughput = []  # per epoch run here: users, events, seconds, samples/s, data wait
+        self.metrics_out = tracking.MetricsOutbox(loop_config["tracking_uri"], loop_config["run_id"])  # rank 0's
+        self.system_metrics = None  # rank 0 samples the machine it trains on (the driver's may not train at all)
+        if self.rank == 0:
+            self.system_metrics = tracking.start_system_metrics(loop_config["tracking_uri"], loop_config["run_id"],
+                                                                cfg.experiment.system_metrics_interval_s)
+        self.evaluation = EpochEvaluation(cfg, self.spec, prepared, self.device)  # holds its rows after a first pass
+        self.began = time.perf_counter() - self.state.get("worker_seconds", 0.0)  # earlier attempts' time counts
+        self.weights = None  # the latest epoch's full weights
 
-    began = time.perf_counter() - state.get("worker_seconds", 0.0)  # what earlier attempts of the run spent counts
-    for epoch in range(state["epoch"], cfg.train.epochs):
-        if selection.should_stop or _out_of_time(cfg.train.max_minutes, time.perf_counter() - began):
-            break  # a run resumed after its early stop, or with its time spent
+    def _epoch_rows(self):  # an epoch of this worker's packed batches, its pipeline starting now
+        return fetch_ahead(self.train_rows.iter_torch_batches(batch_size=1, prefetch_batches=4))
+
+    def _out_of_time(self) -> bool:
+        return _out_of_time(self.cfg.train.max_minutes, time.perf_counter() - self.began)
+
+    def epochs_left(self):
+        """The epochs to train: none for a run resumed after its early stop or with its time spent."""
+        for epoch in range(self.state["epoch"], self.cfg.train.epochs):
+            if self.selection.should_stop or self._out_of_time():
+                return
+            yield epoch
+
+    def train_epoch(self):
+        """One pass over this worker's share of the training data; rank 0 logs every
+        train.log_every_steps optimizer steps."""
+        engine = self.engine
         engine.train()
         window = {"loss": 0.0, "batches": 0, "users": 0, "events": 0, "wait": 0.0, "start": time.perf_counter()}
         seen = torch.zeros(2, dtype=torch.float64)  # users and events (targets) this worker trained on
-        epoch_loss = [0.0, 0]  # rank 0's loss sum and batches, for the epoch's line on the console
+        self.epoch_loss = [0.0, 0]  # rank 0's loss sum and batches, for the epoch's line on the console
         started, waits = time.perf_counter(), []
-        rows = rows or epoch_rows()
-        for batch, weight, wait in train_steps(rows, device):
+        for batch, weight, wait in train_steps(self.rows or self._epoch_rows(), self.device):
             loss = engine(batch)
             engine.backward(loss * weight)
             optimizer_step(engine)
@@ -127,60 +154,73 @@ def train_loop_per_worker(loop_config: dict):
                 window.update(loss=window["loss"] + loss.item(), batches=window["batches"] + 1,
                               users=window["users"] + users, events=window["events"] + events)
                 seen += torch.tensor([users, events])
-                epoch_loss = [epoch_loss[0] + loss.item(), epoch_loss[1] + 1]
-                progress.update(1)
+                self.epoch_loss = [self.epoch_loss[0] + loss.item(), self.epoch_loss[1] + 1]
+                self.progress.update(1)
             window["wait"] += wait
             if engine.is_gradient_accumulation_boundary():
-                state["step"] += 1
-                if rank == 0 and state["step"] % cfg.train.log_every_steps == 0:
-                    _log_window(metrics_out, window, world, engine, state["step"])
-        throughput.append(_epoch_throughput(seen, time.perf_counter() - started, waits, device))
-        rows = None
-        boundary = time.perf_counter()
-        weights = full_state_dict(engine)  # on every rank; ZeRO-3 gathers the partitions
+                self.state["step"] += 1
+                if self.rank == 0 and self.state["step"] % self.cfg.train.log_every_steps == 0:
+                    _log_window(self.metrics_out, window, self.world, engine, self.state["step"])
+        self.throughput.append(_epoch_throughput(seen, time.perf_counter() - started, waits, self.device))
+        self.rows = None
+
+    def validate(self, epoch: int) -> tuple[dict, bool]:
+        """Validation every train.eval_every epochs and on the last; returns the epoch's metrics and
+        whether the run ends here (the last epoch, its time spent, or patience run out)."""
+        self.boundary = time.perf_counter()
+        self.weights = full_state_dict(self.engine)  # on every rank; ZeRO-3 gathers the partitions
         metrics = {"epoch": epoch}
         # The last epoch always validates, also when the time budget ends the run early.
-        last = epoch + 1 == cfg.train.epochs or _out_of_time(cfg.train.max_minutes, time.perf_counter() - began)
-        if (epoch + 1) % cfg.train.eval_every == 0 or last:
-            val = {f"val_{k}": v for k, v in evaluation.totals(weights, "validation").metrics().items()}
-            if selection.update(epoch + 1, val):
-                best_weights = weights
+        last = epoch + 1 == self.cfg.train.epochs or self._out_of_time()
+        if (epoch + 1) % self.cfg.train.eval_every == 0 or last:
+            val = {f"val_{k}": v for k, v in self.evaluation.totals(self.weights, "validation").metrics().items()}
+            if self.selection.update(epoch + 1, val):
+                self.best_weights = self.weights
             metrics.update(val)
-        last = last or selection.should_stop
-        if not last:  # the next epoch's pipeline starts while this one checkpoints
-            rows = epoch_rows()
-        state.update(epoch=epoch + 1, selection=selection.state(), worker_seconds=time.perf_counter() - began)
-        metrics.update(best_epoch=selection.best_epoch, epoch_samples_per_s=throughput[-1]["samples_per_s"],
-                       epoch_data_wait_fraction=throughput[-1]["data_wait_fraction"],
-                       epoch_train_s=throughput[-1]["seconds"], epoch_eval_s=time.perf_counter() - boundary,
-                       **({"stopped_epoch": epoch + 1} if last else {}))
-        if rank == 0:
-            metrics_out.log({**{k: v for k, v in metrics.items() if k != "epoch"}, "epochs_done": epoch + 1},
-                            step=state["step"])
-        progress.epoch(*_epoch_line(epoch + 1, cfg, epoch_loss, throughput[-1], metrics, selection))
-        saving = time.perf_counter()
-        model_weights = weights if best_weights is None else best_weights  # nothing validated yet: this epoch's
-        save_and_report(engine, model_weights, None if model_weights is weights else weights, metrics, state, catalogue)
-        if rank == 0:
-            metrics_out.log({"epoch_checkpoint_s": time.perf_counter() - saving}, step=state["step"])
-        if last:
-            break
+        return metrics, last or self.selection.should_stop
 
-    # The test splits are read once, with the best epoch's weights (a run with no epoch left to train
-    # has them from its checkpoint; one that validated nothing yet, its latest).
-    results = {split: evaluation.totals(best_weights or full_state_dict(engine), split) for split in final_splits(cfg)}
-    progress.close()
-    if rank == 0:
+    def checkpoint(self, epoch: int, metrics: dict, last: bool):
+        """Saves the epoch's checkpoint (DeepSpeed state, and the best epoch's weights as the model)
+        and reports it to Ray Train; logs the epoch's metrics and prints its line."""
+        if not last:  # the next epoch's pipeline starts while this one checkpoints
+            self.rows = self._epoch_rows()
+        throughput, selection = self.throughput[-1], self.selection
+        self.state.update(epoch=epoch + 1, selection=selection.state(), worker_seconds=time.perf_counter() - self.began)
+        metrics.update(best_epoch=selection.best_epoch, epoch_samples_per_s=throughput["samples_per_s"],
+                       epoch_data_wait_fraction=throughput["data_wait_fraction"], epoch_train_s=throughput["seconds"],
+                       epoch_eval_s=time.perf_counter() - self.boundary, **({"stopped_epoch": epoch + 1} if last else {}))
+        if self.rank == 0:
+            self.metrics_out.log({**{k: v for k, v in metrics.items() if k != "epoch"}, "epochs_done": epoch + 1},
+                                 step=self.state["step"])
+        self.progress.epoch(*_epoch_line(epoch + 1, self.cfg, self.epoch_loss, throughput, metrics, selection))
+        saving = time.perf_counter()
+        model_weights = self.weights if self.best_weights is None else self.best_weights  # nothing validated: latest
+        save_and_report(self.engine, model_weights, None if model_weights is self.weights else self.weights, metrics,
+                        self.state, self.catalogue)
+        if self.rank == 0:
+            self.metrics_out.log({"epoch_checkpoint_s": time.perf_counter() - saving}, step=self.state["step"])
+
+    def test_best_epoch(self) -> dict | None:
+        """The test splits, read once with the best epoch's weights (a run with no epoch left to
+        train has them from its checkpoint; one that validated nothing yet, its latest); rank 0 logs
+        them, closes its logging and returns the run's results to the driver."""
+        results = {split: self.evaluation.totals(self.best_weights or full_state_dict(self.engine), split)
+                   for split in final_splits(self.cfg)}
+        self.progress.close()
+        if self.rank != 0:
+            return None
         for split, totals in results.items():
-            metrics_out.log({f"{METRIC_PREFIX[split]}{k}": v for k, v in totals.report().items()}, step=state["step"])
-        if system_metrics:
-            system_metrics.finish()
-        unsent = None if metrics_out.flush() else metrics_out.unsent()
+            self.metrics_out.log({f"{METRIC_PREFIX[split]}{k}": v for k, v in totals.report().items()},
+                                 step=self.state["step"])
+        if self.system_metrics:
+            self.system_metrics.finish()
+        unsent = None if self.metrics_out.flush() else self.metrics_out.unsent()
         if unsent:  # the driver retries them for longer, with MLflow's own retries
             print(f"MLflow still unreachable at the end: {len(unsent['metrics'])} metrics handed to the driver",
                   file=sys.stderr)
-        return {**results, "step": state["step"], "unsent_metrics": unsent, "throughput": throughput,
-                "best_epoch": selection.best_epoch, "stopped_epoch": state["epoch"], "validation": selection.best_metrics}
+        return {**results, "step": self.state["step"], "unsent_metrics": unsent, "throughput": self.throughput,
+                "best_epoch": self.selection.best_epoch, "stopped_epoch": self.state["epoch"],
+                "validation": self.selection.best_metrics}
 
 
 def _epoch_throughput(seen: torch.Tensor, seconds: float, waits: list[float], device) -> dict:
