@@ -27,7 +27,8 @@ from benchmarks.plain_loop import plain_convergence
 from interestformer.datasets.prepare import prepare
 from interestformer.jobs import tracking
 from interestformer.jobs.config import config_parser, load_config
-from interestformer.jobs.train import ensure_ray, tokenizer_path, train
+from interestformer.jobs.cluster import ensure_ray
+from interestformer.jobs.train import tokenizer_path, train
 
 CONFIG = os.path.join(PROJECT_DIR, "configs", "ml1m_id_only.yaml")
 LEVEL = 0.15  # the validation NDCG@10 the time target names

@@ -20,7 +20,8 @@ from benchmarks.common import write_results
 from benchmarks.overhead import steady_rate
 from interestformer.datasets.prepare import prepare
 from interestformer.jobs.config import config_parser, load_config
-from interestformer.jobs.train import ensure_ray, train, training_batches
+from interestformer.jobs.cluster import ensure_ray
+from interestformer.jobs.train import train, training_batches
 
 
 def pipeline_alone(dataset, epochs: int) -> list[dict]:

@@ -149,7 +149,7 @@ def table(results: dict) -> str:
 def main(argv=None) -> dict:
     from benchmarks.common import write_results
     from interestformer.jobs.config import JobConfig
-    from interestformer.jobs.train import ensure_ray
+    from interestformer.jobs.cluster import ensure_ray
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

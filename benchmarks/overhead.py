@@ -16,7 +16,8 @@ from benchmarks.common import write_results
 from benchmarks.plain_loop import plain_training
 from interestformer.datasets.prepare import prepare
 from interestformer.jobs.config import config_parser, load_config
-from interestformer.jobs.train import ensure_ray, train
+from interestformer.jobs.cluster import ensure_ray
+from interestformer.jobs.train import train
 
 
 def steady_rate(epochs: list[dict]) -> float:

@@ -276,7 +276,7 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pipeline_workers),
         # An evaluation batch is a few index arrays (users read the encoded catalogue), so its
         # packing actor takes no CPU of its own: it runs beside the next epoch's training
-        # pipeline without a CPU kept for it (jobs.train.data_cpus).
+        # pipeline without a CPU kept for it (jobs.cluster.data_cpus).
         num_cpus=1 if split == "train" else 0,
     ).repartition(target_num_rows_per_block=1)
 

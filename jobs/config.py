@@ -41,7 +41,7 @@ class TrainConfig:
     node of its own (needs num_workers nodes)."""
     pipeline_workers: int = 1
     """Most Ray Data actors that pack batches (decode images, sample negatives) at once. A run
-    keeps pipeline_workers + 2 CPUs for Ray Data besides its workers' (jobs.train.data_cpus)."""
+    keeps pipeline_workers + 2 CPUs for Ray Data besides its workers' (jobs.cluster.data_cpus)."""
     embed_workers: int = 1
     """Ray Data actors that run the frozen encoders over the catalogue into the feature store
     (jobs.embed_items, or jobs.train when the store is missing); one GPU each when use_gpu."""

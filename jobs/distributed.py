@@ -208,7 +208,7 @@ def fetch_ahead(batches: Iterable) -> Iterator:
     thread: Ray Data starts every epoch's pipeline anew (seconds on a small machine), and this way
     that start-up runs while the worker does something else (DeepSpeed's set-up, saving a
     checkpoint, evaluating) instead of while it waits for its first batch. Two pipelines then run
-    at once: jobs.train.data_cpus keeps CPUs for both."""
+    at once: jobs.cluster.data_cpus keeps CPUs for both."""
     items = iter(batches)
     fetcher = ThreadPoolExecutor(max_workers=1)
     first = fetcher.submit(next, items, _NO_ITEM)

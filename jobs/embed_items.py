@@ -174,7 +174,8 @@ def _fixed_size_lists(features: torch.Tensor) -> pa.FixedSizeListArray:
 def main(argv=None) -> dict:
     """Prepares the data (cached) and computes its feature store unless it is there already;
     returns {uri, items, seconds, computed}."""
-    from interestformer.jobs.train import data_spec, ensure_ray
+    from interestformer.jobs.cluster import ensure_ray
+    from interestformer.jobs.train import data_spec
 
     args = config_parser("python -m jobs.embed_items", __doc__, "model.text.train_mode=frozen").parse_args(argv)
     cfg = load_config(args.config, args.set)  # every config mistake stops here, before Ray starts
@@ -194,6 +195,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from interestformer.jobs.cli import embed_items
+    from interestformer.jobs import cli
 
-    embed_items()
+    cli.embed_items()

@@ -14,8 +14,8 @@ metrics its run logged (a test re-evaluates one).
 
 import argparse
 import json
+import os
 
-import ray
 import torch
 
 from interestformer.datasets.config import DataConfig
@@ -100,13 +100,14 @@ def main(argv=None):
     parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default as in jobs.train)")
     args = parser.parse_args(argv)
 
+    from interestformer.jobs.cluster import start_ray
     from interestformer.jobs.distributed import load_model
     from interestformer.jobs import tracking
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, state = load_model(args.checkpoint, device)
     cfg = JobConfig.from_dict(state["config"])
-    ray.init(ignore_reinit_error=True)
+    start_ray(os.cpu_count() or 1)
     if args.data_config:
         other = load_config(args.data_config)
         if "eval" in read_yaml(args.data_config):  # re-scored under another protocol
@@ -128,6 +129,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from interestformer.jobs.cli import evaluate
+    from interestformer.jobs import cli
 
-    evaluate()
+    cli.evaluate()

@@ -18,7 +18,7 @@ import ray
 def quiet_console(verbose: bool):
     """This process's share of a clean console: unless verbose, MLflow's INFO lines and artifact
     progress bars and Ray Data's warnings are not printed (Ray's own lines are kept off by
-    ray.init(log_to_driver=..., logging_level=...), jobs.train.ensure_ray)."""
+    ray.init(log_to_driver=..., logging_level=...), jobs.cluster.start_ray)."""
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # what mlflow's import sets its logger to

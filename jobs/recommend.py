@@ -44,6 +44,7 @@ from ray.data.expressions import col
 from interestformer.datasets.prepare import PreparedData
 from interestformer.datasets.storage import filesystem, join, read_bytes, read_json, read_parquet, write_json
 from interestformer.jobs.cli import program
+from interestformer.jobs.cluster import start_ray
 from interestformer.jobs.distributed import STATE_FILE
 from interestformer.jobs.embed_items import _files_schema_and_rows
 from interestformer.jobs.serving import Recommender, export
@@ -98,18 +99,6 @@ class RecommendUsers:
                                          self.exclude_history, self.explain)
         return pa.table({"user_id": sequences.column("user_id"),
                          **{name: out[name].tolist() for name in OUTPUT_SCHEMA.names[1:]}}, schema=OUTPUT_SCHEMA)
-
-
-def start_ray(actors: int, cpus_per_actor: int):
-    """Joins the cluster this job was submitted to (RAY_ADDRESS), or starts a local Ray with
-    logical CPUs for the actors and one more for the read and write tasks beside them (on a
-    2-core machine the actors would otherwise leave the pipeline no CPU)."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, actors * cpus_per_actor + 1))
 
 
 def recommend(checkpoint: str, out: str, users: list[str] | None, k: int, exclude_history: bool, explain: int,
@@ -185,7 +174,9 @@ def main(argv=None) -> dict:
         parser.error(f"--explain must be >= 0, got {args.explain}")
 
     users = requested_users(args.users) if args.users else None
-    start_ray(args.actors, args.cpus_per_actor)
+    # Locally, logical CPUs for the actors and one more for the read and write tasks beside them
+    # (on a 2-core machine the actors would otherwise leave the pipeline no CPU).
+    start_ray(args.actors * args.cpus_per_actor + 1)
     ray.data.DataContext.get_current().enable_progress_bars = True  # this job's progress report
     summary = recommend(args.checkpoint, args.out, users, args.k, not args.include_history, args.explain,
                         args.batch_size, args.actors, args.cpus_per_actor)
@@ -200,6 +191,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from interestformer.jobs.cli import recommend
+    from interestformer.jobs import cli
 
-    recommend()
+    cli.recommend()

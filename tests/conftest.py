@@ -28,7 +28,7 @@ def pytest_report_header(config):
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray, started once; logical CPUs above the 2 physical ones so that training
-    workers and the Ray Data pipeline both get scheduled (see jobs.train.ensure_ray)."""
+    workers and the Ray Data pipeline both get scheduled (see jobs.cluster.ensure_ray)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1")

@@ -29,7 +29,8 @@ from interestformer.datasets.prepare import prepare
 from interestformer.jobs import tracking
 from interestformer.jobs.config import JobConfig, config_parser, load_config, set_key
 from interestformer.jobs.report import markdown
-from interestformer.jobs.train import check_cluster_fits, data_cpus, ensure_ray, tokenizer_path, train
+from interestformer.jobs.cluster import check_cluster_fits, data_cpus, ensure_ray
+from interestformer.jobs.train import tokenizer_path, train
 
 TRIAL_CPUS = 0.25  # a trial only drives its TorchTrainer; its workers reserve their own CPUs
 DISTRIBUTIONS = {
@@ -206,6 +207,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from interestformer.jobs.cli import sweep
+    from interestformer.jobs import cli
 
-    sweep()
+    cli.sweep()
