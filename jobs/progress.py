@@ -95,9 +95,13 @@ class DriverDisplay:
         bar, seen = None, 0
         while True:
             stopping = self.stop.wait(self.interval_s)
-            try:
-                done, total, description, lines = ray.get(self.board.read.remote(seen), timeout=10)
-            except Exception:  # the board is gone with the cluster: nothing left to draw
+            try:  # the last read waits longer: it brings the run's last lines
+                done, total, description, lines = ray.get(self.board.read.remote(seen), timeout=60 if stopping else 10)
+            except ray.exceptions.GetTimeoutError:  # a busy machine (the board's process still
+                if stopping:  # starting, say): the lines wait on the board for the next read
+                    break
+                continue
+            except ray.exceptions.RayError:  # the board is gone with the cluster: nothing left to draw
                 break
             if total and bar is None:
                 bar = tqdm(total=total, unit="batch", dynamic_ncols=True)
