@@ -15,7 +15,7 @@ from interestformer.jobs.config import JobConfig
 from interestformer.jobs.progress import quiet_console
 
 
-def start_ray(local_cpus: float, verbose: bool = False, env_vars: dict | None = None) -> bool:
+def start_ray(local_cpus: float = 0, verbose: bool = False, env_vars: dict | None = None) -> bool:
     """Where every job starts or joins Ray. Joins the cluster the job was submitted to
     (RAY_ADDRESS) and returns True; else starts a new local Ray in this process, with `local_cpus`
     logical CPUs (at least this machine's), and returns False; does nothing when Ray is already

@@ -14,7 +14,6 @@ metrics its run logged (a test re-evaluates one).
 
 import argparse
 import json
-import os
 
 import torch
 
@@ -107,7 +106,7 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, state = load_model(args.checkpoint, device)
     cfg = JobConfig.from_dict(state["config"])
-    start_ray(os.cpu_count() or 1)
+    start_ray()
     if args.data_config:
         other = load_config(args.data_config)
         if "eval" in read_yaml(args.data_config):  # re-scored under another protocol
