@@ -17,7 +17,8 @@ Output: Parquet files in --out, one row per user found, in no particular order:
     scores               list<double>          their cosine scores, descending
     explanations         list<list<string>>    per recommended item, up to --explain history item
                                                ids its score depends on most, most first
-    explanation_weights  list<list<double>>    how much that score drops without each of them
+    explanation_weights  list<list<double>>    how much more that score drops without each of
+                                               them than the user's top items' scores do
                                                (leave-one-out, models/explain.py)
 By default no item of a user's history is recommended (--include-history allows them); a user
 with fewer other items than K gets fewer. `_summary.json` beside the files is written last: users

@@ -22,7 +22,8 @@ every catalogue item is scored by cosine against the user, as evaluation ranks t
 (models/ranking.py), item_chunk_size items at a time into a running top-k (chunked_top_k), so
 memory stays bounded however large the catalogue. With params explain > 0 (default 3), each
 recommended item also names the history items its score depends on most (models/explain.py:
-leave-one-out, one more pass of the user model per distinct history item). The model is logged as code
+leave-one-out against the user's other top items, one more pass of the user model per distinct
+history item). The model is logged as code
 (jobs/serving_model.py, MLflow's "models from code"), so loading it unpickles nothing; our layers
 travel with it as MLflow code paths.
 """
@@ -44,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import pad_sequence
 
 from interestformer.jobs.config import EvalConfig, build
-from interestformer.models.explain import history_contributions, top_contributors
+from interestformer.models.explain import REFERENCE_ITEMS, history_contributions, top_contributors
 from interestformer.models.interest_former import DataSpec, InterestFormer, ModelConfig
 from interestformer.models.ranking import chunked_top_k
 
@@ -223,9 +224,10 @@ class Recommender:
         a known item gets the k most popular items, scored by their share of the prepared events.
 
         explain > 0: for each recommended item, the `explain` items of the window read whose
-        removal from the history lowers its score most (explanations: raw item ids, most first)
-        and how much its cosine score drops without each (explanation_weights), by leave-one-out
-        (models/explain.py says how, and why). Each row holds one list per
+        removal from the history lowers its score most beyond the user's other top items'
+        (explanations: raw item ids, most first), and by how much its cosine score drops more
+        than theirs without each (explanation_weights), by leave-one-out (models/explain.py says
+        how, and why). Each row holds one list per
         recommended item in both columns; the lists are empty with explain 0 and for the most
         popular items of a history without a known item."""
         if k < 1:
@@ -271,10 +273,14 @@ class Recommender:
         seen = None
         if exclude_history:  # every item of the history, also those older than the window
             seen = pad_sequence([torch.tensor([item for item, _ in pairs]) for pairs in histories], batch_first=True)
-        top_scores, top_indices = chunked_top_k(lambda a, b: users @ self.vectors[a:b].T, len(self.vectors), k,
-                                                seen, self.item_chunk_size)  # ties: the lower item index first
+        top_scores, top_indices = chunked_top_k(lambda a, b: users @ self.vectors[a:b].T, len(self.vectors),
+                                                max(k, REFERENCE_ITEMS) if explain else k, seen,
+                                                self.item_chunk_size)  # ties: the lower item index first
+        reference = top_indices.masked_fill(top_scores == float("-inf"), 0)  # the user's top items
+        top_scores, top_indices = top_scores[:, :k], top_indices[:, :k]
         if explain:
-            contributions = history_contributions(self.model, self.representations, history, types, top_indices)
+            contributions = history_contributions(self.model, self.representations, history, types, top_indices,
+                                                  reference)
             contributors, drops = (t.tolist() for t in top_contributors(history, contributions, explain))
         ids, values, explanations, weights = [], [], [], []
         for row, (indices, row_scores) in enumerate(zip(top_indices.tolist(), top_scores.tolist())):
@@ -298,8 +304,8 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
     Params: k (default 10), exclude_history (default True), explain (default 3; 0: none).
     Output: a DataFrame with, per input row, item_ids (list of k raw item ids, best first),
     scores (list of k floats, descending), explanations (per recommended item, a list of up to
-    `explain` history item ids its score depends on most), explanation_weights (the score drop
-    without each, Recommender.recommend) and unknown_items (history items not in the catalogue)."""
+    `explain` history item ids its score depends on most), explanation_weights (how much more
+    its score drops without each than the user's top items' do, Recommender.recommend) and unknown_items (history items not in the catalogue)."""
 
     def load_context(self, context):
         self.recommender = Recommender(context.artifacts)

@@ -16,6 +16,7 @@ from interestformer.datasets.pipeline import catalogue_ids
 from interestformer.jobs import recommend
 from interestformer.jobs.config import load_config
 from interestformer.jobs.serving import Recommender, write_artifacts
+from interestformer.models.explain import history_contributions
 from interestformer.models.interest_former import DataSpec, InterestFormer, ModelConfig
 
 from conftest import PROJECT_DIR, fresh_checkpoint
@@ -79,6 +80,21 @@ def test_requested_users_only_and_unknown_ones_reported(checkpoint, tmp_path, ca
     assert "2 requested user(s) not in the data" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the catalogue export again: about 10 s here
+def test_the_explanations_benchmark_compares_both_methods_on_a_checkpoint(checkpoint, tmp_path):
+    from benchmarks.explanations import main
+
+    _, folder, histories = checkpoint
+    out = tmp_path / "explanations.json"
+    figures = main(["--checkpoint", folder, "--users", "8", "--k", "3", "--out", str(out)])
+
+    assert set(figures["methods"]) == {"raw drop", "specific drop"} and figures["users"] == 8
+    for values in figures["methods"].values():
+        assert 0 <= values["top_reason_is_newest"] <= 1 and 1 <= values["distinct_top_reasons_per_user"] <= 3
+    with open(out) as f:
+        assert json.load(f)["methods"] == figures["methods"]
+
+
 def test_requested_users_from_a_text_file(tmp_path):
     users = tmp_path / "users.txt"
     users.write_text("u2\n\nu1\n u2 \n")
@@ -131,6 +147,43 @@ def test_explanations_name_the_planted_cause(tmp_path):
         assert weights[0] > 0 and weights[0] > 2 * abs(weights[1])
     empty = recommender.recommend([[], ["not-in-the-catalogue"]], None, 3, True, explain=3)
     assert empty.explanations.tolist() == [[[], [], []]] * 2  # most popular items: nothing to explain
+
+
+def test_contributions_are_each_items_drop_beyond_the_reference_items_mean():
+    """history_contributions against a brute force: for each distinct history item, the history
+    without it is read again; the contribution is the item's score drop less the mean drop of the
+    reference items (padding references do not count; with none, the whole drop)."""
+    torch.manual_seed(0)
+    model = InterestFormer(ModelConfig(d_model=16, n_layers=1, n_heads=2, dropout=0.0),
+                           DataSpec(num_items=12, num_event_types=1, max_seq_len=6, text_vocab_size=0,
+                                    text_max_tokens=0, image_size=0), with_item_encoder=False).eval()
+    representations = torch.randn(13, 16)
+    representations[0] = 0
+    history = torch.tensor([[0, 0, 3, 5, 3, 7], [1, 2, 4, 6, 8, 9], [0, 0, 0, 0, 0, 11]])  # a repeat; a lone item
+    items = torch.tensor([[10, 11], [3, 5], [2, 4]])
+    reference = torch.tensor([[10, 11, 12, 1], [3, 5, 0, 0], [0, 0, 0, 0]])
+    got = history_contributions(model, representations, history, (history > 0).long(),
+                                items, reference)
+
+    def scores(row: list[int], targets: torch.Tensor) -> torch.Tensor:
+        if not row:
+            return torch.zeros(len(targets))
+        h = torch.tensor([[0] * (6 - len(row)) + row])
+        user = model.encode_users(representations[h], h, (h > 0).long())[0, -1]
+        return F.normalize(representations[targets], dim=-1) @ user
+
+    for b, row in enumerate(history.tolist()):
+        real = [i for i in row if i]
+        targets = torch.cat([items[b], reference[b]])
+        full = scores(real, targets)
+        for position, item in enumerate(row):
+            if item == 0 or item in row[:position]:  # padding, and every occurrence after an item's first
+                assert torch.all(got[b, :, position] == 0)
+                continue
+            drop = full - scores([i for i in real if i != item], targets)
+            used = reference[b] > 0
+            common = drop[2:][used].mean() if used.any() else 0.0
+            torch.testing.assert_close(got[b, :, position], drop[:2] - common, atol=1e-5, rtol=1e-4)
 
 
 def test_integer_item_ids_go_in_and_come_out_as_integers(tmp_path):
