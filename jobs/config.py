@@ -162,11 +162,11 @@ class EvalConfig:
 
     ks: list[int] = field(default_factory=lambda: [10, 50, 200])
     """Cut-offs of HR@K and NDCG@K."""
-    exclude_history: bool = True
+    exclude_history: bool = False
     """Remove the other items of the user's history window from the candidates, as the published
-    MovieLens tables do (HSTU's and RecBole's full-ranking code). Set false where users come back
-    to items they had (re-purchases, re-listens): a repeated item is then a candidate again. The
-    target itself is always ranked."""
+    MovieLens tables do (HSTU's and RecBole's full-ranking code; configs/ml1m_*.yaml set it).
+    Off by default: where users come back to items they had (re-purchases, re-listens), a
+    repeated item must stay a candidate. The target itself is always ranked."""
     batch_size: int = 128
     """Users per evaluation batch."""
     item_chunk_size: int = 65536
