@@ -25,7 +25,6 @@ import tempfile
 import pyarrow.parquet as pq
 import torch
 
-from interestformer.datasets.pipeline import catalogue_ids
 from interestformer.datasets.prepare import PreparedData, input_paths
 from interestformer.datasets.storage import join, read_json
 from interestformer.jobs.cluster import start_ray
@@ -95,16 +94,14 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     start_ray()
+    with tempfile.TemporaryDirectory() as folder:  # a folder that holds no checkpoint fails here, naming it
+        recommender = Recommender(export(args.checkpoint, folder))
     state = read_json(join(args.checkpoint, STATE_FILE))
     prepared = PreparedData.load(state["prepared_path"])
-    cfg = JobConfig.from_dict(state["config"])
-    with tempfile.TemporaryDirectory() as folder:
-        recommender = Recommender(export(args.checkpoint, folder))
     model, representations = recommender.model, recommender.representations
     history = sample_histories(prepared, args.users, model.spec.max_seq_len, args.seed)
     types = (history > 0).long()  # MovieLens has one event type
-    index = {item_id: i + 1 for i, item_id in enumerate(catalogue_ids(prepared))}
-    genres = item_genres(input_paths(cfg.data)[1], index)
+    genres = item_genres(input_paths(JobConfig.from_dict(state["config"]).data)[1], recommender.item_index)
 
     with torch.no_grad():
         users = model.encode_users(representations[history], history, types)[:, -1]
@@ -143,4 +140,6 @@ def markdown_table(figures: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from interestformer.jobs.cli import run
+
+    run(main)
