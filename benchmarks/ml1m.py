@@ -57,7 +57,7 @@ def run_config(name: str, overrides: list[str], cold: bool) -> dict:
     started = time.perf_counter()
     summary = train(cfg)
     summary["minutes"] = (time.perf_counter() - started) / 60
-    summary["epochs"] = cfg.train.epochs
+    summary["max_epochs"] = cfg.train.epochs
     return summary
 
 
@@ -105,7 +105,8 @@ def main(argv=None) -> dict:
     for name in names:
         standard = run_config(name, args.set, cold=False)
         row = {m: standard["test"][m] for m in METRICS}
-        row.update(users=standard["test"]["users"], minutes=standard["minutes"], epochs=standard["epochs"],
+        row.update(users=standard["test"]["users"], minutes=standard["minutes"], max_epochs=standard["max_epochs"],
+                   best_epoch=standard["best_epoch"], stopped_epoch=standard["stopped_epoch"],
                    run_id=standard["run_id"], overrides=args.set, **stamp)
         popular = {m: standard["most_popular"][m] for m in METRICS}
         if not args.skip_cold:

@@ -61,6 +61,12 @@ class ModelConfig:
     """Dropout in the user Transformer and on item representations."""
     use_item_id: bool = True
     """Learn an embedding per item ID. Off gives a content-only model that ranks unseen items."""
+    item_id_dropout: float = 0.0
+    """Chance, per training step and item, that an item's ID embedding is replaced by zeros, so that
+    the model also learns to represent items by their content alone. An item that never occurs in
+    training keeps a zero ID row (the table then starts at zero, and a model started from an earlier
+    one gives its new items zero rows), so it is represented exactly as the dropout trained for. Needs
+    use_item_id and a text or image encoder."""
     item_id_buckets: int = 0
     """0: one ID embedding row per catalogue item. N > 0: N rows shared by hashing, for catalogues
     too large (or too changeable) for a row each: an item's row is a stable hash of its raw item
@@ -105,6 +111,11 @@ class ModelConfig:
             raise ConfigError("use_item_id", "an item needs at least one of: item ID, text, image")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout", f"must be within [0, 1), got {self.dropout}")
+        if not 0.0 <= self.item_id_dropout < 1.0:
+            raise ConfigError("item_id_dropout", f"must be within [0, 1), got {self.item_id_dropout}")
+        if self.item_id_dropout and not (self.use_item_id and (self.text.enabled or self.image.enabled)):
+            raise ConfigError("item_id_dropout", "drops the ID part of items: needs use_item_id true and text or "
+                                                 "image enabled")
         if self.temperature <= 0:
             raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
         if self.short_term_events < 0:
@@ -143,13 +154,18 @@ class ItemEncoder(nn.Module):
         d, rows = cfg.d_model, spec.num_items + 1
         parts = 0
         self.id_embedding = None
+        self.id_dropout = cfg.item_id_dropout
         # Hashed IDs: item index -> embedding row; -1 until load_id_buckets, so that an unfilled map
         # fails the lookup instead of quietly reading the padding row.
         hashed = cfg.item_id_buckets > 0  # validated: only with use_item_id
         self.register_buffer("id_bucket", torch.full((rows,), -1, dtype=torch.long) if hashed else None)
         if cfg.use_item_id:
             self.id_embedding = nn.Embedding(cfg.item_id_buckets + 1 if hashed else rows, d, padding_idx=0)
-            nn.init.normal_(self.id_embedding.weight, std=0.02)
+            # With ID dropout, zero is what "no ID" means: rows that no training step reaches stay at it.
+            if cfg.item_id_dropout:
+                nn.init.zeros_(self.id_embedding.weight)
+            else:
+                nn.init.normal_(self.id_embedding.weight, std=0.02)
             parts += 1
         self.text_encoder = self.text_proj = None
         if cfg.text.enabled:
@@ -181,6 +197,9 @@ class ItemEncoder(nn.Module):
         parts = []
         if self.id_embedding is not None:
             ids = self.id_embedding(items if self.id_bucket is None else self.id_bucket[items])  # (U, d)
+            if self.training and self.id_dropout:
+                # One draw per unique item: an item loses its ID alike as a candidate and in histories.
+                ids = ids * (torch.rand(len(items), 1, device=ids.device) >= self.id_dropout)
             parts.append(ids.to(self.fuse[0].weight.dtype))  # a sharded table stays fp32 under bf16
         if self.text_proj is not None:
             if self.text_encoder is None:

@@ -107,6 +107,38 @@ def test_config_needs_at_least_one_item_input():
         ModelConfig(use_item_id=False, text=TextEncoderConfig(enabled=False), image=ImageEncoderConfig(enabled=False))
 
 
+def test_item_id_dropout_trains_content_alone_and_leaves_untrained_items_at_their_content():
+    from interestformer.errors import ConfigError
+
+    model = tiny_model(item_id_dropout=0.5).train()
+    batch = batch_of([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(batch).backward()
+        optimizer.step()
+    table = model.item_encoder.id_embedding.weight.detach()
+    assert table[1:15].abs().sum(-1).gt(0).all()  # trained rows moved from zero
+    assert torch.equal(table[15:], torch.zeros_like(table[15:]))  # never in a batch: still no ID
+    # In training, some items lose their ID part (about half, drawn anew each step); in evaluation none.
+    # (The content encoders stay in eval mode, so that their own dropout does not move the vectors.)
+    encoder, items = model.item_encoder, batch["unique_items"][1:]
+    content = {k: batch[k][1:] for k in ("text_tokens", "text_mask", "pixels", "has_image")}
+    model.eval()
+    with torch.no_grad():
+        full = encoder(items, content)
+        encoder.training = True  # this module only
+        dropped = encoder(items, content)
+        encoder.training = False
+        encoder.id_embedding.weight.zero_()
+        content_only = encoder(items, content)
+    lost = torch.isclose(dropped, content_only, atol=1e-5).all(-1)
+    assert 0 < int(lost.sum()) < len(items)
+    assert torch.allclose(dropped[~lost], full[~lost], atol=1e-5)
+    with pytest.raises(ConfigError, match="item_id_dropout"):
+        ModelConfig(item_id_dropout=0.3, **ID_ONLY)
+
+
 def test_hashed_item_ids_keep_their_row_in_any_catalogue_and_colliding_items_share_it():
     catalogue = [f"i{n:06d}" for n in range(SPEC.num_items)]
     rows = id_buckets(catalogue, 8)
