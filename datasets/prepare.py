@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import os
+import posixpath
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -473,13 +474,19 @@ def _fingerprint(cfg: DataConfig, tokenizer_path: str, *inputs: str) -> str:
     # Keys the batching reads (not the prepared files) must not invalidate the cache.
     batching = ("max_seq_len", "num_negatives", "full_softmax", "group_by_length", "max_bad_fraction", "cold_item_fraction", "new_user_fraction",
                 "train_since")
-    shaping = {k: v for k, v in asdict(cfg).items() if k not in batching}
+    # Where the inputs and the output lie does not shape the data either: the inputs count by their
+    # files (below), so the same files reached from another folder (a moved checkout, a second one
+    # whose data/ links to the first's) reuse what was prepared.
+    locations = ("events_path", "items_path", "prepared_dir")
+    shaping = {k: v for k, v in asdict(cfg).items() if k not in batching + locations}
     listing = []
     for uri in inputs:
         fs, path = pafs.FileSystem.from_uri(uri)
         selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
-        infos = [fs.get_file_info(path)] if fs.get_file_info(path).is_file else fs.get_file_info(selector)
-        listing += sorted((i.path, i.size, str(i.mtime)) for i in infos if i.is_file)
+        root = fs.get_file_info(path)
+        infos = [root] if root.is_file else fs.get_file_info(selector)
+        listing.append(sorted((posixpath.relpath(i.path, posixpath.dirname(path) if root.is_file else path),
+                               i.size, str(i.mtime)) for i in infos if i.is_file))
     parts = [META_VERSION, shaping, tokenizer_path, listing]
     if cfg.pseudonymise_user_ids:  # another key gives other pseudonyms; the key itself stays out
         parts.append(hmac.new(pseudonym_key(), b"fingerprint", hashlib.sha256).hexdigest()[:16])

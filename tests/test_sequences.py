@@ -3,6 +3,7 @@
 
 import dataclasses
 import io
+import os
 import pathlib
 
 import pyarrow as pa
@@ -181,6 +182,17 @@ def test_batching_keys_reuse_the_prepared_data_and_shaping_keys_do_not(prepared)
         return _fingerprint(c, "", *input_paths(c))
 
     assert fingerprint(dataclasses.replace(cfg, sequence_shards=3)) != fingerprint(cfg)
+    # The same files from another folder (here a link to it) are the same input; a changed file is not.
+    root = pathlib.Path(cfg.events_path).parent
+    elsewhere = root.parent / f"{root.name}-link"
+    elsewhere.symlink_to(root)
+    assert fingerprint(dataclasses.replace(cfg, events_path=str(elsewhere / "events"),
+                                           items_path=str(elsewhere / "items"))) == fingerprint(cfg)
+    touched = sorted((root / "items").rglob("*.parquet"))[0]
+    times = touched.stat().st_atime_ns, touched.stat().st_mtime_ns
+    os.utime(touched, ns=(times[0], times[1] + 10**9))
+    assert fingerprint(cfg) != again.meta["fingerprint"]
+    os.utime(touched, ns=times)  # the module's other tests share these files
 
 
 def test_too_much_bad_input_stops_the_job_with_the_counts(ray_local, tmp_path):
