@@ -11,10 +11,10 @@ two methods of models/explain.py:
   the mean score of the user's top REFERENCE_ITEMS items.
 
 Per method: the share of recommendations whose top reason is the user's newest event, the mean
-number of distinct top reasons among a user's K items, and, on MovieLens (genres read from the
-items' description, "Genres: A, B"), the share of top reasons that share a genre with the
-recommended movie, beside the same share for the newest event and for a history item drawn at
-random. Prints a table; writes benchmarks/results/explanations.json (--out).
+number of distinct top reasons among a user's K items, and the share of top reasons that share a
+label with the recommended item, beside the same share for the newest event and for a history
+item drawn at random. The labels are MovieLens' genres (read from the items' description,
+"Genres: A, B") or, on the demo, each item's planted topic, which is what drew the user's events. Prints a table; writes benchmarks/results/explanations.json (--out).
 """
 
 import argparse
@@ -39,10 +39,13 @@ from benchmarks.common import RESULTS_DIR, save_results, stamp
 GENRES = re.compile(r"Genres: ([^.]*)")
 
 
-def item_genres(items_path: str, index: dict[str, int]) -> dict[int, set[str]]:
-    """Item index -> its genres, from the description column of the items table ("Genres: A, B");
-    none when the table has no such column."""
+def item_labels(items_path: str, index: dict[str, int]) -> dict[int, set[str]]:
+    """Item index -> its known labels: the demo's planted `topic` (each item's dominant one), or
+    MovieLens' genres from the description column ("Genres: A, B"); none when the table has neither."""
     dataset = pq.ParquetDataset(items_path)
+    if "topic" in dataset.schema.names:
+        table = dataset.read(columns=["item_id", "topic"]).to_pydict()
+        return {index[i]: {str(t)} for i, t in zip(table["item_id"], table["topic"]) if i in index}
     if "description" not in dataset.schema.names:
         return {}
     table = dataset.read(columns=["item_id", "description"]).to_pydict()
@@ -68,18 +71,18 @@ def sample_histories(prepared: PreparedData, users: int, window: int, seed: int)
 
 
 def shares(history: torch.Tensor, recommended: torch.Tensor, reasons: torch.Tensor,
-           genres: dict[int, set[str]]) -> dict[str, float]:
+           labels: dict[int, set[str]]) -> dict[str, float]:
     """Figures of one method: recommended (B, K) item indices and their top reasons (B, K)."""
     newest = history[:, -1:].expand_as(reasons)
     distinct = torch.tensor([len(set(row)) for row in reasons.tolist()], dtype=torch.float)
     figures = {"top_reason_is_newest": (reasons == newest).float().mean().item(),
                "distinct_top_reasons_per_user": distinct.mean().item()}
-    if genres:
-        def share_genre(a: torch.Tensor) -> float:
+    if labels:
+        def share_label(a: torch.Tensor) -> float:
             pairs = [(i, j) for i, j in zip(recommended.flatten().tolist(), a.flatten().tolist())
-                     if i in genres and j in genres]
-            return sum(bool(genres[i] & genres[j]) for i, j in pairs) / max(len(pairs), 1)
-        figures["top_reason_shares_a_genre"] = share_genre(reasons)
+                     if i in labels and j in labels]
+            return sum(bool(labels[i] & labels[j]) for i, j in pairs) / max(len(pairs), 1)
+        figures["top_reason_shares_a_label"] = share_label(reasons)
     return figures
 
 
@@ -101,7 +104,7 @@ def main(argv=None) -> dict:
     model, representations = recommender.model, recommender.representations
     history = sample_histories(prepared, args.users, model.spec.max_seq_len, args.seed)
     types = (history > 0).long()  # MovieLens has one event type
-    genres = item_genres(input_paths(JobConfig.from_dict(state["config"]).data)[1], recommender.item_index)
+    labels = item_labels(input_paths(JobConfig.from_dict(state["config"]).data)[1], recommender.item_index)
 
     with torch.no_grad():
         users = model.encode_users(representations[history], history, types)[:, -1]
@@ -113,15 +116,15 @@ def main(argv=None) -> dict:
     for method, reference in (("raw drop", torch.zeros_like(top)), ("specific drop", top)):
         contributions = history_contributions(model, representations, history, types, recommended, reference)
         reasons = top_contributors(history, contributions, 1)[0][..., 0]  # (B, K)
-        figures["methods"][method] = shares(history, recommended, reasons, genres)
-    if genres:
+        figures["methods"][method] = shares(history, recommended, reasons, labels)
+    if labels:
         lengths = (history > 0).sum(1, keepdim=True)  # a random real position of each window
         draws = torch.rand(recommended.shape, generator=torch.Generator().manual_seed(1))
         random_item = history.gather(1, history.shape[1] - 1 - (draws * lengths).long())
-        figures["newest_event_shares_a_genre"] = shares(history, recommended, history[:, -1:].expand_as(recommended),
-                                                        genres)["top_reason_shares_a_genre"]
-        figures["random_history_item_shares_a_genre"] = shares(history, recommended, random_item,
-                                                               genres)["top_reason_shares_a_genre"]
+        figures["newest_event_shares_a_label"] = shares(history, recommended, history[:, -1:].expand_as(recommended),
+                                                        labels)["top_reason_shares_a_label"]
+        figures["random_history_item_shares_a_label"] = shares(history, recommended, random_item,
+                                                               labels)["top_reason_shares_a_label"]
     print(markdown_table(figures))
     save_results(args.out, {**figures, **stamp()})
     print(f"wrote {args.out}")
@@ -133,7 +136,7 @@ def markdown_table(figures: dict) -> str:
     lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for method, values in figures["methods"].items():
         lines.append(f"| {method} | " + " | ".join(f"{values[key]:.3f}" for key in keys) + " |")
-    for key in ("newest_event_shares_a_genre", "random_history_item_shares_a_genre"):
+    for key in ("newest_event_shares_a_label", "random_history_item_shares_a_label"):
         if key in figures:
             lines.append(f"\n{key}: {figures[key]:.3f}")
     return "\n".join(lines)

@@ -91,6 +91,8 @@ def test_the_explanations_benchmark_compares_both_methods_on_a_checkpoint(checkp
     assert set(figures["methods"]) == {"raw drop", "specific drop"} and figures["users"] == 8
     for values in figures["methods"].values():
         assert 0 <= values["top_reason_is_newest"] <= 1 and 1 <= values["distinct_top_reasons_per_user"] <= 3
+        assert 0 <= values["top_reason_shares_a_label"] <= 1  # the demo's items carry their planted topic
+    assert 0 <= figures["random_history_item_shares_a_label"] <= 1
     with open(out) as f:
         assert json.load(f)["methods"] == figures["methods"]
 
