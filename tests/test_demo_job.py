@@ -1,5 +1,5 @@
-"""The README's main job on its embedded default (the demo): it must beat most-popular, and its
-console shows the run's progress and results only."""
+"""The README's main job on its embedded default (the demo): it must beat most-popular, its
+console shows the run's progress and results only, and its explanations find the planted topics."""
 
 import json
 import os
@@ -46,6 +46,21 @@ def test_demo_beats_most_popular_on_the_test_split(tmp_path):
         assert metrics[f"test_ndcg_at_{k}"] > metrics[f"most_popular_test_ndcg_at_{k}"]
         assert metrics[f"test_hr_at_{k}"] > metrics[f"most_popular_test_hr_at_{k}"]
     assert metrics["test_ndcg_at_10"] > 1.5 * metrics["most_popular_test_ndcg_at_10"]
+    check_explanations_find_the_planted_topics(re.search(r"^Checkpoint: (.*)$", output, re.M).group(1), tmp_path)
+
+
+def check_explanations_find_the_planted_topics(checkpoint: str, tmp_path):
+    """The demo's events follow planted topics, so a good reason for a recommendation is a history
+    item of its topic. The shipped explanations (the specific drop) must name such items far more
+    often than the newest event or a random history item is one, and name the newest event less
+    often than the raw score drop does."""
+    from benchmarks.explanations import main
+
+    figures = main(["--checkpoint", checkpoint, "--users", "200", "--out", str(tmp_path / "explanations.json")])
+    shipped, raw = figures["methods"]["specific drop"], figures["methods"]["raw drop"]
+    assert shipped["top_reason_shares_a_label"] > figures["newest_event_shares_a_label"] + 0.1, figures
+    assert shipped["top_reason_shares_a_label"] > figures["random_history_item_shares_a_label"] + 0.1, figures
+    assert shipped["top_reason_is_newest"] < raw["top_reason_is_newest"], figures
 
 
 def check_printed_ui_command(output: str, uri: str):
