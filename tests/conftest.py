@@ -125,12 +125,14 @@ def ray_node_command(*args: str) -> list[str]:
 
 
 def ray_env(**extra: str) -> dict:
-    """The environment of `ray start` and the job CLI: token authentication on both sides (the head
-    creates ~/.ray/auth_token if there is none; Ray 2.60's CLI does not turn it on by itself), and no
-    RAY_ADDRESS of another cluster."""
+    """The environment of `ray start` and the job CLI: token authentication on both sides (Ray 2.60's
+    CLI does not turn it on by itself), and no RAY_ADDRESS of another cluster. `ray start --head`
+    refuses to start without a token and never makes one, so ~/.ray/auth_token is made here when a
+    fresh machine has none."""
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "token",
            **extra}
     env.pop("RAY_ADDRESS", None)
+    subprocess.run([f"{BIN}/ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     return env
 
 
