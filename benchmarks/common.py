@@ -21,6 +21,10 @@ def cpu_name() -> str:
 
 
 def machine() -> str:
+    """CPU cores and model (with whether it computes bf16 natively: without, bf16 runs several
+    times slower than fp32), memory and GPU."""
+    from interestformer.jobs.distributed import cpu_has_native_bf16
+
     try:
         import torch
 
@@ -28,7 +32,8 @@ def machine() -> str:
     except Exception:  # the description must never fail the benchmark
         gpu = "GPU unknown"
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} CPU cores ({cpu_name()}), {memory:.0f} GiB, {gpu}"
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return f"{os.cpu_count()} CPU cores ({cpu_name()}, {bf16}), {memory:.0f} GiB, {gpu}"
 
 
 def commit() -> str:

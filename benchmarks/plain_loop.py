@@ -19,7 +19,7 @@ import torch
 from interestformer.datasets.pipeline import BATCHES_PER_TASK, PackBatches, by_history_length, unpack
 from interestformer.datasets.prepare import PreparedData
 from interestformer.jobs.config import JobConfig
-from interestformer.jobs.distributed import ADAM_BETAS, lr_scheduler
+from interestformer.jobs.distributed import ADAM_BETAS, lr_scheduler, training_precision
 from interestformer.jobs.embed_items import feature_store, load_features
 from interestformer.jobs.evaluate import popularity_counts
 from interestformer.jobs.selection import ModelSelection
@@ -64,12 +64,14 @@ def plain_model(prepared: PreparedData, cfg: JobConfig, threads: int, total_step
 
 
 def train_epoch(model, optimizer, scheduler, batches: list[dict], train) -> dict:
-    """One pass over the batches; users, seconds and samples/s. With train.precision bf16 the
-    steps compute in bf16 under autocast (DeepSpeed's engine holds bf16 weights instead)."""
+    """One pass over the batches; users, seconds and samples/s. In bf16 (train.precision, with auto
+    decided as the job decides it) the steps compute in bf16 under autocast (DeepSpeed's engine
+    holds bf16 weights instead)."""
     model.train()
+    bf16 = training_precision(train) == "bf16"
     started, users = time.perf_counter(), 0
     for batch in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train.precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

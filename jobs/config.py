@@ -87,8 +87,11 @@ class TrainConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0 plain data parallel, 1 optimizer state, 2 + gradients, 3 + weights
     partitioned across workers."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Training precision; bf16 is the choice on GPUs (Ampere or newer)."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """Training precision. bf16 is the choice on GPUs (Ampere or newer) and on CPUs with native bf16
+    (AVX512-BF16 or AMX); elsewhere a CPU emulates it, several times slower than fp32. auto: bf16
+    where the training workers' hardware computes it natively, else fp32, decided on the workers
+    (the run's `precision` tag in MLflow says which)."""
     offload_optimizer: bool = False
     """ZeRO-Offload: keep the optimizer state in CPU memory and step it there with DeepSpeed's CPU
     Adam (compiled on first use). Frees GPU memory for a larger item table or batch; needs

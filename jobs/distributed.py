@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import ray.train
 import torch
+import torch.distributed as dist
 from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file, save_file
 
@@ -76,10 +77,36 @@ def deepspeed_config(train, total_steps: int = 0) -> dict:
             **({"offload_optimizer": {"device": "cpu", "pin_memory": train.use_gpu}} if train.offload_optimizer else {}),
             **({"offload_param": {"device": "cpu", "pin_memory": train.use_gpu}} if train.offload_params else {}),
         },
-        "bf16": {"enabled": train.precision == "bf16"},
+        # auto is decided on the workers (training_precision); the driver's copy of the config says so.
+        "bf16": {"enabled": "auto" if train.precision == "auto" else train.precision == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), from the Linux CPU flags:
+    torch's own checks are private. False where that is unknown (not Linux); fp32 is never slow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return bool({"avx512_bf16", "amx_bf16"} & set(f.read().split()))
+    except OSError:
+        return False
+
+
+def training_precision(train) -> str:
+    """train.precision with auto decided for this process's hardware: bf16 where it is native (a
+    CUDA GPU with bf16; cpu_has_native_bf16), else fp32. Where a process group is up, every rank
+    takes bf16 only if all of them have it."""
+    if train.precision != "auto":
+        return train.precision
+    native = torch.cuda.is_bf16_supported(including_emulation=False) if train.use_gpu else cpu_has_native_bf16()
+    if dist.is_available() and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        agreed = torch.tensor([float(native)], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        native = bool(agreed.item())
+    return "bf16" if native else "fp32"
 
 
 def lr_scheduler(train, total_steps: int) -> dict:
@@ -132,6 +159,7 @@ def setup_engine(model: InterestFormer, train, total_steps: int = 0) -> tuple[ob
         if train.shard_item_table:
             model.item_encoder.shard_id_table({"lr": train.lr, "betas": ADAM_BETAS, "weight_decay": train.weight_decay},
                                               train.grad_clip, ray.train.torch.get_device())
+        train = dataclasses.replace(train, precision=training_precision(train))
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.param_groups(train.lr),
                                                config=deepspeed_config(train, total_steps))
         if resharded:
@@ -233,8 +261,6 @@ def train_steps(rows, device):
     had none this epoch, on one sent by a worker that has) with weight 0, so collective calls
     (gradient all-reduce, ZeRO-3 gathers) stay matched; the others weigh their loss by
     world_size / (workers with a batch), so the averaged gradient is the mean over real batches."""
-    import torch.distributed as dist
-
     world = dist.get_world_size()
     rows, last = iter(rows), None
     while True:

@@ -109,7 +109,9 @@ class TrainingWorker:
                           prepared_path=loop_config["prepared_path"], world_size=self.world)
         self.selection = ModelSelection.for_run(cfg.train, self.state.get("selection"))
         self.best_weights = best_checkpoint_weights() if self.selection.best_epoch else None  # a resumed run's best
-        notes = [f"Started from {init_from}: {carried}" if carried else "", self.state.pop("resumed", "")]
+        self.precision = "bf16" if self.engine.bfloat16_enabled() else "fp32"
+        notes = [f"Started from {init_from}: {carried}" if carried else "", self.state.pop("resumed", ""),
+                 f"train.precision auto: {self.precision} on this hardware" if cfg.train.precision == "auto" else ""]
         self.progress = WorkerProgress(loop_config["progress_board"], self.rank, cfg.train.epochs * steps_per_epoch,
                                        self.state["epoch"] * steps_per_epoch, "\n".join(n for n in notes if n))
         self.throughput = []  # per epoch run here: users, events, seconds, samples/s, data wait
@@ -220,7 +222,7 @@ class TrainingWorker:
                   file=sys.stderr)
         return {**results, "step": self.state["step"], "unsent_metrics": unsent, "throughput": self.throughput,
                 "best_epoch": self.selection.best_epoch, "stopped_epoch": self.state["epoch"],
-                "validation": self.selection.best_metrics}
+                "validation": self.selection.best_metrics, "precision": self.precision}
 
 
 def _epoch_throughput(seen: torch.Tensor, seconds: float, waits: list[float], device) -> dict:
@@ -452,9 +454,11 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display
         raise
     if result.return_value["unsent_metrics"]:
         tracking.log_unsent(uri, run_id, result.return_value["unsent_metrics"])
+    tracking.set_tags(uri, run_id, {"precision": result.return_value["precision"]})  # auto, as the workers decided
     summary = {"run_id": run_id, "run_name": run_name, "tracking_uri": uri,
                "checkpoint": checkpoint_uri(result.checkpoint), "data": report,
-               **{key: result.return_value[key] for key in ("validation", "best_epoch", "stopped_epoch", "throughput")}}
+               **{key: result.return_value[key]
+                  for key in ("validation", "best_epoch", "stopped_epoch", "throughput", "precision")}}
     evaluations = {}
     for split in eval_splits:
         baseline = evaluate_most_popular(prepared, datasets[split].iter_torch_batches(batch_size=1), cfg, split)

@@ -78,6 +78,13 @@ def mlflow_uri(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+def native_cpu_precision() -> str:
+    """What train.precision auto should become on this machine's CPU: bf16 where it has AVX512-BF16
+    or AMX (Linux CPU flags), else fp32."""
+    with open("/proc/cpuinfo") as f:
+        return "bf16" if {"avx512_bf16", "amx_bf16"} & set(f.read().split()) else "fp32"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

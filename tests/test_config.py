@@ -10,9 +10,9 @@ import pytest
 
 from interestformer.errors import ConfigError
 from interestformer.jobs.config import JobConfig, field_docs, load_config
-from interestformer.jobs.distributed import deepspeed_config
+from interestformer.jobs.distributed import deepspeed_config, training_precision
 
-from conftest import PROJECT_DIR
+from conftest import PROJECT_DIR, native_cpu_precision
 
 CONFIGS = sorted(glob.glob(os.path.join(PROJECT_DIR, "configs", "*.yaml")))
 
@@ -33,7 +33,7 @@ def test_demo_config_file_is_the_embedded_default():
     (["train.lr=fast"], "train.lr", "must be float"),
     (["train.epochs=2.5"], "train.epochs", "must be int"),
     (["train.use_gpu=1"], "train.use_gpu", "must be bool"),
-    (["train.precision=fp8"], "train.precision", "['fp32', 'bf16']"),
+    (["train.precision=fp8"], "train.precision", "['fp32', 'bf16', 'auto']"),
     (["train.placement_strategy=spread"], "train.placement_strategy", "'STRICT_SPREAD'"),
     (["train.zero_stage=0", "train.offload_optimizer=true"], "train.offload_optimizer", "zero_stage to 1, 2 or 3"),
     (["tune.search_space={model.widht: {choice: [16]}}"], "tune.search_space.model.widht", "unknown key"),
@@ -128,6 +128,16 @@ def test_help_explains_every_config_key():
     # A default resolved later is shown as declared, with its rule in the doc, not as an empty
     # config resolves it (a pretrained encoder runs frozen, not full).
     assert "model.text.train_mode (default 'auto'): frozen:" in run.stdout
+
+
+def test_precision_auto_is_decided_by_the_hardware_that_trains():
+    """An explicit precision is kept; auto becomes bf16 only on a CPU with native bf16 (these
+    tests train on CPU), and the driver's copy of the DeepSpeed config leaves it undecided."""
+    for precision in ("fp32", "bf16"):
+        assert training_precision(load_config(None, [f"train.precision={precision}"]).train) == precision
+    auto = load_config(None, ["train.precision=auto"]).train
+    assert training_precision(auto) == native_cpu_precision()
+    assert deepspeed_config(auto)["bf16"]["enabled"] == "auto"
 
 
 def test_deepspeed_config_follows_the_train_section():

@@ -18,7 +18,7 @@ from interestformer.jobs.config import load_config
 from interestformer.jobs.distributed import load_model
 from interestformer.jobs.train import train, training_batches
 
-from conftest import PROJECT_DIR
+from conftest import PROJECT_DIR, native_cpu_precision
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,7 @@ def finished_run(ray_local, tmp_path_factory, tiny_prepared_dir):
         "train.eval_every=2",  # validates after epochs 2 and 3 (the last always validates)
         "data.full_softmax=true",  # every catalogue item a candidate of every target
         "experiment.system_metrics_interval_s=2",  # several samples within this short run
+        "train.precision=auto",  # decided on the workers, recorded in MLflow
     ])
     return cfg, train(cfg)
 
@@ -81,6 +82,7 @@ def test_mlflow_run_holds_params_metrics_and_configs(finished_run):
     assert data.params["model.d_model"] == str(cfg.model.d_model)
     assert data.params["data.max_seq_len"] == str(cfg.data.max_seq_len)
     assert data.tags["zero_stage"] == "2" and data.tags["world_size"] == "2"
+    assert data.tags["precision"] == summary["precision"] == native_cpu_precision()  # what auto became
     for key in ("train_loss", "samples_per_s", "events_per_s", "test_hr_at_10", "test_ndcg_at_10", "test_mrr",
                 "test_hr_at_200", "most_popular_test_ndcg_at_10", "data/events_unknown_item"):
         assert key in data.metrics, key
