@@ -42,6 +42,10 @@ class EncoderConfig:
     lr: float = 0.0
     """Peak learning rate of the encoder's own weights; 0 uses train.lr. Its output projection
     always trains at train.lr."""
+    projection: Literal["linear", "mlp"] = "linear"
+    """How the encoder's output becomes a d_model vector before fusion: linear, one linear layer;
+    mlp, Linear(width, 4 d_model), GELU, Linear(4 d_model, d_model): a non-linear map, which frozen
+    features otherwise never get."""
 
     def __post_init__(self):
         if self.train_mode == "auto":

@@ -140,6 +140,13 @@ class DataSpec:
     image_feature_dim: int = 0  # width of precomputed features of a frozen image encoder
 
 
+def projection(kind: str, width: int, d: int) -> nn.Module:
+    """An encoder's output (width) -> d_model, as EncoderConfig.projection says."""
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(width, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+    return nn.Linear(width, d)
+
+
 class ItemEncoder(nn.Module):
     """Item index + content -> one vector of size d_model.
 
@@ -175,7 +182,7 @@ class ItemEncoder(nn.Module):
             else:
                 self.text_encoder = build_text_encoder(cfg.text, spec.text_vocab_size, spec.text_max_tokens)
                 width = self.text_encoder.width
-            self.text_proj = nn.Linear(width, d)
+            self.text_proj = projection(cfg.text.projection, width, d)
             parts += 1
         self.image_encoder = self.image_proj = None
         if cfg.image.enabled:
@@ -186,7 +193,7 @@ class ItemEncoder(nn.Module):
             else:
                 self.image_encoder = build_image_encoder(cfg.image, spec.image_size)
                 width = self.image_encoder.width
-            self.image_proj = nn.Linear(width, d)
+            self.image_proj = projection(cfg.image.projection, width, d)
             self.missing_image = nn.Parameter(torch.zeros(d))
             parts += 1
         self.fuse = nn.Sequential(nn.Linear(parts * d, d), nn.LayerNorm(d))
@@ -206,7 +213,7 @@ class ItemEncoder(nn.Module):
                 features = self.text_features[items]
             else:
                 features = self.text_encoder(content["text_tokens"], content["text_mask"])
-            parts.append(self.text_proj(features.to(self.text_proj.weight.dtype)))
+            parts.append(self.text_proj(features.to(self.fuse[0].weight.dtype)))
         if self.image_proj is not None:
             if self.image_encoder is None:
                 parts.append(self._project_images(self.image_features[items], self.has_image[items]))
@@ -215,12 +222,12 @@ class ItemEncoder(nn.Module):
         return self.fuse(torch.cat(parts, dim=-1))
 
     def _project_images(self, features: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
-        dtype = self.image_proj.weight.dtype
+        dtype = self.fuse[0].weight.dtype
         projected = self.image_proj(features.to(dtype))
         return torch.where(has_image[:, None], projected, self.missing_image.to(dtype))
 
     def _encode_images(self, pixels: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
-        dtype = self.image_proj.weight.dtype
+        dtype = self.fuse[0].weight.dtype
         out = self.missing_image.to(dtype).expand(pixels.shape[0], -1).clone()  # (U, d)
         if has_image.any():
             out[has_image] = self.image_proj(self.image_encoder(pixels[has_image]).to(dtype))

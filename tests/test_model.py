@@ -85,7 +85,11 @@ def test_each_unique_item_is_encoded_once_per_step():
     assert calls["image"] == int(batch["has_image"].sum())
 
 
-@pytest.mark.parametrize("overrides", [{}, {"use_item_id": False}])
+MLP_PROJECTIONS = {"text": TextEncoderConfig(hidden_size=16, num_layers=1, num_heads=2, projection="mlp"),
+                   "image": ImageEncoderConfig(hidden_size=16, num_layers=1, num_heads=2, patch_size=8, projection="mlp")}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_item_id": False}, MLP_PROJECTIONS], ids=["id_and_content", "content_only", "mlp_projections"])
 def test_loss_falls_when_overfitting_a_batch(overrides):
     model = tiny_model(**overrides).train()
     batch = batch_of([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19, 20, 21]])
