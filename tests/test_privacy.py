@@ -1,12 +1,16 @@
 """Nothing personal or secret leaks: user ids pseudonymised at ingest with a keyed hash,
 credentials redacted from everything logged to MLflow (the training data's source too), none in
-the shipped configs."""
+the shipped configs; the cluster's job API needs a token."""
 
 import glob
+import json
 import os
 
+import jsonschema
 import pyarrow.parquet as pq
 import pytest
+import ray
+import yaml
 
 from interestformer.errors import ConfigError
 from interestformer.datasets.config import DataConfig
@@ -83,6 +87,17 @@ def test_shipped_configs_and_cluster_yaml_hold_no_credentials():
         with open(path) as f:
             text = f.read()
         assert tracking.redact(text) == text, f"{path} holds something credential-like"
+
+
+def test_cluster_yaml_is_valid_for_ray_up_and_every_node_starts_ray_with_token_auth():
+    with open(os.path.join(PROJECT_DIR, "cluster.yaml")) as f:
+        cluster = yaml.safe_load(f)
+    with open(os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")) as f:
+        jsonschema.validate(cluster, json.load(f))  # what `ray up` checks first
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [command for command in cluster[key] if "ray start" in command]
+        assert starts and all("export RAY_AUTH_MODE=token;" in command for command in starts), key
+    assert cluster["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}  # the token itself is no file here
 
 
 def test_unreachable_tracking_server_fails_before_anything_starts():
