@@ -32,7 +32,13 @@ def start_ray(local_cpus: float = 0, verbose: bool = False, env_vars: dict | Non
     # dashboard (on 127.0.0.1) serves the State API, through which Ray Train removes the placement
     # group of a run whose controller is gone; without it every finished Tune trial keeps its
     # workers' CPUs and the next trial waits forever.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(local_cpus)), include_dashboard=True,
+    num_cpus = max(os.cpu_count() or 1, math.ceil(local_cpus))
+    # The raylet expects at most this many worker processes to start at once (by default the cores)
+    # and warns on the console at 4x. A run's workers, Ray Data actors and helpers exceed 4x 2 cores
+    # as a matter of course; tell it the CPUs it was given instead. (A RAY_ variable is how Ray
+    # takes its own settings; one already set wins.)
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus))
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
              dashboard_host="127.0.0.1", runtime_env={"env_vars": env_vars or {}}, **quiet)
     return False
 

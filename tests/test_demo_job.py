@@ -35,7 +35,8 @@ def test_demo_beats_most_popular_on_the_test_split(tmp_path):
     # Not checked: Ray's core_worker.cc line about actor constructor arguments, which the driver's
     # C++ logger prints for every Ray Data actor pool; only RAY_BACKEND_LOG_LEVEL silences it, and
     # that would also drop errors from the raylet's and GCS's own logs.
-    for noise in ("RayTrainWorker", "Warning", "deprecated", "Progress bars", "Started a local Ray", "INFO"):
+    for noise in ("RayTrainWorker", "Warning", "deprecated", "Progress bars", "Started a local Ray", "INFO",
+                  "worker processes have been started"):
         assert noise not in output, (noise, output[-5000:])
     check_printed_ui_command(output, uri)
 
