@@ -50,6 +50,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
@@ -238,9 +239,10 @@ def by_history_length(rows: pa.Table) -> pa.Table:
     return rows.sort_by("num_events")
 
 
-def training_end(num_events: int) -> int:
-    """How many of a user's first events the training split reads (the rest validate and test)."""
-    return num_events - 2 if num_events >= 3 else num_events
+def training_end(num_events):
+    """How many of a user's first events the training split reads (the rest validate and test):
+    for one user (an int) or many (an array)."""
+    return np.where(num_events >= 3, num_events - 2, num_events)
 
 
 def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_seq_len: int,
@@ -255,12 +257,12 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
     if split == "train":
         ds = training_sequences(prepared, train_since, new_user_fraction).randomize_block_order()
     elif split == "new_users":
-        ds = stored_sequences(prepared).filter(expr=col("num_events") > NEW_USER_EVENTS).filter(
-            lambda row: is_new_user(row["user_id"], new_user_fraction))
+        ds = keep_rows(stored_sequences(prepared).filter(expr=col("num_events") > NEW_USER_EVENTS),
+                       _NewUsers(new_user_fraction, keep=True))
     else:  # a history, and a target beyond the validation one
         ds = stored_sequences(prepared).filter(expr=col("num_events") >= 3)
     if split == "cold":
-        ds = ds.filter(_TargetIsCold(is_cold_mask(prepared.num_items, cold_fraction)))
+        ds = keep_rows(ds, _TargetIsCold(is_cold_mask(prepared.num_items, cold_fraction)))
     # Blocks of whole batches: a map task's last batch is short otherwise, and every short batch
     # is an extra step on fewer users.
     ds = ds.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_TASK, strict=True)
@@ -293,10 +295,25 @@ def training_sequences(prepared: PreparedData, train_since: int = 0, new_user_fr
     its latest)."""
     ds = stored_sequences(prepared).filter(expr=col("num_events") >= 2)
     if new_user_fraction:
-        ds = ds.filter(lambda row: not is_new_user(row["user_id"], new_user_fraction))
+        ds = keep_rows(ds, _NewUsers(new_user_fraction, keep=False))
     if train_since:
-        ds = ds.filter(lambda row: row["timestamps"][training_end(row["num_events"]) - 1] >= train_since)
+        ds = keep_rows(ds, _TrainsSince(train_since))
     return ds
+
+
+def keep_rows(ds: ray.data.Dataset, keep) -> ray.data.Dataset:
+    """The rows of `ds` for which `keep` (a pyarrow block -> a bool per row) holds. A filter by a
+    Python function that Ray Data cannot read as an expression, done a block at a time: its own
+    row-by-row `filter(fn)` is slower, and says so on the console every time."""
+    return ds.map_batches(lambda block: block.filter(pa.array(keep(block), type=pa.bool_())),
+                          batch_format="pyarrow", batch_size=None)
+
+
+def list_elements(column, positions: np.ndarray) -> np.ndarray:
+    """Element `positions[i]` of row i's list, for a pyarrow list column."""
+    lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    # offsets are positions in the whole values buffer, which a sliced array's .values is too
+    return lists.values.to_numpy(zero_copy_only=False)[np.asarray(lists.offsets)[:-1] + positions]
 
 
 class _TargetIsCold:
@@ -305,8 +322,31 @@ class _TargetIsCold:
     def __init__(self, is_cold: np.ndarray):
         self.is_cold = is_cold
 
-    def __call__(self, row: dict) -> bool:
-        return bool(self.is_cold[row["items"][-1]])
+    def __call__(self, block: pa.Table) -> np.ndarray:
+        lengths = pc.list_value_length(block["items"]).to_numpy(zero_copy_only=False)
+        return self.is_cold[list_elements(block["items"], lengths - 1)]
+
+
+class _NewUsers:
+    """Keeps the held-out new users (keep=True) or everyone else (keep=False): is_new_user."""
+
+    def __init__(self, fraction: float, keep: bool):
+        self.fraction, self.keep = fraction, keep
+
+    def __call__(self, block: pa.Table) -> np.ndarray:
+        return np.array([is_new_user(user, self.fraction) == self.keep for user in block["user_id"].to_pylist()],
+                        dtype=bool)
+
+
+class _TrainsSince:
+    """Keeps the users whose last training target is at or after `since` (train.train_since)."""
+
+    def __init__(self, since: int):
+        self.since = since
+
+    def __call__(self, block: pa.Table) -> np.ndarray:
+        ends = training_end(block["num_events"].to_numpy(zero_copy_only=False))
+        return list_elements(block["timestamps"], ends - 1) >= self.since
 
 
 def catalogue_rows(prepared: PreparedData, batch_size: int, text: bool = True, image: bool = True) -> ray.data.Dataset:
