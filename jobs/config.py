@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import importlib.util
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -429,6 +430,10 @@ def build(cls, data: Any, path: str):
         raise ConfigError(_join(path, e.key), e.reason) from None
 
 
+# A number in exponent form without a dot (1e-3): YAML 1.1, which PyYAML reads, takes it for text.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(hint, value: Any, path: str):
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
@@ -452,6 +457,8 @@ def _coerce(hint, value: Any, path: str):
             raise ConfigError(path, f"must be a list, got {type(value).__name__} {value!r}")
         return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
         return float(value)
     if hint in (int, str, bool) and type(value) is hint:
         return value

@@ -28,9 +28,18 @@ def test_demo_config_file_is_the_embedded_default():
     assert load_config(os.path.join(PROJECT_DIR, "configs", "demo.yaml")) == load_config(None)
 
 
+def test_a_float_in_exponent_form_is_a_float_in_files_and_overrides(tmp_path):
+    path = tmp_path / "lr.yaml"
+    path.write_text("train:\n  lr: 5e-3\n")  # PyYAML reads this as the text '5e-3'
+    assert load_config(str(path)).train.lr == 0.005
+    cfg = load_config(None, ["train.lr=1e-3", "model.text.lr=2.5E-1"])
+    assert (cfg.train.lr, cfg.model.text.lr) == (0.001, 0.25)
+
+
 @pytest.mark.parametrize("overrides, key, words", [
     (["train.zero_stage=5"], "train.zero_stage", "0, 1, 2, 3"),
     (["train.lr=fast"], "train.lr", "must be float"),
+    (["train.lr=1e"], "train.lr", "must be float"),
     (["train.epochs=2.5"], "train.epochs", "must be int"),
     (["train.use_gpu=1"], "train.use_gpu", "must be bool"),
     (["train.precision=fp8"], "train.precision", "['fp32', 'bf16', 'auto']"),
