@@ -54,7 +54,7 @@ def store_uri(prepared: PreparedData, cfg: JobConfig) -> str:
     if not frozen:
         return ""
     # An encoder built from config is random: its seed is part of what it computes.
-    key = {kind: [vars(enc), "" if enc.pretrained_path else cfg.train.seed] for kind, enc in frozen.items()}
+    key = {kind: [enc.output_fields(), "" if enc.pretrained_path else cfg.train.seed] for kind, enc in frozen.items()}
     payload = json.dumps([prepared.meta["fingerprint"], key], sort_keys=True, default=str)
     return join(prepared.path, "features", hashlib.sha256(payload.encode()).hexdigest()[:16])
 

