@@ -462,6 +462,8 @@ def _coerce(hint, value: Any, path: str):
         return float(value)
     if hint in (int, str, bool) and type(value) is hint:
         return value
+    if hint is str and value is None:  # `key:` in a file, `--set key=` on the command line: nothing
+        return ""
     raise ConfigError(path, f"must be {getattr(hint, '__name__', hint)}, got {type(value).__name__} {value!r}")
 
 

