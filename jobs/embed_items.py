@@ -10,8 +10,8 @@ content columns the frozen encoders read, images are decoded in the map (CPU tas
 into features, which stream into Parquet files: no process holds the catalogue's images.
 
 The store is a folder beside the prepared data, `features/<key>/`, keyed by the prepared data
-and the frozen encoders' configs, so later runs (a sweep's trials, the benchmark's configs)
-reuse it. One row per catalogue item:
+and what decides the frozen encoders' output (EncoderConfig.output_fields: not their projection
+or learning rate), so later runs (a sweep's trials, the benchmark's configs) reuse it. One row per catalogue item:
     item_index int32, item_id string,
     text_features fixed_size_list<float32>[w]             when the text encoder is frozen
     image_features fixed_size_list<float32>[w], has_image  when the image encoder is frozen
