@@ -71,6 +71,7 @@ def test_an_empty_value_of_a_text_key_is_empty_text():
     (["model.item_id_buckets=64", "model.use_item_id=false"], "model.item_id_buckets", "use_item_id"),
     (["model.image.patch_size=5"], "model.image.patch_size", "divide data.image_size"),
     (["model.text.hidden_sise=8"], "model.text.hidden_sise", "unknown key"),
+    (["model.image.projection=deep"], "model.image.projection", "['linear', 'mlp']"),
     (["trian.epochs=1"], "trian", "unknown key"),
     (["data.source=parquet"], "data.events_path", "required"),
     (["data.demo.num_users=0"], "data.demo.num_users", ""),
