@@ -11,7 +11,8 @@ into features, which stream into Parquet files: no process holds the catalogue's
 
 The store is a folder beside the prepared data, `features/<key>/`, keyed by the prepared data
 and what decides the frozen encoders' output (EncoderConfig.output_fields: not their projection
-or learning rate), so later runs (a sweep's trials, the benchmark's configs) reuse it. One row per catalogue item:
+or learning rate), so later runs (a sweep's trials, the benchmark's configs) reuse it. One row
+per catalogue item:
     item_index int32, item_id string,
     text_features fixed_size_list<float32>[w]             when the text encoder is frozen
     image_features fixed_size_list<float32>[w], has_image  when the image encoder is frozen
