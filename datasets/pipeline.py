@@ -242,7 +242,7 @@ def by_history_length(rows: pa.Table) -> pa.Table:
 def training_end(num_events):
     """How many of a user's first events the training split reads (the rest validate and test):
     for one user (an int) or many (an array)."""
-    return np.where(num_events >= 3, num_events - 2, num_events)
+    return num_events - 2 * (num_events >= 3)  # plain arithmetic: an int stays an int in the packing loop
 
 
 def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_seq_len: int,

@@ -15,6 +15,9 @@ from interestformer.jobs.config import JobConfig
 from interestformer.jobs.progress import quiet_console
 
 
+_USER_STARTUP_CONCURRENCY = "RAY_worker_maximum_startup_concurrency" in os.environ
+
+
 def start_ray(local_cpus: float = 0, verbose: bool = False, env_vars: dict | None = None) -> bool:
     """Where every job starts or joins Ray. Joins the cluster the job was submitted to
     (RAY_ADDRESS) and returns True; else starts a new local Ray in this process, with `local_cpus`
@@ -36,8 +39,9 @@ def start_ray(local_cpus: float = 0, verbose: bool = False, env_vars: dict | Non
     # The raylet expects at most this many worker processes to start at once (by default the cores)
     # and warns on the console at 4x. A run's workers, Ray Data actors and helpers exceed 4x 2 cores
     # as a matter of course; tell it the CPUs it was given instead. (A RAY_ variable is how Ray
-    # takes its own settings; one already set wins.)
-    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus))
+    # takes its own settings; one the user set wins, one an earlier local Ray set is replaced.)
+    if not _USER_STARTUP_CONCURRENCY:
+        os.environ["RAY_worker_maximum_startup_concurrency"] = str(num_cpus)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
              dashboard_host="127.0.0.1", runtime_env={"env_vars": env_vars or {}}, **quiet)
     return False
