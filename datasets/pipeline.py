@@ -78,6 +78,12 @@ def is_cold_mask(num_items: int, fraction: float) -> np.ndarray:
     return mask
 
 
+def trained_items(prepared: PreparedData, cold_fraction: float) -> np.ndarray:
+    """(N+1,) bool by item index: the items training reaches (at least one training event, not
+    held out); padding is not one."""
+    return (np.asarray(prepared.meta["popularity_train"]) > 0) & ~is_cold_mask(prepared.num_items, cold_fraction)
+
+
 def is_new_user(user_id: str, fraction: float) -> bool:
     """Whether a user is held out of training as a new user: the first 8 bytes of the BLAKE2b
     digest of the user id, as a fraction of 2**64, fall below `fraction` (the same choice in every
@@ -180,7 +186,7 @@ class PackBatches:
         self.num_items, self.num_negatives, self.seed = prepared.num_items, num_negatives, seed
         self.is_cold = is_cold_mask(prepared.num_items, cold_fraction)
         self.negative_pool = np.flatnonzero(~self.is_cold[1:]) + 1  # warm items only
-        self.never_trained = self.is_cold | (np.asarray(prepared.meta["popularity_train"]) == 0)
+        self.never_trained = ~trained_items(prepared, cold_fraction)
         self.event_type_index = {t: i + 1 for i, t in enumerate(prepared.meta["event_types"])}
         self.content = ItemContent(prepared, text, image)
         self.calls = 0

@@ -409,8 +409,10 @@ def checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
 
 
 def model_from_weights(weights: dict, cfg, spec: DataSpec, device) -> InterestFormer:
-    """An fp32 evaluation copy of the model with the given weights."""
+    """An fp32 evaluation copy of the model with the given weights, untrained items' ID rows
+    filled from their content neighbours (model.cold_item_neighbours)."""
     model = InterestFormer(cfg.model, spec)
     model.load_state_dict({name: tensor.float() if tensor.is_floating_point() else tensor
                            for name, tensor in weights.items()})
+    model.item_encoder.fill_untrained_ids()
     return model.to(device).eval()

@@ -18,7 +18,7 @@ import json
 import torch
 
 from interestformer.datasets.config import DataConfig
-from interestformer.datasets.pipeline import catalogue_ids, cold_items, item_batches, sequence_batches, unpack
+from interestformer.datasets.pipeline import cold_items, item_batches, sequence_batches, unpack
 from interestformer.datasets.prepare import PreparedData, prepare
 from interestformer.jobs.cli import program
 from interestformer.jobs.config import JobConfig, load_config, read_yaml
@@ -76,7 +76,7 @@ def checkpoint_on_data(checkpoint: str, cfg: JobConfig, data: DataConfig) -> tup
     cfg.data = data
     prepared = prepare(data, tokenizer_path=tokenizer_path(cfg, checkpoint))
     features_uri, spec, _ = feature_store(prepared, cfg, data_spec(prepared, cfg))
-    model, carried = catalogue_model(cfg, spec, features_uri, catalogue_ids(prepared), checkpoint)
+    model, carried = catalogue_model(cfg, spec, features_uri, prepared, checkpoint)
     print(f"Ranking {prepared.path} with {checkpoint}: {carried}", flush=True)
     return model, prepared
 

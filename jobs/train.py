@@ -25,7 +25,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from interestformer.errors import ConfigError
-from interestformer.datasets.pipeline import catalogue_ids, id_buckets, sequence_batches, training_sequences
+from interestformer.datasets.pipeline import catalogue_ids, id_buckets, sequence_batches, trained_items, training_sequences
 from interestformer.datasets.prepare import PreparedData, check_inputs, input_paths, prepare
 from interestformer.datasets.storage import join, local_folder, read_json
 from interestformer.jobs import tracking
@@ -96,7 +96,7 @@ class TrainingWorker:
         prepared = PreparedData.load(loop_config["prepared_path"])
         self.catalogue = catalogue_ids(prepared)
         init_from = cfg.train.init_from if ray.train.get_checkpoint() is None else ""  # a run's own checkpoint comes first
-        model, carried = catalogue_model(cfg, self.spec, loop_config["features_uri"], self.catalogue, init_from)
+        model, carried = catalogue_model(cfg, self.spec, loop_config["features_uri"], prepared, init_from)
         self.train_rows = ray.train.get_dataset_shard("train")
         # A fresh run's first epoch starts its pipeline while DeepSpeed sets up. A resumed run may have
         # no epoch left, and a pipeline nobody reads would hold a CPU through the final evaluation.
@@ -329,15 +329,19 @@ def _epoch_line(epoch: int, cfg: JobConfig, loss: list, throughput: dict, metric
     return line, f"epoch {min(epoch + 1, cfg.train.epochs)}/{cfg.train.epochs}" + (f" ({best})" if best else "")
 
 
-def catalogue_model(cfg: JobConfig, spec: DataSpec, features_uri: str, catalogue: list[str],
+def catalogue_model(cfg: JobConfig, spec: DataSpec, features_uri: str, prepared: PreparedData,
                     init_from: str = "") -> tuple[InterestFormer, dict | None]:
-    """The model for a catalogue (its item ids in index order): frozen encoders' features from the
-    feature store, the hashed-ID map, and with init_from an earlier checkpoint's weights, items
-    matched by id (start_from, whose counts are returned; None without init_from)."""
+    """The model for the prepared data's catalogue: frozen encoders' features from the feature
+    store, the hashed-ID map, which items training reaches, and with init_from an earlier
+    checkpoint's weights, items matched by id (start_from, whose counts are returned; None
+    without init_from)."""
+    catalogue = catalogue_ids(prepared)
     model = InterestFormer(cfg.model, spec)
     model.item_encoder.load_content_features(load_features(features_uri))
     if cfg.model.item_id_buckets:
         model.item_encoder.load_id_buckets(torch.from_numpy(id_buckets(catalogue, cfg.model.item_id_buckets)))
+    if cfg.model.cold_item_neighbours:
+        model.item_encoder.load_trained_items(torch.from_numpy(trained_items(prepared, cfg.data.cold_item_fraction)))
     return model, start_from(model, init_from, catalogue) if init_from else None
 
 

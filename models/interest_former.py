@@ -72,6 +72,16 @@ class ModelConfig:
     too large (or too changeable) for a row each: an item's row is a stable hash of its raw item
     id modulo N (datasets.pipeline.id_buckets), so it keeps its row across catalogue versions;
     items whose hashes collide share a row."""
+    cold_item_neighbours: int = 0
+    """0: off. k > 0: wherever the model ranks (validation, test, jobs.evaluate, serving), an item
+    that no training step reached (new to the catalogue, or held out by data.cold_item_fraction)
+    takes as its ID embedding a mix of the ID embeddings of the k trained items nearest to it by
+    the model's own projection of their frozen text and image features (cosine), weighted by a
+    softmax at cold_item_temperature. Otherwise its row stays at its initial value, which places it
+    by chance. Training itself is unchanged. Needs use_item_id, a row per item (item_id_buckets 0)
+    and a frozen text or image encoder."""
+    cold_item_temperature: float = 0.02
+    """Softmax temperature over the cosines of the cold_item_neighbours: lower weighs the nearest more."""
     activation_checkpointing: bool = False
     """Recompute each Transformer block's activations in the backward pass instead of keeping
     them: less memory for long sequences, about a third more compute."""
@@ -124,6 +134,14 @@ class ModelConfig:
             raise ConfigError("item_id_buckets", f"must be >= 0, got {self.item_id_buckets}")
         if self.item_id_buckets and not self.use_item_id:
             raise ConfigError("item_id_buckets", "hashes item IDs into embedding rows: needs use_item_id true")
+        if self.cold_item_neighbours < 0:
+            raise ConfigError("cold_item_neighbours", f"must be >= 0, got {self.cold_item_neighbours}")
+        if self.cold_item_neighbours and not (self.use_item_id and not self.item_id_buckets and self.frozen_encoders()):
+            raise ConfigError("cold_item_neighbours", "gives untrained items their content neighbours' ID rows: needs "
+                                                      "use_item_id true, item_id_buckets 0 and a frozen text or image "
+                                                      "encoder")
+        if self.cold_item_temperature <= 0:
+            raise ConfigError("cold_item_temperature", f"must be > 0, got {self.cold_item_temperature}")
 
 
 @dataclass
@@ -154,7 +172,8 @@ class ItemEncoder(nn.Module):
     (`text_features`, `image_features`, `has_image`), filled by `load_content_features` before
     training and saved with the weights, so a checkpoint evaluates without the encoder. Hashed
     item IDs (item_id_buckets > 0) likewise keep each item's embedding row in a buffer
-    (`id_bucket`), filled by `load_id_buckets`."""
+    (`id_bucket`), filled by `load_id_buckets`, and with cold_item_neighbours which items training
+    reached is a buffer (`id_trained`), filled by `load_trained_items`."""
 
     def __init__(self, cfg: ModelConfig, spec: DataSpec):
         super().__init__()
@@ -174,6 +193,8 @@ class ItemEncoder(nn.Module):
             else:
                 nn.init.normal_(self.id_embedding.weight, std=0.02)
             parts += 1
+        self.neighbours, self.neighbour_temperature = cfg.cold_item_neighbours, cfg.cold_item_temperature
+        self.register_buffer("id_trained", torch.ones(rows, dtype=torch.bool) if cfg.cold_item_neighbours else None)
         self.text_encoder = self.text_proj = None
         if cfg.text.enabled:
             if cfg.text.train_mode == "frozen":
@@ -252,6 +273,41 @@ class ItemEncoder(nn.Module):
                                                  grad_clip, device)
 
     @torch.no_grad()
+    def load_trained_items(self, trained: torch.Tensor):
+        """Fills which items training reaches (cold_item_neighbours): trained (N+1,) bool, by item index."""
+        self.id_trained.copy_(trained)
+
+    @torch.no_grad()
+    def fill_untrained_ids(self):
+        """Gives every item that training did not reach the ID row that cold_item_neighbours
+        describes; trained rows are left as they are. For evaluation copies of a trained model (a
+        no-op without cold_item_neighbours): the untrained rows' own values are overwritten."""
+        if self.id_trained is None:
+            return
+        untrained = torch.nonzero(~self.id_trained[1:]).squeeze(1) + 1
+        trained = torch.nonzero(self.id_trained[1:]).squeeze(1) + 1
+        if not len(untrained) or not len(trained):
+            return
+        table, keys = self.id_embedding.weight, self._content_keys(trained)  # keys (T, c)
+        k = min(self.neighbours, len(trained))
+        chunk = max(1, 2**24 // len(trained))  # (chunk, T) cosines at a time: bounded memory on large catalogues
+        for start in range(0, len(untrained), chunk):
+            rows = untrained[start:start + chunk]
+            nearest = (self._content_keys(rows) @ keys.T).topk(k, dim=-1)
+            weights = torch.softmax(nearest.values / self.neighbour_temperature, dim=-1)  # (chunk, k)
+            table[rows] = (weights.unsqueeze(-1) * table[trained[nearest.indices]]).sum(1).to(table.dtype)
+
+    def _content_keys(self, items: torch.Tensor) -> torch.Tensor:
+        """Items (M,) -> (M, c) unit vectors of their projected frozen content, each enabled part
+        normalised alike, to find content neighbours by cosine."""
+        dtype, parts = self.fuse[0].weight.dtype, []
+        if self.text_proj is not None and self.text_encoder is None:
+            parts.append(self.text_proj(self.text_features[items].to(dtype)))
+        if self.image_proj is not None and self.image_encoder is None:
+            parts.append(self._project_images(self.image_features[items], self.has_image[items]))
+        return F.normalize(torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1), dim=-1)
+
+    @torch.no_grad()
     def load_id_buckets(self, id_bucket: torch.Tensor):
         """Fills the hashed-ID map: id_bucket (N+1,) is each item index's embedding row, 0 for padding
         (datasets.pipeline.id_buckets)."""
@@ -308,10 +364,11 @@ class InterestFormer(nn.Module):
         self.long_term = LongTermInterest(d, cfg.n_heads, cfg.dropout, queried=short) if long else None
         self.gate = nn.Linear(2 * d, d) if cfg.interest == "gated" else None
 
-    # Tensors with a row per catalogue item (index 0: padding). The frozen encoders' features and
-    # the hashed-ID map are filled from the catalogue each run; the ID table is what training learns.
+    # Tensors with a row per catalogue item (index 0: padding). The frozen encoders' features, the
+    # hashed-ID map and which items train are filled from the catalogue each run; the ID table is
+    # what training learns.
     CATALOGUE_BUFFERS = ("item_encoder.text_features", "item_encoder.image_features", "item_encoder.has_image",
-                         "item_encoder.id_bucket")
+                         "item_encoder.id_bucket", "item_encoder.id_trained")
     ID_TABLE = "item_encoder.id_embedding.weight"
 
     @torch.no_grad()

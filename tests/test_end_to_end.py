@@ -217,10 +217,12 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
 
 def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp_path, tiny_prepared_dir):
     """Frozen text (features computed once into the Parquet feature store), the image encoder's
-    top layer training at its own lr, ZeRO-3 in bf16, 20% of items held out, length-grouped
-    batches: the run reports cold-start metrics beside most-popular's, and its checkpoint (frozen
-    features inside) re-evaluates the cold split exactly. Its time budget (train.max_minutes) runs
+    top layer training at its own lr, ZeRO-3 in bf16, 20% of items held out (their ID rows filled
+    from their text neighbours'), length-grouped batches: the run reports cold-start metrics
+    beside most-popular's, and its checkpoint (frozen features inside) re-evaluates the cold split
+    exactly. Its time budget (train.max_minutes) runs
     out in the first epoch, so it ends after that epoch, as after an early stop."""
+    from interestformer.datasets.pipeline import trained_items
     from interestformer.jobs.embed_items import feature_store, load_features
     from interestformer.jobs.train import data_spec
 
@@ -230,6 +232,7 @@ def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp
         f"experiment.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "data.cold_item_fraction=0.2",
         "model.text.train_mode=frozen",
+        "model.cold_item_neighbours=3",
         "model.image.train_mode=top",
         "model.image.lr=0.0005",
         "train.zero_stage=3",
@@ -253,6 +256,8 @@ def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp
     assert store["items"] == prepared.num_items and set(load_features(uri)) == {"text_features"}
     weights = load_file(os.path.join(summary["checkpoint"], "model.safetensors"))
     assert "item_encoder.text_features" in weights and "item_encoder.text_encoder" not in " ".join(weights)
+    # Which items trained travels with the weights, so that every evaluation copy fills the same rows.
+    assert torch.equal(weights["item_encoder.id_trained"], torch.from_numpy(trained_items(prepared, 0.2)))
     metrics = evaluate.main(["--checkpoint", summary["checkpoint"], "--split", "cold"])
     for name, value in summary["cold"].items():
         assert metrics[name] == pytest.approx(value, abs=1e-9), name

@@ -143,6 +143,47 @@ def test_item_id_dropout_trains_content_alone_and_leaves_untrained_items_at_thei
         ModelConfig(item_id_dropout=0.3, **ID_ONLY)
 
 
+def test_untrained_items_take_the_id_rows_of_their_content_neighbours():
+    """model.cold_item_neighbours: an evaluation copy gives each item that training did not reach
+    the softmax mix of its nearest trained items' ID rows, by the model's projection of their
+    frozen content; an item whose content is a trained item's takes that item's row. Trained rows,
+    and models without the option, are left as they are."""
+    from dataclasses import replace
+
+    from interestformer.errors import ConfigError
+
+    spec = replace(SPEC, text_feature_dim=8)
+    frozen_text = {"text": TextEncoderConfig(train_mode="frozen"), "image": ImageEncoderConfig(enabled=False)}
+    model = tiny_model(spec, cold_item_neighbours=2, cold_item_temperature=0.001, **frozen_text)
+    encoder = model.item_encoder
+    features = torch.randn(31, 8)
+    features[25], features[26] = features[3], features[7]  # items 25 and 26: the content of trained items 3 and 7
+    encoder.load_content_features({"text_features": features})
+    trained = torch.ones(31, dtype=torch.bool)
+    trained[0] = trained[25:] = False  # padding, and items 25-30 that no training step reached
+    encoder.load_trained_items(trained)
+    before = encoder.id_embedding.weight.detach().clone()
+    encoder.fill_untrained_ids()
+    after = encoder.id_embedding.weight.detach()
+    assert torch.equal(after[:25], before[:25])
+    assert torch.allclose(after[25], before[3], atol=1e-5) and torch.allclose(after[26], before[7], atol=1e-5)
+    assert not torch.isclose(after[27:], before[27:]).all(-1).any()  # every other untrained row moved
+    assert "item_encoder.id_trained" in model.state_dict()  # saved with the weights: a checkpoint fills alike
+
+    plain = tiny_model(spec, **frozen_text)
+    table = plain.item_encoder.id_embedding.weight.detach().clone()
+    plain.item_encoder.fill_untrained_ids()
+    assert torch.equal(plain.item_encoder.id_embedding.weight, table)
+    for overrides, key in (({"cold_item_neighbours": 3, **ID_ONLY}, "cold_item_neighbours"),
+                           ({"cold_item_neighbours": 3, "item_id_buckets": 8, **frozen_text}, "cold_item_neighbours"),
+                           ({"cold_item_neighbours": 3}, "cold_item_neighbours"),  # live encoders only
+                           ({"cold_item_neighbours": -1, **frozen_text}, "cold_item_neighbours"),
+                           ({"cold_item_neighbours": 3, "cold_item_temperature": 0.0, **frozen_text},
+                            "cold_item_temperature")):
+        with pytest.raises(ConfigError, match=key):
+            ModelConfig(**overrides)
+
+
 def test_hashed_item_ids_keep_their_row_in_any_catalogue_and_colliding_items_share_it():
     catalogue = [f"i{n:06d}" for n in range(SPEC.num_items)]
     rows = id_buckets(catalogue, 8)
