@@ -88,7 +88,9 @@ def main(argv=None) -> dict:
                         help=f"comma-separated subset of {', '.join(CONFIGS)} (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key in every run, e.g. --set train.epochs=2 (repeatable)")
-    parser.add_argument("--skip-cold", action="store_true", help="skip the cold-start runs")
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--skip-cold", action="store_true", help="skip the cold-start runs")
+    runs.add_argument("--cold-only", action="store_true", help="only the cold-start runs (rows with cold metrics alone)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="results JSON (merged with what it already holds)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -103,16 +105,19 @@ def main(argv=None) -> dict:
     results = read_results(args.out)
     stamp = benchmark_stamp()
     for name in names:
-        standard = run_config(name, args.set, cold=False)
-        row = {m: standard["test"][m] for m in METRICS}
-        row.update(users=standard["test"]["users"], minutes=standard["minutes"], max_epochs=standard["max_epochs"],
-                   best_epoch=standard["best_epoch"], stopped_epoch=standard["stopped_epoch"],
-                   run_id=standard["run_id"], overrides=args.set, **stamp)
-        popular = {m: standard["most_popular"][m] for m in METRICS}
+        row, popular = {"minutes": 0.0, "overrides": args.set, **stamp}, {}
+        if not args.cold_only:
+            standard = run_config(name, args.set, cold=False)
+            row.update({m: standard["test"][m] for m in METRICS}, users=standard["test"]["users"],
+                       minutes=standard["minutes"], max_epochs=standard["max_epochs"],
+                       best_epoch=standard["best_epoch"], stopped_epoch=standard["stopped_epoch"],
+                       run_id=standard["run_id"])
+            popular = {m: standard["most_popular"][m] for m in METRICS}
         if not args.skip_cold:
             cold = run_config(name, args.set, cold=True)
             row.update({f"cold_{m}": cold["cold"][m] for m in COLD_METRICS}, cold_users=cold["cold"]["users"],
-                       cold_run_id=cold["run_id"], minutes=row["minutes"] + cold["minutes"])
+                       cold_run_id=cold["run_id"], cold_best_epoch=cold["best_epoch"],
+                       minutes=row["minutes"] + cold["minutes"])
             popular.update({f"cold_{m}": cold["most_popular_cold"][m] for m in COLD_METRICS},
                            cold_users=cold["most_popular_cold"]["users"])
         results[name] = row
