@@ -92,3 +92,23 @@ def test_the_plain_loop_validates_stops_and_tests_its_best_epoch(ray_local, tiny
     assert full["test"]["users"] == full["validation"]["val_users"] > 0
     stopped = plain_convergence(prepared, cfg, threads=1, batch_size=8, max_minutes=10, stop_at=0.0)
     assert [p["epoch"] for p in stopped["curve"]] == [1]
+
+
+def test_cold_neighbours_simulates_a_seeded_tenth_of_the_trained_items_and_keeps_their_users():
+    import torch
+
+    from benchmarks.cold_neighbours import only_targets, simulated_cold
+
+    trained = torch.ones(101, dtype=torch.bool)
+    trained[0] = trained[91:] = False  # padding and 10 items that never trained
+    first, again, other = simulated_cold(trained, 0), simulated_cold(trained, 0), simulated_cold(trained, 1)
+    assert int(first.sum()) == 9 and not (first & ~trained).any()  # a tenth of the 90 trained items
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    batch = {"history": torch.tensor([[1, 2], [3, 4], [5, 6]]), "targets": torch.tensor([7, 8, 9]),
+             "history_length": torch.tensor([2, 2, 2]), "unique_items": torch.tensor([0, 1, 2, 3, 4, 5, 6])}
+    wanted = torch.zeros(101, dtype=torch.bool)
+    wanted[[8, 9]] = True
+    kept = only_targets(batch, wanted)
+    assert kept["targets"].tolist() == [8, 9] and kept["history"].tolist() == [[3, 4], [5, 6]]
+    assert kept["history_length"].tolist() == [2, 2] and torch.equal(kept["unique_items"], batch["unique_items"])
+    assert only_targets(batch, None) is batch
