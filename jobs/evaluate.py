@@ -77,6 +77,7 @@ def checkpoint_on_data(checkpoint: str, cfg: JobConfig, data: DataConfig) -> tup
     prepared = prepare(data, tokenizer_path=tokenizer_path(cfg, checkpoint))
     features_uri, spec, _ = feature_store(prepared, cfg, data_spec(prepared, cfg))
     model, carried = catalogue_model(cfg, spec, features_uri, prepared, checkpoint)
+    model.item_encoder.fill_untrained_ids()  # as in every evaluation copy (distributed.model_from_weights)
     print(f"Ranking {prepared.path} with {checkpoint}: {carried}", flush=True)
     return model, prepared
 

@@ -378,8 +378,15 @@ class InterestFormer(nn.Module):
         earlier one, -1 for an item it did not have. Trained ID rows are copied bit for bit; a new
         item's row is zero, so it is represented by its content until it trains (hashed IDs keep
         their table: an item's row depends on its id alone). The catalogue's buffers are not
-        read: they are this run's (load_content_features, load_id_buckets)."""
+        read: they are this run's (load_content_features, load_id_buckets, load_trained_items),
+        except that a carried row counts as trained (cold_item_neighbours) when the earlier model
+        trained it, or did not record which it trained, whether or not this run's data reaches it."""
         hashed = self.item_encoder.id_bucket is not None
+        if self.item_encoder.id_trained is not None:
+            carried = earlier_rows > 0
+            earlier_trained = weights.get("item_encoder.id_trained")
+            self.item_encoder.id_trained[carried] |= (earlier_trained[earlier_rows[carried]] if earlier_trained is not None
+                                                      else torch.ones(int(carried.sum()), dtype=torch.bool))
         own = self.state_dict()
         for name, tensor in weights.items():
             if name in self.CATALOGUE_BUFFERS:

@@ -170,6 +170,14 @@ def test_untrained_items_take_the_id_rows_of_their_content_neighbours():
     assert not torch.isclose(after[27:], before[27:]).all(-1).any()  # every other untrained row moved
     assert "item_encoder.id_trained" in model.state_dict()  # saved with the weights: a checkpoint fills alike
 
+    # Started from this model on a catalogue where item 3 is now item 1 and items 26 and 27 are gone:
+    # a carried row the earlier model trained stays trained though this run's data does not reach it.
+    later = tiny_model(spec, cold_item_neighbours=2, **frozen_text)
+    later.item_encoder.load_trained_items(torch.zeros(31, dtype=torch.bool))
+    earlier_rows = torch.tensor([0, 3, 25] + [-1] * 28)
+    later.load_earlier(model.state_dict(), earlier_rows)
+    assert torch.nonzero(later.item_encoder.id_trained).squeeze(1).tolist() == [1]
+
     plain = tiny_model(spec, **frozen_text)
     table = plain.item_encoder.id_embedding.weight.detach().clone()
     plain.item_encoder.fill_untrained_ids()
