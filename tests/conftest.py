@@ -1,9 +1,11 @@
 """Shared fixtures: one real local Ray for the in-process tests, a real MLflow server on 127.0.0.1,
 and where test output goes."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -114,6 +116,15 @@ def stop_server(server: subprocess.Popen):
     """Kills the server and its workers: the process group start_server made, nothing else."""
     os.killpg(server.pid, 9)
     server.wait()
+
+
+def stop_ray_node(node: subprocess.Popen):
+    """Ends a `ray start --block` node (ray_node_command, in a session of its own) at once: SIGKILL
+    to its process group, whose reaper and workers go with it. On SIGTERM the node would stop each
+    Ray process gracefully, about 30 s a node here, and no test needs a graceful stop."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(node.pid, signal.SIGKILL)
+    node.wait()
 
 
 BIN = os.path.dirname(sys.executable)

@@ -10,7 +10,7 @@ import time
 import mlflow
 import pytest
 
-from conftest import BIN, free_port, ray_env, ray_node_command, submit_job, wait_for_job_api
+from conftest import BIN, free_port, ray_env, ray_node_command, stop_ray_node, submit_job, wait_for_job_api
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,7 @@ def ray_head(tmp_path_factory):
     address = f"http://127.0.0.1:{dashboard_port}"
     wait_for_job_api(address, env, head, log)
     yield address, env
-    head.terminate()
-    head.wait(timeout=120)
+    stop_ray_node(head)
     # A terminated head leaves its address behind, where a later bare ray.init() would find it.
     current = "/tmp/ray/ray_current_cluster"
     if os.path.exists(current) and open(current).read().strip().endswith(f":{gcs_port}"):

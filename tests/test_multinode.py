@@ -6,12 +6,10 @@ training workers are placed STRICT_SPREAD, one per node, so nothing works only b
 shares a disk with the driver. Credentials are in the nodes' environment (as an IAM role would
 be), never in the job; this test process sets no AWS or Ray variable of its own."""
 
-import contextlib
 import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -21,7 +19,8 @@ import mlflow
 import pyarrow.fs as pafs
 import pytest
 
-from conftest import BIN, free_port, ray_env, ray_node_command, start_server, stop_server, submit_job, wait_for_job_api
+from conftest import (BIN, free_port, ray_env, ray_node_command, start_server, stop_ray_node, stop_server, submit_job,
+                      wait_for_job_api)
 
 # In `make test`; `make test-multinode` runs it alone, in a few minutes (docs/benchmarks.md has the measured time).
 pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.timeout(1800)]
@@ -81,16 +80,14 @@ def two_nodes(object_store, tmp_path):
             # `ray start` gives its raylet a fixed 30 s to register; on a loaded 2-core machine that
             # can pass. A node that gave up that way is started again, once, after whatever it left.
             if nodes[1].poll() is not None and "timed out during startup" in log and restarts:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(nodes[1].pid, signal.SIGKILL)
+                stop_ray_node(nodes[1])
                 nodes[1], restarts = start_node(), restarts - 1
             assert time.time() < deadline and nodes[1].poll() is None, log
             time.sleep(2)
         yield address, env, temp_dirs
     finally:
         for node in reversed(nodes):
-            node.terminate()
-            node.wait(timeout=120)
+            stop_ray_node(node)
         for folder in temp_dirs:
             shutil.rmtree(folder, ignore_errors=True)
 
