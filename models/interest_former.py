@@ -78,8 +78,9 @@ class ModelConfig:
     takes as its ID embedding a mix of the ID embeddings of the k trained items nearest to it by
     the model's own projection of their frozen text and image features (cosine), weighted by a
     softmax at cold_item_temperature. Otherwise its row stays at its initial value, which places it
-    by chance. Training itself is unchanged. Needs use_item_id, a row per item (item_id_buckets 0)
-    and a frozen text or image encoder."""
+    by chance. Training itself is unchanged. Each evaluation copy compares every untrained item with
+    every trained one (untrained x trained x d_model multiply-adds). Needs use_item_id, a row per
+    item (item_id_buckets 0) and a frozen text or image encoder."""
     cold_item_temperature: float = 0.02
     """Softmax temperature over the cosines of the cold_item_neighbours: lower weighs the nearest more."""
     activation_checkpointing: bool = False

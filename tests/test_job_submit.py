@@ -30,7 +30,7 @@ def ray_head(tmp_path_factory):
     wait_for_job_api(address, env, head, log)
     yield address, env
     stop_ray_node(head)
-    # A terminated head leaves its address behind, where a later bare ray.init() would find it.
+    # A killed head leaves its address behind, where a later bare ray.init() would find it.
     current = "/tmp/ray/ray_current_cluster"
     if os.path.exists(current) and open(current).read().strip().endswith(f":{gcs_port}"):
         os.remove(current)
