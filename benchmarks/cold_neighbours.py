@@ -39,12 +39,13 @@ SIMULATED_FRACTION = 0.1
 
 
 class Split:
-    """One split's ranking: its item rows and its user rows, read once, kept to those users whose
-    target is in `targets` (None: all of them)."""
+    """One split's ranking: its user rows, read once, kept to those users whose target is in
+    `targets` (None: all of them), against the catalogue's item rows (the same for every split)."""
 
-    def __init__(self, prepared: PreparedData, cfg: JobConfig, split: str, targets: torch.Tensor | None):
-        items, users = eval_datasets(prepared, cfg, split)
-        self.items = [unpack(row) for row in items.iter_torch_batches(batch_size=1)]
+    def __init__(self, item_rows: list[dict], prepared: PreparedData, cfg: JobConfig, split: str,
+                 targets: torch.Tensor | None):
+        _, users = eval_datasets(prepared, cfg, split)
+        self.items = item_rows
         self.users = [kept for row in users.iter_torch_batches(batch_size=1)
                       if len((kept := only_targets(unpack(row), targets))["targets"])]
         self.popularity, self.cfg = popularity_counts(prepared, cfg, split), cfg
@@ -90,14 +91,17 @@ def main(argv=None) -> dict:
     if encoder.id_trained is None or not cfg.data.cold_item_fraction:
         parser.error(f"{args.checkpoint} is not from a run with data.cold_item_fraction > 0 and "
                      "model.cold_item_neighbours > 0")
+    # load_model has filled the untrained rows; "as trained" needs them as training left them.
     trained_table = load_tensors(read_bytes(join(args.checkpoint, WEIGHTS_FILE)))[model.ID_TABLE].float()
     trained = encoder.id_trained.clone()
     simulated = [simulated_cold(trained, int(seed)) for seed in args.seeds.split(",")]
 
     start_ray()
     prepared = PreparedData.load(state["prepared_path"])
-    splits = [("validation", Split(prepared, cfg, "validation", items), trained & ~items) for items in simulated]
-    splits.append(("cold", Split(prepared, cfg, "cold", None), trained))
+    item_rows = [unpack(row) for row in eval_datasets(prepared, cfg, "cold")[0].iter_torch_batches(batch_size=1)]
+    splits = [("validation", Split(item_rows, prepared, cfg, "validation", items), trained & ~items)
+              for items in simulated]
+    splits.append(("cold", Split(item_rows, prepared, cfg, "cold", None), trained))
     variants = [("as trained", None, None), ("zero", 0, None)] + [
         (f"k {k}, temperature {t}", k, t) for k in NEIGHBOURS for t in TEMPERATURES]
     rows = []

@@ -112,3 +112,11 @@ def test_cold_neighbours_simulates_a_seeded_tenth_of_the_trained_items_and_keeps
     assert kept["targets"].tolist() == [8, 9] and kept["history"].tolist() == [[3, 4], [5, 6]]
     assert kept["history_length"].tolist() == [2, 2] and torch.equal(kept["unique_items"], batch["unique_items"])
     assert only_targets(batch, None) is batch
+
+
+def test_ml1m_cold_only_and_skip_cold_exclude_each_other_before_training(capsys):
+    from benchmarks.ml1m import main as ml1m
+
+    with pytest.raises(SystemExit) as stopped:
+        ml1m(["--configs", "id_text", "--skip-cold", "--cold-only"])
+    assert stopped.value.code == 2 and "not allowed with argument --skip-cold" in capsys.readouterr().err
