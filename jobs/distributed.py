@@ -206,27 +206,24 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
 
 
 class ExactSplit(ray.train.DataConfig):
-    """Splits the training and evaluation datasets across workers without dropping or repeating
-    a row. Ray Train's own split (streaming_split with equal=True) gives every worker the same
-    number of rows by dropping up to world_size - 1 of them each epoch, and a row here is a whole
-    packed batch: its users' events would silently never train (or, for evaluation, never
-    count). Workers may then hold a batch more or less than others: the training loop evens that
-    out (train_steps), and evaluation sums each worker's share (RankTotals.merge).
+    """Splits every dataset of a run across its workers without dropping or repeating a row. Ray
+    Train's own split (streaming_split with equal=True) gives every worker the same number of rows
+    by dropping up to world_size - 1 of them each epoch, and a row here is a whole packed batch:
+    its users' events would silently never train (or, for evaluation, never count). Workers may
+    then hold a batch more or less than others: the training loop evens that out (train_steps),
+    and evaluation sums each worker's share (RankTotals.merge).
 
-    ExactSplit(datasets_to_split=[...]) names the datasets split this way; the others reach every
-    worker whole."""
+    Only DataConfig's public surface is used: `configure` (its documented extension point) and
+    `default_ingest_options`; shards read from the workers' nodes where they can (locality)."""
 
     def configure(self, datasets: dict, world_size: int, worker_handles, worker_node_ids, **kwargs):
-        split = [name for name in datasets if name in self._datasets_to_split]
-        output = super().configure({name: ds for name, ds in datasets.items() if name not in split},
-                                   world_size, worker_handles, worker_node_ids, **kwargs)
-        hints = worker_node_ids if self._enable_shard_locality else None
-        for name in split:
-            ds = datasets[name].copy(datasets[name])
+        output = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            ds = dataset.copy(dataset)
             if ds.name is None:
                 ds.set_name(name)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            for rank, share in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+            ds.context.execution_options = self.default_ingest_options()
+            for rank, share in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
                 output[rank][name] = share
         return output
 

@@ -445,7 +445,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display
         datasets=datasets,
         # Every worker trains on, and evaluates, its own share of the users, and encodes its own
         # share of the catalogue for full ranking.
-        dataset_config=ExactSplit(datasets_to_split=list(datasets)),
+        dataset_config=ExactSplit(),
     )
     try:
         if board is None:

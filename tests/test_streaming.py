@@ -45,7 +45,7 @@ def test_every_user_window_reaches_exactly_one_worker_each_epoch(ray_local, tmp_
     expected = user_windows(rows)
     assert sum(expected.values()) == prepared.report()["users"] - prepared.report()["users_too_short"]
 
-    shares = ExactSplit(datasets_to_split=["train"]).configure({"train": batches}, WORKERS, None, None)
+    shares = ExactSplit().configure({"train": batches}, WORKERS, None, None)
     for epoch in range(2):
         seen = [Counter() for _ in range(WORKERS)]
         rows_per_worker = [0] * WORKERS
