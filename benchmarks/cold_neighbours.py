@@ -116,7 +116,6 @@ def main(argv=None) -> dict:
             elif k:
                 encoder.neighbours, encoder.neighbour_temperature = k, temperature
                 encoder.fill_untrained_ids()
-            table[0] = 0.0  # padding
             figures = ranking.rank(model)
             if split == "validation":
                 row["validation_seeds"].append(figures)
