@@ -274,19 +274,25 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
     ds = ds.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_TASK, strict=True)
     if split != "train" or group_by_length:
         ds = ds.map_batches(by_history_length, batch_size=None, batch_format="pyarrow")
-    return ds.map_batches(
-        PackBatches,
-        fn_constructor_kwargs=dict(prepared=prepared, split=split, max_seq_len=max_seq_len,
-                                   num_negatives=num_negatives, text=text, image=image, seed=seed,
-                                   cold_fraction=cold_fraction, train_since=train_since),
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pipeline_workers),
-        # An evaluation batch is a few index arrays (users read the encoded catalogue), so its
-        # packing actor takes no CPU of its own: it runs beside the next epoch's training
-        # pipeline without a CPU kept for it (jobs.cluster.data_cpus).
-        num_cpus=1 if split == "train" else 0,
-    ).repartition(target_num_rows_per_block=1)
+    packing = dict(prepared=prepared, split=split, max_seq_len=max_seq_len, num_negatives=num_negatives, text=text,
+                   image=image, seed=seed, cold_fraction=cold_fraction, train_since=train_since)
+    if split == "train":  # actors: a live encoder's actor holds the catalogue's content (ItemContent)
+        packed = ds.map_batches(PackBatches, fn_constructor_kwargs=packing, batch_size=batch_size,
+                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pipeline_workers),
+                                num_cpus=1)
+    else:
+        # An evaluation batch is a few index arrays (users read the encoded catalogue): tasks in
+        # Ray's pooled worker processes pack it, where an actor pool would start a process for
+        # every pass of every split. They take no CPU of their own, so they run beside the next
+        # epoch's training pipeline without a CPU kept for them (jobs.cluster.data_cpus).
+        packed = ds.map_batches(_pack_with, fn_kwargs={"packer": PackBatches(**packing)}, batch_size=batch_size,
+                                batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=pipeline_workers),
+                                num_cpus=0)
+    return packed.repartition(target_num_rows_per_block=1)
+
+
+def _pack_with(batch: dict[str, np.ndarray], packer: PackBatches) -> dict[str, np.ndarray]:
+    return packer(batch)
 
 
 def stored_sequences(prepared: PreparedData) -> ray.data.Dataset:

@@ -6,9 +6,9 @@
         -- python -m interestformer.jobs.train --config configs/x.yaml   # docs/cluster.md
 
 The job: validate the config (before Ray starts), prepare the data (cached), open the MLflow
-run, fit on Ray Train workers, evaluate the most-popular baseline on the same split, log the
-final report (jobs/report.py), close the run and print the headline metrics with the command that
-browses them.
+run, fit on Ray Train workers (which also rank the most-popular baseline on the test split's
+rows), log the final report (jobs/report.py), close the run and print the headline metrics with
+the command that browses them.
 """
 
 import math
@@ -204,10 +204,12 @@ class TrainingWorker:
 
     def test_best_epoch(self) -> dict | None:
         """The test splits, read once with the best epoch's weights (a run with no epoch left to
-        train has them from its checkpoint; one that validated nothing yet, its latest); rank 0 logs
-        them, closes its logging and returns the run's results to the driver."""
-        results = {split: self.evaluation.totals(self.best_weights or full_state_dict(self.engine), split)
-                   for split in final_splits(self.cfg)}
+        train has them from its checkpoint; one that validated nothing yet, its latest), and the
+        most-popular baseline on the same rows; rank 0 logs the model's metrics, closes its logging
+        and returns the run's results to the driver."""
+        weights = self.best_weights or full_state_dict(self.engine)
+        results = {split: self.evaluation.totals(weights, split) for split in final_splits(self.cfg)}
+        baselines = {split: self.evaluation.most_popular(split) for split in final_splits(self.cfg)}
         self.progress.close()
         if self.rank != 0:
             return None
@@ -220,8 +222,8 @@ class TrainingWorker:
         if unsent:  # the driver retries them for longer, with MLflow's own retries
             print(f"MLflow still unreachable at the end: {len(unsent['metrics'])} metrics handed to the driver",
                   file=sys.stderr)
-        return {**results, "step": self.state["step"], "unsent_metrics": unsent, "throughput": self.throughput,
-                "best_epoch": self.selection.best_epoch, "stopped_epoch": self.state["epoch"],
+        return {**results, "most_popular": baselines, "step": self.state["step"], "unsent_metrics": unsent,
+                "throughput": self.throughput, "best_epoch": self.selection.best_epoch, "stopped_epoch": self.state["epoch"],
                 "validation": self.selection.best_metrics, "precision": self.precision}
 
 
@@ -283,9 +285,11 @@ class EpochEvaluation:
         share = evaluate_model(self.model, self.items, device_batches(self._rows(split), self.device), self.cfg.eval.ks,
                                self.cfg.eval.exclude_history, self.cfg.eval.item_chunk_size,
                                popularity_counts(self.prepared, self.cfg, split).to(self.device))
-        shares = [None] * dist.get_world_size()
-        dist.all_gather_object(shares, share)
-        return RankTotals.merge(shares)
+        return _merged(share)
+
+    def most_popular(self, split: str) -> RankTotals:
+        """The most-popular baseline on a split, from the rows the model was ranked on."""
+        return _merged(evaluate_most_popular(self.prepared, self._rows(split), self.cfg, split))
 
     def _rows(self, name: str):
         """This worker's packed rows of a dataset: from memory after a first full pass that fit."""
@@ -303,6 +307,15 @@ class EpochEvaluation:
             yield row
         if rows is not None:
             self.held[name] = rows
+
+
+def _merged(share: RankTotals) -> RankTotals:
+    """Every worker's share of a split's rank totals -> the totals over all its users, on every worker."""
+    import torch.distributed as dist
+
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, share)
+    return RankTotals.merge(shares)
 
 
 def _log_window(metrics_out, window, world, engine, step):
@@ -465,7 +478,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display
                   for key in ("validation", "best_epoch", "stopped_epoch", "throughput", "precision")}}
     evaluations = {}
     for split in eval_splits:
-        baseline = evaluate_most_popular(prepared, datasets[split].iter_torch_batches(batch_size=1), cfg, split)
+        baseline = result.return_value["most_popular"][split]
         tracking.log_metrics(uri, run_id, {f"most_popular_{METRIC_PREFIX[split]}{k}": v
                                            for k, v in baseline.report().items()}, step=result.return_value["step"])
         evaluations[split] = {"InterestFormer": result.return_value[split], "most popular": baseline}

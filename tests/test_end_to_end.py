@@ -50,6 +50,10 @@ def test_run_reports_test_metrics_and_baseline(finished_run):
         assert metrics["users"] == summary["data"]["users"]
         for k in (10, 50, 200):
             assert 0.0 <= metrics[f"ndcg@{k}"] <= metrics[f"hr@{k}"] <= 1.0
+    # The workers rank the baseline on their shares of the test rows: the same as on the whole split.
+    prepared = PreparedData.load(cfg.data.prepared_dir)
+    whole = evaluate.eval_datasets(prepared, cfg, "test")[1].iter_torch_batches(batch_size=1)
+    assert summary["most_popular"] == pytest.approx(evaluate.evaluate_most_popular(prepared, whole, cfg, "test").report())
 
 
 def test_every_training_event_is_trained_once_per_epoch_across_workers(finished_run):
