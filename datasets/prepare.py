@@ -450,8 +450,11 @@ def _summarise(out: str, num_items: int, cfg: DataConfig, fingerprint: str, shar
 
 
 def _reason_counts(path: str) -> dict[str, int]:
+    """Rows set aside under `path`, by reason: one column read straight from the files, where a Ray
+    Data job would take longer to start than to read it."""
+    fs, folder = filesystem(path)
     try:
-        reasons = read_parquet(path).select_columns(["reason"]).to_pandas()["reason"]
+        reasons = pq.read_table(folder, filesystem=fs, columns=["reason"])["reason"].to_pandas()
     except (ValueError, OSError, KeyError):  # an empty quarantine has no files to read
         return {}
     return {str(k): int(v) for k, v in reasons.value_counts().items()}
