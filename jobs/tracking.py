@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -92,6 +93,23 @@ def _client(uri: str):
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def open_store(uri: str) -> threading.Thread:
+    """Opens uri's MLflow store in a thread, which it returns: importing MLflow and opening a store
+    (a new SQLite file creates its tables) takes seconds that can pass while Ray starts and the data
+    is prepared. Join the thread before this process's first other call to MLflow, which then finds
+    the store open (MLflow keeps one per URI); opened twice at once, a new file's tables would be
+    created twice. A store that fails to open fails again, with its error, at that first call."""
+    def open_quietly():
+        try:
+            _client(uri)
+        except Exception:  # reported by the job's own first call
+            pass
+
+    thread = threading.Thread(target=open_quietly, name="mlflow-store", daemon=True)
+    thread.start()
+    return thread
 
 
 def experiment_id(uri: str, name: str) -> str:

@@ -397,9 +397,11 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display
     do not."""
     check_inputs(cfg.data)  # before any Ray resource is taken
     quiet_console(cfg.experiment.verbose)
-    tracking.check_reachable(tracking.tracking_uri(cfg))
+    uri = tracking.tracking_uri(cfg)
+    tracking.check_reachable(uri)
     if cfg.train.init_from:
         check_start_from(cfg)
+    store = tracking.open_store(uri)  # while Ray starts and the data is prepared
     ensure_ray(cfg)
     prepared = prepare(cfg.data, tokenizer_path=tokenizer_path(cfg))
     features_uri, spec, _ = feature_store(prepared, cfg, data_spec(prepared, cfg))
@@ -412,7 +414,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display
         raise ConfigError("data.train_since" if cfg.data.train_since else "data",
                           f"leaves no user with a training target ({report['users']} users read)")
     run_name = cfg.experiment.name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
-    uri = tracking.tracking_uri(cfg)
+    store.join()
     run_id = tracking.start_run(cfg, deepspeed_config(cfg.train, optimizer_steps(cfg.train, train_users,
                                                                                  cfg.train.num_workers)),
                                 report, run_name, parent_run_id)
