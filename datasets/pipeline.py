@@ -3,8 +3,9 @@
 Each output row of a dataset here is one whole micro-batch ("packed batch"), because what a
 batch needs is a property of the batch, not of its rows: its candidates are the unique items it
 holds plus sampled negatives, and each unique item's text tokens and decoded image travel once.
-The packing (windowing, negative sampling, image decoding) runs in Ray Data's CPU actors in
-parallel with training; a worker only moves arrays to its device.
+The packing (windowing, negative sampling, image decoding) runs in Ray Data's CPU actors
+(training) and tasks (evaluation) in parallel with training; a worker only moves arrays to its
+device.
 
 Packed training batch (B users, T = max_seq_len, U unique items, L tokens, S pixels):
     history      (B, T) int64   item indices, left-padded with 0, oldest first
