@@ -278,9 +278,8 @@ def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_
     packing = dict(prepared=prepared, split=split, max_seq_len=max_seq_len, num_negatives=num_negatives, text=text,
                    image=image, seed=seed, cold_fraction=cold_fraction, train_since=train_since)
     if split == "train":  # actors: a live encoder's actor holds the catalogue's content (ItemContent)
-        packed = ds.map_batches(PackBatches, fn_constructor_kwargs=packing, batch_size=batch_size,
-                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pipeline_workers),
-                                num_cpus=1)
+        packed = ds.map_batches(PackBatches, fn_constructor_kwargs=packing, batch_size=batch_size, batch_format="numpy",
+                                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pipeline_workers), num_cpus=1)
     else:
         # An evaluation batch is a few index arrays (users read the encoded catalogue): tasks in
         # Ray's pooled worker processes pack it, where an actor pool would start a process for

@@ -223,8 +223,9 @@ class TrainingWorker:
             print(f"MLflow still unreachable at the end: {len(unsent['metrics'])} metrics handed to the driver",
                   file=sys.stderr)
         return {**results, "most_popular": baselines, "step": self.state["step"], "unsent_metrics": unsent,
-                "throughput": self.throughput, "best_epoch": self.selection.best_epoch, "stopped_epoch": self.state["epoch"],
-                "validation": self.selection.best_metrics, "precision": self.precision}
+                "throughput": self.throughput, "best_epoch": self.selection.best_epoch,
+                "stopped_epoch": self.state["epoch"], "validation": self.selection.best_metrics,
+                "precision": self.precision}
 
 
 def _epoch_throughput(seen: torch.Tensor, seconds: float, waits: list[float], device) -> dict:
