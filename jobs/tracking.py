@@ -99,7 +99,7 @@ def open_store(uri: str) -> threading.Thread:
     """Opens uri's MLflow store in a thread, which it returns: importing MLflow and opening a store
     (a new SQLite file creates its tables) takes seconds that can pass while Ray starts and the data
     is prepared. Join the thread before this process's first other call to MLflow, which then finds
-    the store open (MLflow keeps one per URI); opened twice at once, a new file's tables would be
+    the store open (MLflow keeps one per URI); opened twice at once, a new file's tables could be
     created twice. A store that fails to open fails again, with its error, at that first call."""
     def open_quietly():
         try:
