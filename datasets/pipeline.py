@@ -52,13 +52,12 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
 
 from interestformer.datasets.prepare import PreparedData
 from interestformer.datasets.schema import load_image
-from interestformer.datasets.storage import filesystem, read_parquet
+from interestformer.datasets.storage import read_parquet, read_table
 
 Split = Literal["train", "validation", "test", "cold", "new_users"]
 COLD_ITEM_SEED = 20261124  # fixed, so every config of a benchmark holds out the same items
@@ -93,14 +92,9 @@ def is_new_user(user_id: str, fraction: float) -> bool:
     return int.from_bytes(digest, "little") < fraction * 2**64
 
 
-def _read_item_table(items_path: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = filesystem(items_path)
-    return pq.read_table(path, filesystem=fs, columns=columns)
-
-
 def catalogue_ids(prepared: PreparedData) -> list[str]:
     """The catalogue's item ids in index order: item index i is catalogue_ids(prepared)[i - 1]."""
-    table = _read_item_table(prepared.items_path, ["item_index", "item_id"]).sort_by("item_index")
+    table = read_table(prepared.items_path, ["item_index", "item_id"]).sort_by("item_index")
     return table.column("item_id").to_pylist()
 
 
@@ -145,7 +139,7 @@ class ItemContent:
         self.text, self.image, self.image_size = text, image, S
         if not (text or image):
             return
-        table = _read_item_table(prepared.items_path, ["item_index", *content_columns(text, image)]).to_pydict()
+        table = read_table(prepared.items_path, ["item_index", *content_columns(text, image)]).to_pydict()
         index = np.asarray(table["item_index"], dtype=np.int64)
         if text:  # rows of items without text stay all padding
             self.tokens = np.zeros((n + 1, L), dtype=np.int64)

@@ -38,7 +38,8 @@ from interestformer.datasets.schema import (
     EVENT_REQUIRED, ITEM_REQUIRED, ITEM_TABLE_SCHEMA, REASONS, SEQUENCE_SCHEMA, load_image, normalise_items, png_bytes,
     shard_problem, tag_events,
 )
-from interestformer.datasets.storage import absolute, filesystem, join, local_folder, read_json, read_parquet, write_json
+from interestformer.datasets.storage import (absolute, filesystem, join, local_folder, read_json, read_parquet,
+                                             read_table, write_json)
 
 TEXT_CHARS_PER_TOKEN = 32  # generous: word pieces are rarely longer than a few characters
 META_VERSION = 2  # bump when the prepared layout changes: cached data is then rebuilt
@@ -452,9 +453,8 @@ def _summarise(out: str, num_items: int, cfg: DataConfig, fingerprint: str, shar
 def _reason_counts(path: str) -> dict[str, int]:
     """Rows set aside under `path`, by reason: one column read straight from the files, where a Ray
     Data job would take longer to start than to read it."""
-    fs, folder = filesystem(path)
     try:
-        reasons = pq.read_table(folder, filesystem=fs, columns=["reason"])["reason"].to_pandas()
+        reasons = read_table(path, ["reason"])["reason"].to_pandas()
     except (ValueError, OSError, KeyError):  # an empty quarantine has no files to read
         return {}
     return {str(k): int(v) for k, v in reasons.value_counts().items()}

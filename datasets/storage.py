@@ -14,7 +14,9 @@ import os
 import shutil
 import tempfile
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray.data
 
 
@@ -43,6 +45,13 @@ def absolute(path: str) -> str:
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) of a local path or URI."""
     return pafs.FileSystem.from_uri(absolute(uri))
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file or folder, local or in object storage, read whole in this process (columns:
+    only these): for small tables, where a Ray Data job would take longer to start than to read."""
+    fs, path = filesystem(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
 
 
 def read_bytes(uri: str) -> bytes | None:
