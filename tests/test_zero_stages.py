@@ -16,7 +16,7 @@ from interestformer.jobs.config import JobConfig
 from interestformer.jobs.distributed import optimizer_step, setup_engine
 from interestformer.models.interest_former import DataSpec, InterestFormer
 
-pytestmark = pytest.mark.slow  # 2-worker DeepSpeed runs: about half a minute each
+pytestmark = pytest.mark.slow  # 2-worker DeepSpeed runs, five in one worker group
 
 SPEC = DataSpec(num_items=50, num_event_types=2, max_seq_len=8, text_vocab_size=10, text_max_tokens=4, image_size=8)
 STEPS = 6
@@ -33,9 +33,7 @@ def fixed_batch(generator: torch.Generator, users: int = 4) -> dict:
             "unique_items": torch.unique(torch.cat([history.ravel(), targets.ravel(), negatives, torch.zeros(1, dtype=torch.long)]))}
 
 
-def train_fixed_batches(config: dict) -> list[float]:
-    cfg = JobConfig.from_dict(config)
-    torch.set_num_threads(1)
+def train_fixed_batches(cfg: JobConfig) -> list[float]:
     torch.manual_seed(0)
     engine, _ = setup_engine(InterestFormer(cfg.model, SPEC), cfg.train)
     generator = torch.Generator().manual_seed(100 + ray.train.get_context().get_world_rank())
@@ -48,32 +46,51 @@ def train_fixed_batches(config: dict) -> list[float]:
     return losses
 
 
-def losses_at_stage(stage: int, tmp_path, **train) -> list[float]:
-    cfg = JobConfig.from_dict({
+def train_every_variant(variants: dict) -> dict:
+    """Each variant's trajectory in turn, in one worker group: its start is the slow part."""
+    torch.set_num_threads(1)
+    return {name: train_fixed_batches(JobConfig.from_dict(config)) for name, config in variants.items()}
+
+
+def job_config(stage: int, **train) -> dict:
+    return JobConfig.from_dict({
         "model": {"d_model": 16, "n_heads": 2, "n_layers": 1, "dropout": 0.0,
                   "text": {"enabled": False}, "image": {"enabled": False}},
         "train": {"zero_stage": stage, "num_workers": 2, "micro_batch_size": 4, "warmup_steps": 1, "lr": 0.01,
                   **train},
-    })
-    trainer = TorchTrainer(train_fixed_batches, train_loop_config=cfg.to_dict(),
+    }).to_dict()
+
+
+VARIANTS = {
+    "zero0": job_config(0),
+    "zero3": job_config(3),
+    "zero0 unclipped": job_config(0, grad_clip=0.0),
+    "zero0 sharded table": job_config(0, grad_clip=0.0, shard_item_table=True),
+    "zero3 sharded table": job_config(3, grad_clip=0.0, shard_item_table=True),
+}
+
+
+@pytest.fixture(scope="module")
+def trajectories(ray_local, tmp_path_factory) -> dict:
+    """Every variant's per-step losses on 2 Ray Train workers."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    trainer = TorchTrainer(train_every_variant, train_loop_config=VARIANTS,
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                           run_config=ray.train.RunConfig(name=f"zero{stage}" + "".join(f"-{key}" for key in train),
-                                                          storage_path=str(tmp_path)))
+                           run_config=ray.train.RunConfig(name="zero-stages",
+                                                          storage_path=str(tmp_path_factory.mktemp("zero"))))
     return trainer.fit().return_value
 
 
-def test_zero3_on_two_workers_follows_the_zero0_loss_trajectory(ray_local, tmp_path):
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    plain, zero3 = losses_at_stage(0, tmp_path), losses_at_stage(3, tmp_path)
+def test_zero3_on_two_workers_follows_the_zero0_loss_trajectory(trajectories):
+    plain, zero3 = trajectories["zero0"], trajectories["zero3"]
     assert plain[-1] < plain[0]  # it learns
     assert zero3 == pytest.approx(plain, rel=1e-5), (plain, zero3)
 
 
-def test_an_item_table_sharded_across_two_workers_follows_the_zero0_loss_trajectory(ray_local, tmp_path):
+def test_an_item_table_sharded_across_two_workers_follows_the_zero0_loss_trajectory(trajectories):
     """Each worker holds half the table's rows and steps them in its own AdamW; no gradient is
     clipped here (grad_clip=0), since the sharded table's is clipped by its own norm."""
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    plain = losses_at_stage(0, tmp_path, grad_clip=0.0)
+    plain = trajectories["zero0 unclipped"]
     for stage in (0, 3):
-        sharded = losses_at_stage(stage, tmp_path, grad_clip=0.0, shard_item_table=True)
+        sharded = trajectories[f"zero{stage} sharded table"]
         assert sharded == pytest.approx(plain, rel=1e-5), (stage, plain, sharded)
