@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 
 import ray
@@ -101,6 +102,8 @@ class TrainingWorker:
         # A fresh run's first epoch starts its pipeline while DeepSpeed sets up. A resumed run may have
         # no epoch left, and a pipeline nobody reads would hold a CPU through the final evaluation.
         self.rows = self._epoch_rows() if ray.train.get_checkpoint() is None else None
+        self.evaluation = EpochEvaluation(cfg, self.spec, prepared, self.device)
+        self.evaluation.read_ahead(["items", "validation", *final_splits(cfg)])
         steps_per_epoch = math.ceil(loop_config["train_users"] / (cfg.train.micro_batch_size * self.world))
         self.engine, state = setup_engine(model, cfg.train, optimizer_steps(cfg.train, loop_config["train_users"],
                                                                              self.world))
@@ -120,7 +123,6 @@ class TrainingWorker:
         if self.rank == 0:
             self.system_metrics = tracking.start_system_metrics(loop_config["tracking_uri"], loop_config["run_id"],
                                                                 cfg.experiment.system_metrics_interval_s)
-        self.evaluation = EpochEvaluation(cfg, self.spec, prepared, self.device)  # holds its rows after a first pass
         self.began = time.perf_counter() - self.state.get("worker_seconds", 0.0)  # earlier attempts' time counts
         self.weights = None  # the latest epoch's full weights
 
@@ -265,15 +267,41 @@ class EpochEvaluation:
 
     The model and item table are built once per weights, so the test splits after the last
     validation reuse them. The packed evaluation rows (index arrays; item content only for live
-    encoders) are read from Ray Data on their first pass and held for later epochs while a
-    dataset's share stays under HELD_BYTES, so an epoch boundary starts no pipeline for them."""
+    encoders) are held for later epochs while a dataset's share stays under HELD_BYTES, so an
+    epoch boundary starts no pipeline for them. Their first pass runs in a background thread from
+    the start (`read_ahead`), while DeepSpeed sets up and the first epoch trains: each pass starts
+    a Ray Data pipeline, seconds of waiting on a small machine. A dataset over HELD_BYTES is read
+    again at each use (its read-ahead pass is one pass more)."""
 
     HELD_BYTES = 256 * 2**20
 
     def __init__(self, cfg: JobConfig, spec: DataSpec, prepared: PreparedData, device):
         self.cfg, self.spec, self.prepared, self.device = cfg, spec, prepared, device
         self.held: dict[str, list] = {}
+        self.reading: dict[str, Future] = {}
         self.weights = self.model = self.items = None
+
+    def read_ahead(self, names: list[str]):
+        """Reads these datasets' shares one after the other in a background thread and holds those
+        that fit. Every worker reads the same datasets in the same order: a split's pass advances
+        only when all of them read it."""
+        reader = ThreadPoolExecutor(max_workers=1)
+        shards = {name: ray.train.get_dataset_shard(name) for name in names}  # Ray Train's context: this thread's
+        self.reading = {name: reader.submit(self._hold, name, shard) for name, shard in shards.items()}
+        reader.shutdown(wait=False)
+
+    def _hold(self, name: str, shard):
+        rows, size = [], 0
+        for row in shard.iter_torch_batches(batch_size=1):
+            if rows is None:  # too large to hold: the pass still ends (every worker's must), streamed at each use
+                continue
+            size += sum(value.numel() * value.element_size() for value in row.values())
+            if size > self.HELD_BYTES:
+                rows = None
+            else:
+                rows.append(row)
+        if rows is not None:
+            self.held[name] = rows
 
     def totals(self, weights: dict, split: str) -> RankTotals:
         import torch.distributed as dist
@@ -293,21 +321,13 @@ class EpochEvaluation:
         return _merged(evaluate_most_popular(self.prepared, self._rows(split), self.cfg, split))
 
     def _rows(self, name: str):
-        """This worker's packed rows of a dataset: from memory after a first full pass that fit."""
+        """This worker's packed rows of a dataset: from memory once its read-ahead pass held them."""
+        if name in self.reading:
+            self.reading.pop(name).result()  # raises what the pass raised
         if name in self.held:
             yield from self.held[name]
-            return
-        rows, size = [], 0
-        for row in ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=1):
-            if rows is not None:
-                size += sum(value.numel() * value.element_size() for value in row.values())
-                if size > self.HELD_BYTES:  # too large to hold: stream it again next time
-                    rows = None
-                else:
-                    rows.append(row)
-            yield row
-        if rows is not None:
-            self.held[name] = rows
+        else:
+            yield from ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=1)
 
 
 def _merged(share: RankTotals) -> RankTotals:
