@@ -127,8 +127,8 @@ def export(checkpoint_folder: str, out: str) -> dict[str, str]:
     """Writes the serving artifacts of a training checkpoint into folder `out`; returns
     {artifact name: path}. Encodes the whole catalogue once (Ray Data over the prepared items),
     on a GPU when there is one."""
-    from interestformer.datasets.pipeline import catalogue_ids, item_batches
-    from interestformer.datasets.prepare import PreparedData, input_paths
+    from interestformer.datasets.pipeline import item_batches
+    from interestformer.datasets.prepare import PreparedData
     from interestformer.jobs.config import JobConfig
     from interestformer.jobs.distributed import load_model
     from interestformer.jobs.evaluate import device_batches
@@ -138,13 +138,20 @@ def export(checkpoint_folder: str, out: str) -> dict[str, str]:
     model, state = load_model(checkpoint_folder, device)
     prepared = PreparedData.load(state["prepared_path"])
     cfg = JobConfig.from_dict(state["config"])
-    eval_cfg = cfg.eval
-    batch_size = eval_cfg.batch_size
-    rows = item_batches(prepared, batch_size, *model.cfg.live_content()).iter_torch_batches(batch_size=1)
-    representations = item_representations(model, device_batches(rows, device), prepared.num_items).cpu()
+    rows = item_batches(prepared, cfg.eval.batch_size, *model.cfg.live_content()).iter_torch_batches(batch_size=1)
+    representations = item_representations(model, device_batches(rows, device), prepared.num_items)
+    return catalogue_artifacts(model, representations, prepared, cfg, out)
+
+
+def catalogue_artifacts(model: InterestFormer, representations: torch.Tensor, prepared, cfg, out: str) -> dict[str, str]:
+    """write_artifacts for a model (an evaluation copy: untrained items' ID rows filled) and its
+    encoded catalogue, on the prepared data and config (a JobConfig) it was trained with."""
+    from interestformer.datasets.pipeline import catalogue_ids
+    from interestformer.datasets.prepare import input_paths
+
     popularity = torch.tensor(prepared.meta["popularity_pretest"], dtype=torch.int64)
-    return write_artifacts(model, representations, popularity, catalogue_ids(prepared), prepared.meta["event_types"],
-                           eval_cfg.item_chunk_size, out, input_item_id_type(input_paths(cfg.data)[1]))
+    return write_artifacts(model, representations.cpu(), popularity, catalogue_ids(prepared), prepared.meta["event_types"],
+                           cfg.eval.item_chunk_size, out, input_item_id_type(input_paths(cfg.data)[1]))
 
 
 def write_artifacts(model: InterestFormer, representations: torch.Tensor, popularity: torch.Tensor,

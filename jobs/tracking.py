@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 
+from interestformer.datasets.storage import local_folder
 from interestformer.jobs.config import JobConfig
 
 
@@ -349,18 +350,20 @@ class MetricsOutbox:
         return True
 
 
-def log_model(uri: str, run_id: str, checkpoint, step: int = 0) -> str:
-    """Logs a training checkpoint (a ray.train.Checkpoint) as the run's MLflow model "model", a
-    recommender (jobs/serving.py says what it holds and takes); returns the model's id. It loads
-    in any process of this environment with mlflow.pyfunc.load_model(f"runs:/{run_id}/model")."""
+def log_model(uri: str, run_id: str, artifacts_folder: str, step: int = 0) -> str:
+    """Logs serving artifacts (a folder, local or in object storage, as serving.export or a training
+    run's workers write them) as the run's MLflow model "model", a recommender (jobs/serving.py says
+    what it holds and takes); returns the model's id. It loads in any process of this environment
+    with mlflow.pyfunc.load_model(f"runs:/{run_id}/model")."""
     import mlflow
     from mlflow.entities import LoggedModelOutput
 
     from interestformer.jobs import serving
 
     client = _client(uri)
-    with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as out:
-        artifacts = serving.export(folder, os.path.join(out, "artifacts"))
+    folder = local_folder(artifacts_folder)
+    artifacts = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))}
+    with tempfile.TemporaryDirectory() as out:
         experiment = client.get_run(run_id).info.experiment_id
         model = client.create_logged_model(experiment, name="model", source_run_id=run_id)
         saved = os.path.join(out, "model")

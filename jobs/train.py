@@ -14,6 +14,7 @@ the command that browses them.
 import math
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
@@ -28,7 +29,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from interestformer.errors import ConfigError
 from interestformer.datasets.pipeline import catalogue_ids, id_buckets, sequence_batches, trained_items, training_sequences
 from interestformer.datasets.prepare import PreparedData, check_inputs, input_paths, prepare
-from interestformer.datasets.storage import join, local_folder, read_json
+from interestformer.datasets.storage import absolute, join, local_folder, read_json, write_bytes
 from interestformer.jobs import tracking
 from interestformer.jobs.cluster import ensure_ray, worker_env
 from interestformer.jobs.config import JobConfig, config_parser, load_config
@@ -96,6 +97,7 @@ class TrainingWorker:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         prepared = PreparedData.load(loop_config["prepared_path"])
         self.catalogue = catalogue_ids(prepared)
+        self.serving_uri = loop_config["serving_uri"]
         init_from = cfg.train.init_from if ray.train.get_checkpoint() is None else ""  # a run's own checkpoint comes first
         model, carried = catalogue_model(cfg, self.spec, loop_config["features_uri"], prepared, init_from)
         self.train_rows = ray.train.get_dataset_shard("train")
@@ -207,14 +209,16 @@ class TrainingWorker:
     def test_best_epoch(self) -> dict | None:
         """The test splits, read once with the best epoch's weights (a run with no epoch left to
         train has them from its checkpoint; one that validated nothing yet, its latest), and the
-        most-popular baseline on the same rows; rank 0 logs the model's metrics, closes its logging
-        and returns the run's results to the driver."""
+        most-popular baseline on the same rows; rank 0 writes the serving model of those weights
+        (to `serving_uri`, which the driver logs to MLflow), logs the model's metrics, closes its
+        logging and returns the run's results to the driver."""
         weights = self.best_weights or full_state_dict(self.engine)
         results = {split: self.evaluation.totals(weights, split) for split in final_splits(self.cfg)}
         baselines = {split: self.evaluation.most_popular(split) for split in final_splits(self.cfg)}
         self.progress.close()
         if self.rank != 0:
             return None
+        self.evaluation.export(self.serving_uri)
         for split, totals in results.items():
             self.metrics_out.log({f"{METRIC_PREFIX[split]}{k}": v for k, v in totals.report().items()},
                                  step=self.state["step"])
@@ -315,6 +319,17 @@ class EpochEvaluation:
                                self.cfg.eval.exclude_history, self.cfg.eval.item_chunk_size,
                                popularity_counts(self.prepared, self.cfg, split).to(self.device))
         return _merged(share)
+
+    def export(self, out_uri: str):
+        """Writes the serving artifacts (jobs/serving.py) of the model last ranked with, and of the
+        catalogue it encoded, into folder `out_uri` (local or in object storage): on the workers,
+        the driver neither builds the model nor encodes the catalogue again."""
+        from interestformer.jobs import serving
+
+        with tempfile.TemporaryDirectory() as folder:
+            for name, path in serving.catalogue_artifacts(self.model, self.items, self.prepared, self.cfg, folder).items():
+                with open(path, "rb") as f:
+                    write_bytes(join(out_uri, name), f.read())
 
     def most_popular(self, split: str) -> RankTotals:
         """The most-popular baseline on a split, from the rows the model was ranked on."""
@@ -454,6 +469,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display
         "items": items,
         **{split: eval_datasets(prepared, cfg, split)[1] for split in eval_splits},
     }
+    serving_uri = join(absolute(cfg.experiment.storage_path), run_name, "serving")  # beside the run's checkpoints
     board = ProgressBoard.remote() if display else None
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -464,6 +480,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display
             "tracking_uri": uri,
             "run_id": run_id,
             "features_uri": features_uri,
+            "serving_uri": serving_uri,
             "train_users": train_users,
             "progress_board": board,
         },
@@ -509,7 +526,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display
     summary["most_popular"] = summary.pop("most_popular_test")
     log_report(uri, run_id, evaluations)
     tracking.log_text(uri, run_id, summary["checkpoint"], "checkpoint_path.txt")
-    tracking.log_model(uri, run_id, result.checkpoint, step=result.return_value["step"])
+    tracking.log_model(uri, run_id, serving_uri, step=result.return_value["step"])
     tracking.end_run(uri, run_id)
     return summary
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from interestformer.errors import ConfigError
 from interestformer.datasets.pipeline import catalogue_ids, id_buckets, unpack
 from interestformer.datasets.prepare import PreparedData, input_paths
-from interestformer.jobs import evaluate, tracking
+from interestformer.jobs import evaluate, serving, tracking
 from interestformer.jobs.config import load_config
 from interestformer.jobs.distributed import load_model
 from interestformer.jobs.train import train, training_batches
@@ -78,7 +78,7 @@ def test_loss_falls(finished_run):
     assert last < first - 0.2, losses
 
 
-def test_mlflow_run_holds_params_metrics_and_configs(finished_run):
+def test_mlflow_run_holds_params_metrics_and_configs(finished_run, tmp_path):
     cfg, summary = finished_run
     uri, run_id = summary["tracking_uri"], summary["run_id"]
     data = tracking.run_data(uri, run_id)
@@ -107,6 +107,19 @@ def test_mlflow_run_holds_params_metrics_and_configs(finished_run):
     model = client.get_logged_model(output.model_id)
     assert model.name == "model" and model.status == "READY"
     assert os.path.isfile(mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_location}/MLmodel"))
+    # The workers wrote it from their evaluation copy: it must be the checkpoint's model (the best
+    # epoch's weights) with the catalogue encoded as serving.export encodes it from the checkpoint.
+    logged = mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_location}/artifacts",
+                                                 dst_path=str(tmp_path / "logged"))
+    exported = serving.export(summary["checkpoint"], str(tmp_path / "exported"))
+    for name in ("catalogue.safetensors", "user_model.safetensors"):
+        ours, reference = load_file(os.path.join(logged, name)), load_file(exported[name])
+        assert ours.keys() == reference.keys(), name
+        for key, tensor in ours.items():
+            assert torch.allclose(tensor, reference[key], atol=1e-5), (name, key)
+    for name in ("user_model.json", "item_ids.json"):
+        with open(os.path.join(logged, name)) as f, open(exported[name]) as g:
+            assert json.load(f) == json.load(g), name
 
 
 def test_mlflow_run_holds_training_data_system_metrics_segments_and_report(finished_run):

@@ -11,12 +11,11 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray.train
 import torch
 import torch.nn.functional as F
 
 from interestformer.datasets.pipeline import ItemContent, catalogue_ids, item_batches, left_pad
-from interestformer.jobs import tracking
+from interestformer.jobs import serving, tracking
 from interestformer.jobs.config import load_config
 from interestformer.jobs.distributed import load_model
 from interestformer.jobs.evaluate import device_batches
@@ -58,7 +57,8 @@ def logged(ray_local, tmp_path_factory, tiny_prepared_dir):
     prepared, checkpoint = fresh_checkpoint(cfg, str(tmp))
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.start_run(cfg, {}, prepared.report(), "serving")
-    tracking.log_model(uri, run_id, ray.train.Checkpoint.from_directory(checkpoint))
+    serving.export(checkpoint, str(tmp / "serving"))
+    tracking.log_model(uri, run_id, str(tmp / "serving"))
     tracking.end_run(uri, run_id)
     return cfg, prepared, checkpoint, uri, run_id
 
