@@ -290,7 +290,7 @@ class EpochEvaluation:
         that fit. Every worker reads the same datasets in the same order: a split's pass advances
         only when all of them read it."""
         reader = ThreadPoolExecutor(max_workers=1)
-        shards = {name: ray.train.get_dataset_shard(name) for name in names}  # Ray Train's context: this thread's
+        shards = {name: ray.train.get_dataset_shard(name) for name in names}  # needs Ray Train's context: here, not in the reader
         self.reading = {name: reader.submit(self._hold, name, shard) for name, shard in shards.items()}
         reader.shutdown(wait=False)
 
