@@ -1,11 +1,11 @@
 """Ingest headroom: how fast the Ray Data pipeline alone produces training batches, against how
 fast training consumes them, and how long the trainer waits for data, in one run.
 
-    .venv/bin/python -m benchmarks.ingest                    # the demo (text + images decoded live), 3 epochs
+    .venv/bin/python -m benchmarks.ingest                    # the demo (text + images, live encoders), 3 epochs
     .venv/bin/python -m benchmarks.ingest --config configs/tiny.yaml
 
 1. The pipeline alone: the training job's own dataset (jobs.train.training_batches: sequences
-   read from Parquet, windows, negatives, text tokens, decoded images) iterated by this process
+   read from Parquet, windows, negatives, text tokens, pixels) iterated by this process
    as a worker iterates it, with nothing consuming the batches.
 2. The training job itself (jobs.train.train): its workers time every wait for their next batch.
 Both report steady state: every epoch but the first, and within an epoch every batch but the

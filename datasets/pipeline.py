@@ -2,8 +2,8 @@
 
 Each output row of a dataset here is one whole micro-batch ("packed batch"), because what a
 batch needs is a property of the batch, not of its rows: its candidates are the unique items it
-holds plus sampled negatives, and each unique item's text tokens and decoded image travel once.
-The packing (windowing, negative sampling, image decoding) runs in Ray Data's CPU actors
+holds plus sampled negatives, and each unique item's text tokens and pixels travel once.
+The packing (windowing, negative sampling, content look-up) runs in Ray Data's CPU actors
 (training) and tasks (evaluation) in parallel with training; a worker only moves arrays to its
 device.
 
@@ -21,13 +21,14 @@ for reports by user segment (models/ranking.py):
                                 excluded), counted before the max_seq_len cut
     target_cold    (B,) bool    the target never occurs in training: held out, or no training event
 
-Item content at scale: catalogue passes (evaluation's item vectors, the frozen encoders' feature
-store, serving's export) stream the item table (`catalogue_rows`), reading only the content
-columns asked for and decoding images in the map, so no process holds the catalogue's images.
-Training batches look their items' content up by index (`ItemContent`), which reads only the
-live encoders' columns. The remaining limit: with a live (top or full) image encoder, each
-packing actor holds the whole catalogue's encoded (PNG) image bytes. At catalogue scale, freeze
-the image encoder and train from the Parquet feature store (jobs/embed_items.py).
+Images are decoded and resized once, by prepare: the item table holds their pixels, so no epoch
+decodes an image. Item content at scale: catalogue passes (evaluation's item vectors, the frozen
+encoders' feature store, serving's export) stream the item table (`catalogue_rows`), reading
+only the content columns asked for, so no process holds the catalogue's images. Training
+batches look their items' content up by index (`ItemContent`), which reads only the live
+encoders' columns. The remaining limit: with a live (top or full) image encoder, each packing
+actor holds the whole catalogue's pixels. At catalogue scale, freeze the image encoder and
+train from the Parquet feature store (jobs/embed_items.py).
 
 Splits by time, per user with n events (oldest first): test target = event n, validation target =
 event n-1, training = events 1..n-2. Users with 2 events train on both; users with 1 event
@@ -56,7 +57,6 @@ import ray
 from ray.data.expressions import col
 
 from interestformer.datasets.prepare import PreparedData
-from interestformer.datasets.schema import load_image
 from interestformer.datasets.storage import read_parquet, read_table
 
 Split = Literal["train", "validation", "test", "cold", "new_users"]
@@ -99,19 +99,18 @@ def catalogue_ids(prepared: PreparedData) -> list[str]:
 
 
 def content_columns(text: bool, image: bool) -> list[str]:
-    """The item table's columns that hold the content a batch needs (raw tokens, image bytes)."""
-    return (["text_tokens", "text_mask"] if text else []) + (["image"] if image else [])
+    """The item table's columns that hold the content a batch needs (tokens, pixels)."""
+    return (["text_tokens", "text_mask"] if text else []) + (["pixels", "has_image"] if image else [])
 
 
-def decoded_images(images, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Encoded images (bytes or None each) -> pixels (U, 3, S, S) uint8, has_image (U,) bool."""
-    pixels = np.zeros((len(images), 3, size, size), dtype=np.uint8)
-    has_image = np.zeros(len(images), dtype=bool)
-    for j, data in enumerate(images):
-        decoded = load_image(data, size) if data is not None else None
-        if decoded is not None:
-            pixels[j], has_image[j] = decoded, True
-    return pixels, has_image
+def pixel_arrays(stored: list, size: int) -> np.ndarray:
+    """The item table's pixels (prepare decoded and resized each image once: 3 * S * S bytes,
+    or None for an item without an image) -> (U, 3, S, S) uint8, zeros where there is none."""
+    pixels = np.zeros((len(stored), 3, size, size), dtype=np.uint8)
+    for j, data in enumerate(stored):
+        if data is not None:
+            pixels[j] = np.frombuffer(data, dtype=np.uint8).reshape(3, size, size)
+    return pixels
 
 
 def id_buckets(item_ids: list[str], buckets: int) -> np.ndarray:
@@ -127,16 +126,16 @@ def id_buckets(item_ids: list[str], buckets: int) -> np.ndarray:
 
 
 class ItemContent:
-    """Text tokens and prepared images of the catalogue, looked up by item index (live encoders).
+    """Text tokens and pixels of the catalogue, looked up by item index (live encoders).
 
     Reads only the columns the live encoders need: nothing when neither text nor images are
-    live. A live image encoder's actor holds the catalogue's encoded (PNG) image bytes, decoding
-    only the batch's items; at catalogue scale, freeze the image encoder and train from the
-    feature store (jobs/embed_items.py), which streams the catalogue instead."""
+    live. With a live image encoder it holds the catalogue's pixels (3 * S * S bytes an item:
+    45 MB for 3,706 items at S = 64); at catalogue scale, freeze the image encoder and train from
+    the feature store (jobs/embed_items.py), which streams the catalogue instead."""
 
     def __init__(self, prepared: PreparedData, text: bool, image: bool):
         n, L, S = prepared.num_items, prepared.meta["text_max_tokens"], prepared.meta["image_size"]
-        self.text, self.image, self.image_size = text, image, S
+        self.text, self.image = text, image
         if not (text or image):
             return
         table = read_table(prepared.items_path, ["item_index", *content_columns(text, image)]).to_pydict()
@@ -146,10 +145,10 @@ class ItemContent:
             self.mask = np.zeros((n + 1, L), dtype=np.int64)
             for i, tokens, mask in zip(index, table["text_tokens"], table["text_mask"]):
                 self.tokens[i], self.mask[i] = tokens, mask
-        if image:
-            self.images = [None] * (n + 1)
-            for i, data in zip(index, table["image"]):
-                self.images[i] = data
+        if image:  # rows of items without an image stay zeros, has_image False
+            self.pixels = np.zeros((n + 1, 3, S, S), dtype=np.uint8)
+            self.has_image = np.zeros(n + 1, dtype=bool)
+            self.pixels[index], self.has_image[index] = pixel_arrays(table["pixels"], S), table["has_image"]
 
     def __call__(self, items: np.ndarray) -> dict[str, np.ndarray]:
         """Content of the unique items (U,), in the same order."""
@@ -158,7 +157,7 @@ class ItemContent:
             content["text_tokens"] = self.tokens[items]
             content["text_mask"] = self.mask[items]
         if self.image:
-            content["pixels"], content["has_image"] = decoded_images([self.images[i] for i in items], self.image_size)
+            content["pixels"], content["has_image"] = self.pixels[items], self.has_image[items]
         return content
 
 
@@ -359,8 +358,8 @@ def catalogue_rows(prepared: PreparedData, batch_size: int, text: bool = True, i
     """The catalogue streamed from the item table, one row per item: item_index, item_id and, as
     asked, text_tokens (L,) int64, text_mask (L,) int64, pixels (3, S, S) uint8 and has_image.
 
-    Only the asked columns are read, and images are decoded in the map, `batch_size` items at
-    a time: no process holds the whole catalogue's images."""
+    Only the asked columns are read, `batch_size` items at a time: no process holds the whole
+    catalogue's images."""
     rows = read_parquet(prepared.items_path).select_columns(
         ["item_index", "item_id", *content_columns(text, image)])  # pushed down into the read
     if not (text or image):
@@ -375,8 +374,9 @@ def _item_content(table: pa.Table, image_size: int) -> dict[str, np.ndarray]:
         for name in ("text_tokens", "text_mask"):
             column = table[name].combine_chunks()
             rows[name] = column.flatten().to_numpy().astype(np.int64).reshape(len(column), -1)
-    if "image" in table.column_names:
-        rows["pixels"], rows["has_image"] = decoded_images(table["image"].to_pylist(), image_size)
+    if "pixels" in table.column_names:
+        rows["pixels"] = pixel_arrays(table["pixels"].to_pylist(), image_size)
+        rows["has_image"] = table["has_image"].to_numpy(zero_copy_only=False)
     return rows
 
 

@@ -7,7 +7,7 @@ repeat every epoch, so it is stored and the training pipeline streams the stored
 
 Layout of data.prepared_dir:
     raw/                generated demo input (source: demo only)
-    items/              item_index, item_id, text_tokens, text_mask, image (PNG), has_image
+    items/              item_index, item_id, text_tokens, text_mask, pixels, has_image
     sequences/          user_id, items, event_types, timestamps, num_events, num_duplicates
     quarantine/events/  unusable events with their reason
     quarantine/items/   unusable catalogue rows (or images) with their reason
@@ -35,14 +35,14 @@ from interestformer.errors import ConfigError
 from interestformer.datasets.config import DataConfig, pseudonym_key
 from interestformer.datasets.demo import generate_demo
 from interestformer.datasets.schema import (
-    EVENT_REQUIRED, ITEM_REQUIRED, ITEM_TABLE_SCHEMA, REASONS, SEQUENCE_SCHEMA, load_image, normalise_items, png_bytes,
+    EVENT_REQUIRED, ITEM_REQUIRED, ITEM_TABLE_SCHEMA, REASONS, SEQUENCE_SCHEMA, load_image, normalise_items,
     shard_problem, tag_events,
 )
 from interestformer.datasets.storage import (absolute, filesystem, join, local_folder, read_json, read_parquet,
                                              read_table, write_json)
 
 TEXT_CHARS_PER_TOKEN = 32  # generous: word pieces are rarely longer than a few characters
-META_VERSION = 2  # bump when the prepared layout changes: cached data is then rebuilt
+META_VERSION = 3  # bump when the prepared layout changes: cached data is then rebuilt
 
 
 class DataQualityError(RuntimeError):
@@ -128,7 +128,7 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.available_resources().get("CPU", 1)))),
     )
     # Materialised once: the item rows feed two writes (kept, quarantined), and recomputing them
-    # would decode every catalogue image twice. Resized PNGs are small beside the raw catalogue.
+    # would decode every catalogue image twice.
     _write_split(processed.materialize(), join(out, "items"), join(out, "quarantine", "items"), keep_reason="image_undecodable")
 
     item_index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
@@ -193,7 +193,7 @@ class ItemRows:
         images, has_image = [], []
         for _, row in batch.iterrows():
             pixels = load_image(self._image_bytes(row), self.cfg.image_size)
-            images.append(png_bytes(pixels) if pixels is not None else None)
+            images.append(pixels.tobytes() if pixels is not None else None)
             has_image.append(pixels is not None)
         had_image = self._declares_image(batch)
         no_image = ~pd.Series(has_image, index=batch.index)
@@ -204,7 +204,7 @@ class ItemRows:
                 "item_id": _strings(ids),
                 "text_tokens": tokens["input_ids"],
                 "text_mask": tokens["attention_mask"],
-                "image": images,
+                "pixels": images,
                 "has_image": has_image,
                 "reason": _strings(reason),
             },
@@ -257,7 +257,7 @@ def _set_aside_rows(batch: pa.Table) -> pa.Table:
     """Rows with a reason. Scalar columns are kept as text, so any broken value can be written
     and read back; derived arrays (tokens, images) are left out."""
     rows = batch.filter(pc.is_valid(batch["reason"]))
-    scalar = [f.name for f in rows.schema if f.name not in ("text_tokens", "text_mask", "image")]
+    scalar = [f.name for f in rows.schema if f.name not in ("text_tokens", "text_mask", "pixels")]
     return pa.table({name: pc.cast(rows[name], pa.string()) for name in scalar})
 
 

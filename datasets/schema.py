@@ -85,7 +85,7 @@ TAGGED_EVENT_SCHEMA = pa.schema([
 ])
 ITEM_TABLE_SCHEMA = pa.schema([
     ("item_index", pa.int32()), ("item_id", pa.string()), ("text_tokens", pa.list_(pa.int32())),
-    ("text_mask", pa.list_(pa.int8())), ("image", pa.binary()), ("has_image", pa.bool_()), ("reason", pa.string()),
+    ("text_mask", pa.list_(pa.int8())), ("pixels", pa.binary()), ("has_image", pa.bool_()), ("reason", pa.string()),
 ])
 SEQUENCE_SCHEMA = pa.schema([
     ("user_id", pa.string()), ("items", pa.list_(pa.int32())), ("event_types", pa.list_(pa.string())),
@@ -194,10 +194,3 @@ def load_image(data: bytes | None, size: int) -> np.ndarray | None:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     return np.asarray(pixels, dtype=np.uint8).transpose(2, 0, 1).copy()
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    """(3, S, S) uint8 -> lossless PNG bytes, the form prepared images are stored in."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.transpose(1, 2, 0)).save(buffer, format="PNG")
-    return buffer.getvalue()

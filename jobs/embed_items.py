@@ -5,7 +5,7 @@
 A frozen encoder's output for an item never changes, so instead of running it in every step on
 every worker, this job runs it once over the catalogue and the model looks the features up
 (ItemEncoder's buffers). It is Ray Data batch inference: the item table is streamed with only the
-content columns the frozen encoders read, images are decoded in the map (CPU tasks), and
+content columns the frozen encoders read (images as the pixels prepare decoded), and
 `train.embed_workers` encoder actors (one GPU each when train.use_gpu) turn batches of items
 into features, which stream into Parquet files: no process holds the catalogue's images.
 

@@ -6,6 +6,7 @@ import io
 import os
 import pathlib
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 
 from interestformer.errors import ConfigError
 from interestformer.datasets.config import DataConfig
-from interestformer.datasets.pipeline import by_history_length, sequence_batches, unpack
+from interestformer.datasets.pipeline import by_history_length, catalogue_rows, sequence_batches, unpack
 from interestformer.datasets.prepare import DataQualityError, PreparedData, _fingerprint, input_paths, prepare
 
 pytestmark = pytest.mark.slow  # real Ray Data jobs: about a minute
@@ -126,6 +127,10 @@ def test_every_row_is_used_quarantined_or_counted_as_duplicate(prepared):
     assert not items.loc["b", "has_image"] and items.loc["a", "has_image"]
     assert items.loc["e", "has_image"]  # read through its image_uri
     assert not items.loc["c", "has_image"]
+    # Decoded and resized once, here: the table holds (3, 8, 8) pixels, which training reads as they are.
+    red = np.frombuffer(items.loc["a", "pixels"], np.uint8).reshape(3, 8, 8)
+    assert (red[0] == 255).all() and (red[1:] == 0).all()
+    assert items.loc["b", "pixels"] is None and items.loc["c", "pixels"] is None
     item_quarantine = pq.read_table(f"{prepared.path}/quarantine/items").to_pandas()
     assert sorted(zip(item_quarantine["item_id"], item_quarantine["reason"])) == [
         ("b", "image_undecodable"), ("c", "duplicate_item_id")]
@@ -147,6 +152,24 @@ def test_time_split_last_for_test_one_before_for_validation(prepared):
     assert ([0, 0, 0, a], [0, 0, 0, b]) in train  # u4: a -> b
     assert ([0, 0, 0, index("c")], [0, 0, 0, index("d")]) in train  # u3 trains on both events
     assert len(train) == 3
+
+
+def test_training_batches_carry_the_pixels_prepare_decoded(prepared):
+    """A training batch's items have the same content as the catalogue stream (item vectors, the
+    feature store): the pixels prepare decoded, zeros and has_image False where there is none."""
+    catalogue = {}
+    for row in catalogue_rows(prepared, batch_size=2, text=False, image=True).iter_rows():
+        catalogue[row["item_index"]] = (row["pixels"], row["has_image"])
+    assert sum(has for _, has in catalogue.values()) == 3  # a, d, e
+    seen = set()
+    for row in sequence_batches(prepared, "train", batch_size=8, max_seq_len=4, num_negatives=2, text=False,
+                                image=True).iter_torch_batches(batch_size=1):
+        batch = unpack(row)
+        for j, item in enumerate(batch["unique_items"].tolist()[1:], start=1):  # 0 is padding
+            pixels, has_image = catalogue[item]
+            assert (batch["pixels"][j].numpy() == pixels).all() and bool(batch["has_image"][j]) == has_image
+            seen.add(item)
+    assert seen
 
 
 def test_full_softmax_and_length_grouped_training_batches(prepared):
