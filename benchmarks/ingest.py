@@ -4,9 +4,9 @@ fast training consumes them, and how long the trainer waits for data, in one run
     .venv/bin/python -m benchmarks.ingest                    # the demo (text + images, live encoders), 3 epochs
     .venv/bin/python -m benchmarks.ingest --config configs/tiny.yaml
 
-1. The pipeline alone: the training job's own dataset (jobs.train.training_batches: sequences
-   read from Parquet, windows, negatives, text tokens, pixels) iterated by this process
-   as a worker iterates it, with nothing consuming the batches.
+1. The pipeline alone: the training job's own dataset (jobs.train.training_rows: sequences read
+   from Parquet, cut into windows) batched by its own collate function (negatives, text tokens,
+   pixels) and iterated by this process as a worker iterates it, with nothing consuming them.
 2. The training job itself (jobs.train.train): its workers time every wait for their next batch.
 Both report steady state: every epoch but the first, and within an epoch every batch but the
 first (Ray Data starts each epoch's pipeline anew; that first wait is reported on its own).
@@ -21,19 +21,20 @@ from benchmarks.overhead import steady_rate
 from interestformer.datasets.prepare import prepare
 from interestformer.jobs.config import config_parser, load_config
 from interestformer.jobs.cluster import ensure_ray
-from interestformer.jobs.train import train, training_batches
+from interestformer.datasets.pipeline import training_batches
+from interestformer.jobs.train import batch_packer, train, training_rows
 
 
-def pipeline_alone(dataset, epochs: int) -> list[dict]:
+def pipeline_alone(dataset, packer, batch_size: int, epochs: int) -> list[dict]:
     """Per epoch: users, seconds after the first batch, samples/s and the first batch's wait."""
     out = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         started, first, users = time.perf_counter(), None, 0
-        for row in dataset.iter_torch_batches(batch_size=1, prefetch_batches=4):
+        for batch in training_batches(dataset, packer, batch_size, epoch):
             if first is None:
                 first = time.perf_counter()
             else:
-                users += len(row["history"][0])
+                users += len(batch["history"])
         seconds = time.perf_counter() - first
         out.append({"users": users, "seconds": seconds, "samples_per_s": users / seconds,
                     "first_batch_wait_s": first - started})
@@ -48,7 +49,8 @@ def main(argv=None):
                                     "experiment.system_metrics_interval_s=0", *args.set])
     ensure_ray(cfg)
     prepared = prepare(cfg.data, tokenizer_path=cfg.model.text.pretrained_path)
-    alone = pipeline_alone(training_batches(prepared, cfg), args.epochs)
+    alone = pipeline_alone(training_rows(prepared, cfg), batch_packer(prepared, cfg), cfg.train.micro_batch_size,
+                           args.epochs)
     trained = train(cfg)["throughput"]
     later = trained[1:] or trained
     figures = {

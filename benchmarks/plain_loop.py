@@ -2,7 +2,7 @@
 and batches trained by a plain single-process PyTorch loop, with no Ray, no DeepSpeed engine and
 no data streaming.
 
-The batches are packed beforehand by the pipeline's own PackBatches and held in memory, so the
+The batches are packed beforehand by the pipeline's own packers and held in memory, so the
 loop times nothing but the steps: forward, backward, gradient clipping and an AdamW step with the
 same learning-rate schedule as the DeepSpeed config (DeepSpeed's own scheduler class, a function
 of the step, built from the same config dict). Whatever our job is slower than this is what Ray
@@ -16,14 +16,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from interestformer.datasets.pipeline import BATCHES_PER_TASK, PackBatches, by_history_length, unpack
+from interestformer.datasets.pipeline import BATCHES_PER_TASK, PackBatches, UserWindows, by_history_length, unpack
 from interestformer.datasets.prepare import PreparedData
 from interestformer.jobs.config import JobConfig
 from interestformer.jobs.distributed import ADAM_BETAS, lr_scheduler, training_precision
 from interestformer.jobs.embed_items import feature_store, load_features
 from interestformer.jobs.evaluate import popularity_counts
 from interestformer.jobs.selection import ModelSelection
-from interestformer.jobs.train import data_spec
+from interestformer.jobs.train import batch_packer, data_spec
 from interestformer.models.interest_former import InterestFormer
 from interestformer.models.ranking import evaluate_model, item_representations
 
@@ -34,17 +34,20 @@ def packed_batches(prepared: PreparedData, cfg: JobConfig, split: str, batch_siz
     item content)."""
     table = pq.read_table(prepared.sequences_path, columns=["user_id", "items", "event_types", "timestamps", "num_events"])
     table = table.filter(np.asarray(table.column("num_events")) >= (2 if split == "train" else 3))
-    text, image = cfg.model.live_content() if split == "train" else (False, False)
-    pack = PackBatches(prepared, split, cfg.data.max_seq_len, cfg.data.negatives(), text, image, cfg.train.seed,
-                       cfg.data.cold_item_fraction, cfg.data.train_since)
+    if split == "train":
+        windows = UserWindows(prepared, cfg.data.max_seq_len, cfg.data.cold_item_fraction, cfg.data.train_since)
+        packer = batch_packer(prepared, cfg)
+        pack = lambda rows: packer(windows(rows))  # noqa: E731
+    else:
+        evaluation = PackBatches(prepared, split, cfg.data.max_seq_len, cfg.data.cold_item_fraction)
+        pack = lambda rows: {name: torch.from_numpy(value) for name, value in unpack(evaluation(rows)).items()}  # noqa: E731
     batches = []
     for first in range(0, table.num_rows, batch_size * BATCHES_PER_TASK):  # the pipeline's blocks
         block = table.slice(first, batch_size * BATCHES_PER_TASK)
         if split != "train" or cfg.data.group_by_length:
             block = by_history_length(block)
         for start in range(0, block.num_rows, batch_size):
-            batch = pack(block.slice(start, batch_size).to_pydict())
-            batches.append({name: torch.from_numpy(np.asarray(value)) for name, value in unpack(batch).items()})
+            batches.append(pack(block.slice(start, batch_size).to_pydict()))
     return batches
 
 

@@ -1,11 +1,16 @@
-"""Prepared data -> Ray Datasets of ready-to-train batches, streamed into Ray Train workers.
+"""Prepared data -> Ray Datasets that stream into Ray Train workers.
 
-Each output row of a dataset here is one whole micro-batch ("packed batch"), because what a
-batch needs is a property of the batch, not of its rows: its candidates are the unique items it
-holds plus sampled negatives, and each unique item's text tokens and pixels travel once.
-The packing (windowing, negative sampling, content look-up) runs in Ray Data's CPU actors
-(training) and tasks (evaluation) in parallel with training; a worker only moves arrays to its
-device.
+Training: one row per user (`training_windows`): the user's latest max_seq_len + 1 training
+events as a left-padded history and its next items, cut by Ray Data tasks. Ray Train splits the
+rows across the workers (equal shares: up to world_size - 1 users sit out each epoch, a
+different few each time, and the job counts them), and each worker batches its share on the
+way in (`training_batches`): a batch's candidates are the unique items it holds plus sampled
+negatives, and each unique item's text tokens and pixels travel once, so the collate function
+(`TrainingBatches`) packs them on the worker's formatting threads, from the catalogue's content
+held in memory (`ItemContent`).
+
+Evaluation: each output row is one whole packed batch, packed by Ray Data tasks; the workers
+split these rows exactly (no user dropped or counted twice) and sum their shares' rank totals.
 
 Packed training batch (B users, T = max_seq_len, U unique items, L tokens, S pixels):
     history      (B, T) int64   item indices, left-padded with 0, oldest first
@@ -15,8 +20,9 @@ Packed training batch (B users, T = max_seq_len, U unique items, L tokens, S pix
                                 and the uniformly sampled negatives
     text_tokens  (U, L) int64, text_mask (U, L) int64         when the model reads text
     pixels       (U, 3, S, S) uint8, has_image (U,) bool      when the model reads images
-Packed evaluation batch: the same, with targets (B,): the held-out item after each history, and
-for reports by user segment (models/ranking.py):
+Packed evaluation batch: history and event_types as above, unique_items of the histories (no
+negatives, no content: users read the encoded catalogue), targets (B,): the held-out item after
+each history, and for reports by user segment (models/ranking.py):
     history_length (B,) int64   events before the target the model may read (held-out items
                                 excluded), counted before the max_seq_len cut
     target_cold    (B,) bool    the target never occurs in training: held out, or no training event
@@ -26,8 +32,8 @@ decodes an image. Item content at scale: catalogue passes (evaluation's item vec
 encoders' feature store, serving's export) stream the item table (`catalogue_rows`), reading
 only the content columns asked for, so no process holds the catalogue's images. Training
 batches look their items' content up by index (`ItemContent`), which reads only the live
-encoders' columns. The remaining limit: with a live (top or full) image encoder, each packing
-actor holds the whole catalogue's pixels. At catalogue scale, freeze the image encoder and
+encoders' columns. The remaining limit: with a live (top or full) image encoder, each training
+worker holds the whole catalogue's pixels. At catalogue scale, freeze the image encoder and
 train from the Parquet feature store (jobs/embed_items.py).
 
 Splits by time, per user with n events (oldest first): test target = event n, validation target =
@@ -46,6 +52,7 @@ are never sampled as negatives, and split `cold` holds the test users whose targ
 (the model must rank an item it has never seen).
 """
 
+import copy
 import hashlib
 import zlib
 from typing import Literal
@@ -54,6 +61,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.expressions import col
 
 from interestformer.datasets.prepare import PreparedData
@@ -169,59 +178,94 @@ def left_pad(rows: list[np.ndarray], length: int) -> np.ndarray:
     return out
 
 
-class PackBatches:
-    """A batch of stored sequences -> one packed batch (see the module docstring)."""
+class UserWindows:
+    """A batch of stored sequences -> one training row per user (see the module docstring): the
+    user's last max_seq_len + 1 training events (held-out items removed), as a left-padded
+    history and the next item after each position."""
 
-    def __init__(self, prepared: PreparedData, split: Split, max_seq_len: int, num_negatives: int | None,
-                 text: bool, image: bool, seed: int, cold_fraction: float, train_since: int):
-        """num_negatives: uniformly sampled negatives per training batch; None: every warm item is
-        a candidate (full softmax)."""
-        self.split, self.T, self.train_since = split, max_seq_len, train_since
-        self.num_items, self.num_negatives, self.seed = prepared.num_items, num_negatives, seed
+    def __init__(self, prepared: PreparedData, max_seq_len: int, cold_fraction: float, train_since: int):
+        self.T, self.train_since = max_seq_len, train_since
         self.is_cold = is_cold_mask(prepared.num_items, cold_fraction)
-        self.negative_pool = np.flatnonzero(~self.is_cold[1:]) + 1  # warm items only
+        self.event_type_index = {t: i + 1 for i, t in enumerate(prepared.meta["event_types"])}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        histories, types, targets = [], [], []
+        for items, event_types, stamps in zip(batch["items"], batch["event_types"], batch["timestamps"]):
+            end = training_end(len(items))
+            items = np.asarray(items, dtype=np.int64)[:end]
+            warm = ~self.is_cold[items]
+            window = slice(-(self.T + 1), None)
+            types_idx = np.array([self.event_type_index.get(t, 0) for t in event_types[:end]], dtype=np.int64)
+            window_items, window_types = items[warm][window], types_idx[warm][window]
+            window_stamps = np.asarray(stamps, dtype=np.int64)[:end][warm][window]
+            histories.append(window_items[:-1])
+            types.append(window_types[:-1])
+            targets.append(np.where(window_stamps[1:] >= self.train_since, window_items[1:], 0))
+        return {"user_id": batch["user_id"], "history": left_pad(histories, self.T),
+                "event_types": left_pad(types, self.T), "targets": left_pad(targets, self.T)}
+
+
+class TrainingBatches(NumpyBatchCollateFn):
+    """A batch of training rows (UserWindows' rows) -> one packed training batch of torch tensors:
+    the collate function of the workers' iterators (training_batches). Runs in the training
+    worker's process, on Ray Data's formatting threads, while the model computes: it stacks the
+    rows, samples negatives and looks the batch's unique items' content up (ItemContent)."""
+
+    def __init__(self, prepared: PreparedData, num_negatives: int | None, text: bool, image: bool, seed: int,
+                 cold_fraction: float):
+        """num_negatives: uniformly sampled negatives per batch; None: every warm item is a
+        candidate (full softmax)."""
+        self.num_negatives, self.seed, self.epoch = num_negatives, seed, 0
+        self.negative_pool = np.flatnonzero(~is_cold_mask(prepared.num_items, cold_fraction)[1:]) + 1  # warm items
+        self.content = ItemContent(prepared, text, image)
+
+    def for_epoch(self, epoch: int) -> "TrainingBatches":
+        """This packer for another epoch's negatives; the catalogue's content is shared, not copied."""
+        packer = copy.copy(self)
+        packer.epoch = epoch
+        return packer
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        # Copies: Ray Data's arrays may be read-only views of its blocks, which torch will not wrap.
+        packed = {name: np.array(rows[name], dtype=np.int64) for name in ("history", "event_types", "targets")}
+        if self.num_negatives is None:  # full softmax: every warm item, which holds every history and target
+            candidates = [self.negative_pool, [0]]
+        else:  # the same negatives for the same users in the same epoch, on any worker and thread
+            users = zlib.crc32("\n".join(map(str, rows["user_id"])).encode())
+            rng = np.random.default_rng([self.seed, self.epoch, users])
+            candidates = [packed["history"].ravel(), packed["targets"].ravel(), [0],
+                          rng.choice(self.negative_pool, self.num_negatives)]
+        packed["unique_items"] = np.unique(np.concatenate(candidates)).astype(np.int64)
+        packed.update(self.content(packed["unique_items"]))
+        return {name: torch.from_numpy(value) for name, value in packed.items()}
+
+
+class PackBatches:
+    """A batch of stored sequences -> one packed evaluation batch (see the module docstring)."""
+
+    def __init__(self, prepared: PreparedData, split: Split, max_seq_len: int, cold_fraction: float):
+        self.split, self.T = split, max_seq_len
+        self.is_cold = is_cold_mask(prepared.num_items, cold_fraction)
         self.never_trained = ~trained_items(prepared, cold_fraction)
         self.event_type_index = {t: i + 1 for i, t in enumerate(prepared.meta["event_types"])}
-        self.content = ItemContent(prepared, text, image)
-        self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         histories, types, targets, history_lengths = [], [], [], []
-        for items, event_types, stamps in zip(batch["items"], batch["event_types"], batch["timestamps"]):
+        for items, event_types in zip(batch["items"], batch["event_types"]):
             types_idx = np.array([self.event_type_index.get(t, 0) for t in event_types], dtype=np.int64)
             items = np.asarray(items, dtype=np.int64)
-            if self.split == "train":
-                end = training_end(len(items))
+            for end in self._target_positions(len(items)):
                 warm = ~self.is_cold[items[:end]]
-                window_items, window_types = items[:end][warm][-(self.T + 1):], types_idx[:end][warm][-(self.T + 1):]
-                window_stamps = np.asarray(stamps, dtype=np.int64)[:end][warm][-(self.T + 1):]
-                histories.append(window_items[:-1])
-                types.append(window_types[:-1])
-                targets.append(np.where(window_stamps[1:] >= self.train_since, window_items[1:], 0))
-            else:
-                for end in self._target_positions(len(items)):
-                    warm = ~self.is_cold[items[:end]]
-                    histories.append(items[:end][warm][-self.T:])
-                    types.append(types_idx[:end][warm][-self.T:])
-                    targets.append(items[end])
-                    history_lengths.append(int(warm.sum()))
+                histories.append(items[:end][warm][-self.T:])
+                types.append(types_idx[:end][warm][-self.T:])
+                targets.append(items[end])
+                history_lengths.append(int(warm.sum()))
         history = left_pad(histories, self.T)
-        packed = {"history": history, "event_types": left_pad(types, self.T)}
-        candidates = [history.ravel(), [0]]
-        if self.split == "train":
-            packed["targets"] = left_pad(targets, self.T)
-            rng = np.random.default_rng([self.seed, zlib.crc32(str(batch["user_id"][0]).encode()), self.calls])
-            if self.num_negatives is None:  # full softmax: every warm item, which holds every history and target
-                candidates = [self.negative_pool, [0]]
-            else:
-                candidates += [packed["targets"].ravel(), rng.choice(self.negative_pool, self.num_negatives)]
-        else:
-            packed["targets"] = np.asarray(targets, dtype=np.int64)
-            packed["history_length"] = np.asarray(history_lengths, dtype=np.int64)
-            packed["target_cold"] = self.never_trained[packed["targets"]]
-        self.calls += 1
-        packed["unique_items"] = np.unique(np.concatenate(candidates)).astype(np.int64)
-        packed.update(self.content(packed["unique_items"]))
+        packed = {"history": history, "event_types": left_pad(types, self.T),
+                  "targets": np.asarray(targets, dtype=np.int64),
+                  "history_length": np.asarray(history_lengths, dtype=np.int64)}
+        packed["target_cold"] = self.never_trained[packed["targets"]]
+        packed["unique_items"] = np.unique(np.concatenate([history.ravel(), [0]])).astype(np.int64)
         return {name: value[None] for name, value in packed.items()}  # one row holds the batch
 
     def _target_positions(self, num_events: int):
@@ -245,46 +289,57 @@ def training_end(num_events):
     return num_events - 2 * (num_events >= 3)  # plain arithmetic: an int stays an int in the packing loop
 
 
+def training_windows(prepared: PreparedData, batch_size: int, max_seq_len: int, pipeline_workers: int = 1,
+                     cold_fraction: float = 0.0, train_since: int = 0, new_user_fraction: float = 0.0,
+                     group_by_length: bool = False) -> ray.data.Dataset:
+    """The training split, one row per user (UserWindows), in a new random block order each epoch.
+    Ray Train splits it across the workers, which batch it themselves (training_batches).
+    batch_size: the micro-batch, for the block size: with data.group_by_length a block is sorted
+    by history length and cut into BATCHES_PER_TASK batches of like lengths."""
+    ds = training_sequences(prepared, train_since, new_user_fraction).randomize_block_order()
+    ds = ds.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_TASK, strict=True)
+    if group_by_length:
+        ds = ds.map_batches(by_history_length, batch_size=None, batch_format="pyarrow")
+    # Tasks in Ray's pooled worker processes (a window is a few index arrays): no actor to start
+    # each epoch. Their CPU is one of those jobs.cluster.data_cpus keeps.
+    windows = UserWindows(prepared, max_seq_len, cold_fraction, train_since)
+    return ds.map_batches(_pack_with, fn_kwargs={"packer": windows}, batch_size=batch_size, batch_format="numpy",
+                          compute=ray.data.TaskPoolStrategy(size=pipeline_workers), num_cpus=1)
+
+
+def training_batches(rows, packer: TrainingBatches, batch_size: int, epoch: int = 0, prefetch_batches: int = 4):
+    """An epoch of packed training batches (dicts of CPU tensors) from training rows: a worker's
+    share (a Ray DataIterator) or a whole dataset. Only the split's last batch can be short."""
+    return rows.iter_torch_batches(batch_size=batch_size, prefetch_batches=prefetch_batches, device="cpu",
+                                   collate_fn=packer.for_epoch(epoch))
+
+
 def sequence_batches(prepared: PreparedData, split: Split, batch_size: int, max_seq_len: int,
-                     num_negatives: int | None = 0, text: bool = True, image: bool = True, seed: int = 0,
-                     pipeline_workers: int = 1, cold_fraction: float = 0.0, train_since: int = 0,
-                     new_user_fraction: float = 0.0, group_by_length: bool = False) -> ray.data.Dataset:
-    """A dataset whose rows are packed batches of `batch_size` users for `split`, one batch per
-    block: a map task packs BATCHES_PER_TASK batches' worth of users into one output block of
-    that many batches (only the split's very last batch can be short), and a split across workers
-    hands out whole blocks, each to the worker that has had the fewest rows so far; with one batch
-    per block the shares differ by a batch at most."""
-    if split == "train":
-        ds = training_sequences(prepared, train_since, new_user_fraction).randomize_block_order()
-    elif split == "new_users":
+                     pipeline_workers: int = 1, cold_fraction: float = 0.0,
+                     new_user_fraction: float = 0.0) -> ray.data.Dataset:
+    """A dataset whose rows are packed evaluation batches of `batch_size` users for `split`, one
+    batch per block: a map task packs BATCHES_PER_TASK batches' worth of users into one output
+    block of that many batches, and a split across workers hands out whole blocks."""
+    if split == "new_users":
         ds = keep_rows(stored_sequences(prepared).filter(expr=col("num_events") > NEW_USER_EVENTS),
                        _NewUsers(new_user_fraction, keep=True))
     else:  # a history, and a target beyond the validation one
         ds = stored_sequences(prepared).filter(expr=col("num_events") >= 3)
     if split == "cold":
         ds = keep_rows(ds, _TargetIsCold(is_cold_mask(prepared.num_items, cold_fraction)))
-    # Blocks of whole batches: a map task's last batch is short otherwise, and every short batch
-    # is an extra step on fewer users.
     ds = ds.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_TASK, strict=True)
-    if split != "train" or group_by_length:
-        ds = ds.map_batches(by_history_length, batch_size=None, batch_format="pyarrow")
-    packing = dict(prepared=prepared, split=split, max_seq_len=max_seq_len, num_negatives=num_negatives, text=text,
-                   image=image, seed=seed, cold_fraction=cold_fraction, train_since=train_since)
-    if split == "train":  # actors: a live encoder's actor holds the catalogue's content (ItemContent)
-        packed = ds.map_batches(PackBatches, fn_constructor_kwargs=packing, batch_size=batch_size, batch_format="numpy",
-                                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pipeline_workers), num_cpus=1)
-    else:
-        # An evaluation batch is a few index arrays (users read the encoded catalogue): tasks in
-        # Ray's pooled worker processes pack it, where an actor pool would start a process for
-        # every pass of every split. They take no CPU of their own, so they run beside the next
-        # epoch's training pipeline without a CPU kept for them (jobs.cluster.data_cpus).
-        packed = ds.map_batches(_pack_with, fn_kwargs={"packer": PackBatches(**packing)}, batch_size=batch_size,
-                                batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=pipeline_workers),
-                                num_cpus=0)
+    ds = ds.map_batches(by_history_length, batch_size=None, batch_format="pyarrow")
+    # An evaluation batch is a few index arrays (users read the encoded catalogue): tasks in
+    # Ray's pooled worker processes pack it, where an actor pool would start a process for
+    # every pass of every split. They take no CPU of their own, so they run beside the next
+    # epoch's training pipeline without a CPU kept for them (jobs.cluster.data_cpus).
+    packer = PackBatches(prepared, split, max_seq_len, cold_fraction)
+    packed = ds.map_batches(_pack_with, fn_kwargs={"packer": packer}, batch_size=batch_size, batch_format="numpy",
+                            compute=ray.data.TaskPoolStrategy(size=pipeline_workers), num_cpus=0)
     return packed.repartition(target_num_rows_per_block=1)
 
 
-def _pack_with(batch: dict[str, np.ndarray], packer: PackBatches) -> dict[str, np.ndarray]:
+def _pack_with(batch: dict[str, np.ndarray], packer) -> dict[str, np.ndarray]:
     return packer(batch)
 
 

@@ -67,8 +67,8 @@ def ensure_ray(cfg: JobConfig, concurrent_runs: int = 1, driver_cpus: float = 0.
 
 def data_cpus(cfg: JobConfig) -> int:
     """The CPUs a training run keeps free for Ray Data. Two pipelines run at once: the next
-    epoch's starts while the workers evaluate. The training pipeline holds its packing actors
-    (train.pipeline_workers) and a read task, which backpressure can pause with its CPU held;
+    epoch's starts while the workers evaluate. The training pipeline holds its windowing tasks
+    (train.pipeline_workers) and a read task, which backpressure can pause with their CPUs held;
     an evaluation pipeline needs a CPU for its read task (its packing tasks take none). With
     fewer, one pipeline can hold a CPU the other waits for, and the run hangs."""
     return cfg.train.pipeline_workers + 2

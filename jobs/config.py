@@ -41,7 +41,7 @@ class TrainConfig:
     default), SPREAD over as many as it can, STRICT_PACK all on one node, STRICT_SPREAD each on a
     node of its own (needs num_workers nodes)."""
     pipeline_workers: int = 1
-    """Most Ray Data actors that pack batches (windows, negatives, item content) at once. A run
+    """Most Ray Data tasks at once that cut users' training windows (and pack evaluation batches). A run
     keeps pipeline_workers + 2 CPUs for Ray Data besides its workers' (jobs.cluster.data_cpus)."""
     embed_workers: int = 1
     """Ray Data actors that run the frozen encoders over the catalogue into the feature store

@@ -34,7 +34,6 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file, save_file
 
 from interestformer.errors import ConfigError
-from interestformer.datasets.pipeline import unpack
 from interestformer.datasets.storage import join, read_bytes, read_json
 from interestformer.models.interest_former import DataSpec, InterestFormer
 from interestformer.models.sharded_table import ShardedEmbedding
@@ -205,20 +204,27 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     return weights
 
 
-class ExactSplit(ray.train.DataConfig):
-    """Splits every dataset of a run across its workers without dropping or repeating a row. Ray
-    Train's own split (streaming_split with equal=True) gives every worker the same number of rows
-    by dropping up to world_size - 1 of them each epoch, and a row here is a whole packed batch:
-    its users' events would silently never train (or, for evaluation, never count). Workers may
-    then hold a batch more or less than others: the training loop evens that out (train_steps),
-    and evaluation sums each worker's share (RankTotals.merge).
+class WorkerShares(ray.train.DataConfig):
+    """How a run's datasets reach its workers. The training rows (one a user) take Ray Train's own
+    split: every worker gets as many rows as the others, so all step together, and up to
+    world_size - 1 users sit out each epoch (a different few each time; the job counts them).
 
-    Only DataConfig's public surface is used: `configure` (its documented extension point) and
-    `default_ingest_options`; shards read from the workers' nodes where they can (locality)."""
+    The evaluation datasets (rows of whole packed batches) are split exactly, without dropping a
+    row: a dropped evaluation row would leave its users out of the metrics. Workers may then hold
+    a batch more or less than others, which is harmless there: each ranks its share and the totals
+    are summed (RankTotals.merge). Only DataConfig's public surface is used: `configure` (its
+    documented extension point) and `default_ingest_options`; shards read from the workers'
+    nodes where they can (locality)."""
+
+    def __init__(self):
+        super().__init__(datasets_to_split=["train"])
 
     def configure(self, datasets: dict, world_size: int, worker_handles, worker_node_ids, **kwargs):
-        output = [{} for _ in range(world_size)]
+        training = {name: dataset for name, dataset in datasets.items() if name == "train"}
+        output = super().configure(training, world_size, worker_handles, worker_node_ids, **kwargs)
         for name, dataset in datasets.items():
+            if name in training:
+                continue
             ds = dataset.copy(dataset)
             if ds.name is None:
                 ds.set_name(name)
@@ -251,33 +257,16 @@ def fetch_ahead(batches: Iterable) -> Iterator:
 _NO_ITEM = object()
 
 
-def train_steps(rows, device):
-    """Yields (batch, loss weight, seconds spent waiting for the batch) for one epoch of this
-    worker's packed rows, in step with every other worker: each step all workers learn which of
-    them still have a batch. A worker whose share ran out steps again on its last batch (or, if it
-    had none this epoch, on one sent by a worker that has) with weight 0, so collective calls
-    (gradient all-reduce, ZeRO-3 gathers) stay matched; the others weigh their loss by
-    world_size / (workers with a batch), so the averaged gradient is the mean over real batches."""
-    world = dist.get_world_size()
-    rows, last = iter(rows), None
+def timed_batches(batches: Iterable[dict], device) -> Iterator[tuple[dict, float]]:
+    """Yields (batch on `device`, seconds spent waiting for it) for an epoch of batches."""
+    batches = iter(batches)
     while True:
         asked = time.perf_counter()
-        row = next(rows, None)
+        batch = next(batches, None)
         waited = time.perf_counter() - asked
-        if row is not None:
-            last = {name: value.to(device, non_blocking=True) for name, value in unpack(row).items()}
-        mine = torch.tensor([row is not None, last is None], dtype=torch.float32, device=device)
-        flags = [torch.zeros_like(mine) for _ in range(world)]
-        dist.all_gather(flags, mine)
-        has_batch = [bool(f[0]) for f in flags]
-        if not any(has_batch):
+        if batch is None:
             return
-        if any(bool(f[1]) for f in flags):  # someone has nothing to step on: the first with a batch lends one
-            lent = [{name: value.cpu() for name, value in last.items()} if last is not None else None]
-            dist.broadcast_object_list(lent, src=has_batch.index(True))
-            if last is None:
-                last = {name: value.to(device) for name, value in lent[0].items()}
-        yield last, (world / sum(has_batch) if row is not None else 0.0), waited
+        yield {name: value.to(device, non_blocking=True) for name, value in batch.items()}, waited
 
 
 def best_checkpoint_weights() -> dict[str, torch.Tensor]:

@@ -61,7 +61,7 @@ def eval_datasets(prepared: PreparedData, cfg: JobConfig, split: str):
     packed user rows, without content: users read the encoded catalogue (evaluate_model)."""
     text, image = cfg.model.live_content()
     items = item_batches(prepared, cfg.eval.batch_size, text=text, image=image)
-    users = sequence_batches(prepared, split, cfg.eval.batch_size, cfg.data.max_seq_len, text=False, image=False,
+    users = sequence_batches(prepared, split, cfg.eval.batch_size, cfg.data.max_seq_len,
                              pipeline_workers=cfg.train.pipeline_workers, cold_fraction=cfg.data.cold_item_fraction,
                              new_user_fraction=cfg.data.new_user_fraction)
     return items, users

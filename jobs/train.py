@@ -27,7 +27,15 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from interestformer.errors import ConfigError
-from interestformer.datasets.pipeline import catalogue_ids, id_buckets, sequence_batches, trained_items, training_sequences
+from interestformer.datasets.pipeline import (
+    TrainingBatches,
+    catalogue_ids,
+    id_buckets,
+    trained_items,
+    training_batches,
+    training_sequences,
+    training_windows,
+)
 from interestformer.datasets.prepare import PreparedData, check_inputs, input_paths, prepare
 from interestformer.datasets.storage import absolute, join, local_folder, read_json, write_bytes
 from interestformer.jobs import tracking
@@ -39,7 +47,6 @@ from interestformer.jobs.distributed import (
     check_start_from,
     checkpoint_uri,
     deepspeed_config,
-    ExactSplit,
     fetch_ahead,
     STATE_FILE,
     full_state_dict,
@@ -49,7 +56,8 @@ from interestformer.jobs.distributed import (
     save_and_report,
     setup_engine,
     start_from,
-    train_steps,
+    timed_batches,
+    WorkerShares,
 )
 from interestformer.jobs.evaluate import device_batches, eval_datasets, evaluate_most_popular, popularity_counts
 from interestformer.jobs.progress import DriverDisplay, ProgressBoard, WorkerProgress, quiet_console
@@ -72,7 +80,7 @@ def train_loop_per_worker(loop_config: dict):
     report; at the end, test the best epoch."""
     worker = TrainingWorker(loop_config)
     for epoch in worker.epochs_left():
-        worker.train_epoch()
+        worker.train_epoch(epoch)
         metrics, last = worker.validate(epoch)
         worker.checkpoint(epoch, metrics, last)
         if last:
@@ -101,9 +109,11 @@ class TrainingWorker:
         init_from = cfg.train.init_from if ray.train.get_checkpoint() is None else ""  # a run's own checkpoint comes first
         model, carried = catalogue_model(cfg, self.spec, loop_config["features_uri"], prepared, init_from)
         self.train_rows = ray.train.get_dataset_shard("train")
+        self.packer = batch_packer(prepared, cfg)
+        self.train_users = loop_config["train_users"]
         # A fresh run's first epoch starts its pipeline while DeepSpeed sets up. A resumed run may have
         # no epoch left, and a pipeline nobody reads would hold a CPU through the final evaluation.
-        self.rows = self._epoch_rows() if ray.train.get_checkpoint() is None else None
+        self.rows = self._epoch_rows(0) if ray.train.get_checkpoint() is None else None
         self.evaluation = EpochEvaluation(cfg, self.spec, prepared, self.device)
         self.evaluation.read_ahead(["items", "validation", *final_splits(cfg)])
         steps_per_epoch = math.ceil(loop_config["train_users"] / (cfg.train.micro_batch_size * self.world))
@@ -128,8 +138,8 @@ class TrainingWorker:
         self.began = time.perf_counter() - self.state.get("worker_seconds", 0.0)  # earlier attempts' time counts
         self.weights = None  # the latest epoch's full weights
 
-    def _epoch_rows(self):  # an epoch of this worker's packed batches, its pipeline starting now
-        return fetch_ahead(self.train_rows.iter_torch_batches(batch_size=1, prefetch_batches=4))
+    def _epoch_rows(self, epoch: int):  # an epoch of this worker's batches, its pipeline starting now
+        return fetch_ahead(training_batches(self.train_rows, self.packer, self.cfg.train.micro_batch_size, epoch))
 
     def _out_of_time(self) -> bool:
         return _out_of_time(self.cfg.train.max_minutes, time.perf_counter() - self.began)
@@ -141,7 +151,7 @@ class TrainingWorker:
                 return
             yield epoch
 
-    def train_epoch(self):
+    def train_epoch(self, epoch: int):
         """One pass over this worker's share of the training data; rank 0 logs every
         train.log_every_steps optimizer steps."""
         engine = self.engine
@@ -150,24 +160,23 @@ class TrainingWorker:
         seen = torch.zeros(2, dtype=torch.float64)  # users and events (targets) this worker trained on
         self.epoch_loss = [0.0, 0]  # rank 0's loss sum and batches, for the epoch's line on the console
         started, waits = time.perf_counter(), []
-        for batch, weight, wait in train_steps(self.rows or self._epoch_rows(), self.device):
+        for batch, wait in timed_batches(self.rows or self._epoch_rows(epoch), self.device):
             loss = engine(batch)
-            engine.backward(loss * weight)
+            engine.backward(loss)
             optimizer_step(engine)
             waits.append(wait)
-            if weight:  # a real batch, not a worker stepping along after its share ran out
-                users, events = len(batch["history"]), int((batch["targets"] > 0).sum())
-                window.update(loss=window["loss"] + loss.item(), batches=window["batches"] + 1,
-                              users=window["users"] + users, events=window["events"] + events)
-                seen += torch.tensor([users, events])
-                self.epoch_loss = [self.epoch_loss[0] + loss.item(), self.epoch_loss[1] + 1]
-                self.progress.update(1)
-            window["wait"] += wait
+            users, events = len(batch["history"]), int((batch["targets"] > 0).sum())
+            window.update(loss=window["loss"] + loss.item(), batches=window["batches"] + 1,
+                          users=window["users"] + users, events=window["events"] + events, wait=window["wait"] + wait)
+            seen += torch.tensor([users, events])
+            self.epoch_loss = [self.epoch_loss[0] + loss.item(), self.epoch_loss[1] + 1]
+            self.progress.update(1)
             if engine.is_gradient_accumulation_boundary():
                 self.state["step"] += 1
                 if self.rank == 0 and self.state["step"] % self.cfg.train.log_every_steps == 0:
                     _log_window(self.metrics_out, window, self.world, engine, self.state["step"])
-        self.throughput.append(_epoch_throughput(seen, time.perf_counter() - started, waits, self.device))
+        self.throughput.append(_epoch_throughput(seen, time.perf_counter() - started, waits, self.train_users,
+                                                 self.device))
         self.rows = None
 
     def validate(self, epoch: int) -> tuple[dict, bool]:
@@ -189,11 +198,12 @@ class TrainingWorker:
         """Saves the epoch's checkpoint (DeepSpeed state, and the best epoch's weights as the model)
         and reports it to Ray Train; logs the epoch's metrics and prints its line."""
         if not last:  # the next epoch's pipeline starts while this one checkpoints
-            self.rows = self._epoch_rows()
+            self.rows = self._epoch_rows(epoch + 1)
         throughput, selection = self.throughput[-1], self.selection
         self.state.update(epoch=epoch + 1, selection=selection.state(), worker_seconds=time.perf_counter() - self.began)
         metrics.update(best_epoch=selection.best_epoch, epoch_samples_per_s=throughput["samples_per_s"],
                        epoch_data_wait_fraction=throughput["data_wait_fraction"], epoch_train_s=throughput["seconds"],
+                       epoch_users_sat_out=throughput["users_sat_out"],
                        epoch_eval_s=time.perf_counter() - self.boundary, **({"stopped_epoch": epoch + 1} if last else {}))
         if self.rank == 0:
             self.metrics_out.log({**{k: v for k, v in metrics.items() if k != "epoch"}, "epochs_done": epoch + 1},
@@ -234,11 +244,12 @@ class TrainingWorker:
                 "precision": self.precision}
 
 
-def _epoch_throughput(seen: torch.Tensor, seconds: float, waits: list[float], device) -> dict:
+def _epoch_throughput(seen: torch.Tensor, seconds: float, waits: list[float], train_users: int, device) -> dict:
     """One epoch's training rate over all workers (users and events summed, the slowest worker's
-    seconds), and the data waits of the worker that waited most: for its first batch (the
-    pipeline starting up; Ray Data starts each epoch's anew) and, as a share of the epoch's
-    time, for every later one (steady state)."""
+    seconds), the users who sat out the epoch (Ray Train's equal split: at most world_size - 1),
+    and the data waits of the worker that waited most: for its first batch (the pipeline starting
+    up; Ray Data starts each epoch's anew) and, as a share of the epoch's time, for every later
+    one (steady state)."""
     import torch.distributed as dist
 
     total = seen.to(device)
@@ -246,7 +257,8 @@ def _epoch_throughput(seen: torch.Tensor, seconds: float, waits: list[float], de
     first = waits[0] if waits else 0.0
     slowest = torch.tensor([seconds, first, sum(waits[1:]) / seconds], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return {"users": int(total[0]), "events": int(total[1]), "seconds": slowest[0].item(),
+    return {"users": int(total[0]), "events": int(total[1]), "users_sat_out": train_users - int(total[0]),
+            "seconds": slowest[0].item(),
             "samples_per_s": total[0].item() / slowest[0].item(), "first_batch_wait_s": slowest[1].item(),
             "data_wait_fraction": slowest[2].item()}
 
@@ -358,8 +370,8 @@ def _log_window(metrics_out, window, world, engine, step):
     seconds = time.perf_counter() - window["start"]
     metrics_out.log({
         "train_loss": window["loss"] / max(window["batches"], 1),
-        # Every worker runs as many batches as rank 0 (equal split), so rank 0's rate times the
-        # world size is the job's rate.
+        # Every worker runs as many batches of as many users as rank 0 (Ray Train's equal split),
+        # so rank 0's rate times the world size is the job's rate.
         "samples_per_s": window["users"] * world / seconds,
         "events_per_s": window["events"] * world / seconds,
         "lr": engine.get_lr()[0],
@@ -419,12 +431,17 @@ def data_spec(prepared: PreparedData, cfg: JobConfig) -> DataSpec:
     )
 
 
-def training_batches(prepared: PreparedData, cfg: JobConfig):
-    """The packed training batches that stream to the workers (split across them by ExactSplit)."""
-    text, image = cfg.model.live_content()
-    return sequence_batches(prepared, "train", cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.negatives(),
-                            text, image, cfg.train.seed, cfg.train.pipeline_workers, cfg.data.cold_item_fraction,
-                            cfg.data.train_since, cfg.data.new_user_fraction, cfg.data.group_by_length)
+def training_rows(prepared: PreparedData, cfg: JobConfig):
+    """The training rows (one a user) that stream to the workers (split across them by WorkerShares)."""
+    return training_windows(prepared, cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.train.pipeline_workers,
+                            cfg.data.cold_item_fraction, cfg.data.train_since, cfg.data.new_user_fraction,
+                            cfg.data.group_by_length)
+
+
+def batch_packer(prepared: PreparedData, cfg: JobConfig) -> TrainingBatches:
+    """What turns a worker's training rows into the model's batches: negatives, live encoders' content."""
+    return TrainingBatches(prepared, cfg.data.negatives(), *cfg.model.live_content(), cfg.train.seed,
+                           cfg.data.cold_item_fraction)
 
 
 def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display: bool = True) -> dict:
@@ -464,7 +481,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display
     items, validation = eval_datasets(prepared, cfg, "validation")
     eval_splits = final_splits(cfg)
     datasets = {
-        "train": training_batches(prepared, cfg),
+        "train": training_rows(prepared, cfg),
         "validation": validation,
         "items": items,
         **{split: eval_datasets(prepared, cfg, split)[1] for split in eval_splits},
@@ -498,7 +515,7 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display
         datasets=datasets,
         # Every worker trains on, and evaluates, its own share of the users, and encodes its own
         # share of the catalogue for full ranking.
-        dataset_config=ExactSplit(),
+        dataset_config=WorkerShares(),
     )
     try:
         if board is None:

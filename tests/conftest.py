@@ -47,6 +47,19 @@ def tiny_prepared_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tiny-prepared"))
 
 
+def one_epoch_of_training_batches(prepared, batch_size: int, max_seq_len: int, num_negatives: int | None = 0,
+                                  text: bool = False, image: bool = False, cold_fraction: float = 0.0,
+                                  train_since: int = 0, new_user_fraction: float = 0.0,
+                                  group_by_length: bool = False) -> list[dict]:
+    """The whole training split's batches for one epoch, as a worker packs its share (seed 0)."""
+    from interestformer.datasets.pipeline import TrainingBatches, training_batches, training_windows
+
+    rows = training_windows(prepared, batch_size, max_seq_len, 1, cold_fraction, train_since, new_user_fraction,
+                            group_by_length)
+    return list(training_batches(rows, TrainingBatches(prepared, num_negatives, text, image, 0, cold_fraction),
+                                 batch_size))
+
+
 def fresh_checkpoint(cfg, folder) -> tuple[object, str]:
     """(prepared data, checkpoint folder) of cfg's freshly initialised model (seed 0), saved into
     `folder` as a training checkpoint is, without Ray Train; prepares cfg's data (a real Ray Data

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from interestformer.errors import ConfigError
-from interestformer.datasets.pipeline import catalogue_ids, id_buckets, unpack
+from interestformer.datasets.pipeline import catalogue_ids, id_buckets
 from interestformer.datasets.prepare import PreparedData, input_paths
 from interestformer.jobs import evaluate, serving, tracking
 from interestformer.jobs.config import load_config
 from interestformer.jobs.distributed import load_model
-from interestformer.jobs.train import train, training_batches
+from interestformer.jobs.train import train
 
-from conftest import PROJECT_DIR, native_cpu_precision
+from conftest import PROJECT_DIR, native_cpu_precision, one_epoch_of_training_batches
 
 pytestmark = pytest.mark.slow
 
@@ -56,17 +56,18 @@ def test_run_reports_test_metrics_and_baseline(finished_run):
     assert summary["most_popular"] == pytest.approx(evaluate.evaluate_most_popular(prepared, whole, cfg, "test").report())
 
 
-def test_every_training_event_is_trained_once_per_epoch_across_workers(finished_run):
+def test_every_training_user_is_trained_at_most_once_per_epoch_across_workers(finished_run):
     cfg, summary = finished_run
     users = events = 0
-    for row in training_batches(PreparedData.load(cfg.data.prepared_dir), cfg).iter_torch_batches(batch_size=1):
-        batch = unpack(row)
+    for batch in one_epoch_of_training_batches(PreparedData.load(cfg.data.prepared_dir), cfg.train.micro_batch_size,
+                                               cfg.data.max_seq_len):
         users, events = users + len(batch["history"]), events + int((batch["targets"] > 0).sum())
     assert len(summary["throughput"]) == cfg.train.epochs
-    for epoch in summary["throughput"]:  # summed over both workers: nothing dropped, nothing twice
-        assert (epoch["users"], epoch["events"]) == (users, events)
+    for epoch in summary["throughput"]:  # summed over both workers: each user once, but those who sat out
+        assert epoch["users"] + epoch["users_sat_out"] == users and 0 <= epoch["users_sat_out"] < cfg.train.num_workers
+        assert epoch["events"] == events if not epoch["users_sat_out"] else epoch["events"] < events
         assert epoch["samples_per_s"] > 0 and 0 <= epoch["data_wait_fraction"] < 1
-    for key in ("epoch_samples_per_s", "epoch_data_wait_fraction"):
+    for key in ("epoch_samples_per_s", "epoch_data_wait_fraction", "epoch_users_sat_out"):
         assert len(tracking.metric_history(summary["tracking_uri"], summary["run_id"], key)) == cfg.train.epochs
 
 

@@ -15,6 +15,8 @@ from interestformer.datasets.prepare import prepare
 from interestformer.jobs.config import JobConfig
 from interestformer.jobs.evaluate import evaluate_most_popular
 
+from conftest import one_epoch_of_training_batches
+
 pytestmark = pytest.mark.slow  # a real prepare job: about 20 s
 
 # Each user's items, oldest first. The last is the test target, the one before it validates.
@@ -95,11 +97,13 @@ def test_cold_items_never_reach_training_and_are_the_cold_split_targets(prepared
     assert len(cold) == 2 and cold == set(cold_items(prepared.num_items, fraction).tolist())  # fixed choice
 
     def batches(split):
-        rows = sequence_batches(prepared, split, 8, 10, num_negatives=20, cold_fraction=fraction)
+        if split == "train":
+            return one_epoch_of_training_batches(prepared, 8, 10, num_negatives=20, cold_fraction=fraction)
+        rows = sequence_batches(prepared, split, 8, 10, cold_fraction=fraction)
         return [unpack(row) for row in rows.iter_batches(batch_size=1, batch_format="numpy")]
 
     for batch in batches("train"):
-        seen = set(batch["history"].ravel()) | set(batch["targets"].ravel()) | set(batch["unique_items"])
+        seen = {int(i) for name in ("history", "targets", "unique_items") for i in batch[name].ravel()}
         assert not seen & cold, "a held-out item reached training (history, target or negative)"
     test_targets = np.concatenate([b["targets"] for b in batches("test")])
     cold_batches = batches("cold")
@@ -118,7 +122,9 @@ def test_new_users_never_train_and_are_ranked_after_each_of_their_first_events(p
     assert [user for user in SEQUENCES if is_new_user(user, fraction)] == ["u3", "u4"]
 
     def batches(split):
-        rows = sequence_batches(prepared, split, 8, 10, num_negatives=2, new_user_fraction=fraction)
+        if split == "train":
+            return one_epoch_of_training_batches(prepared, 8, 10, num_negatives=2, new_user_fraction=fraction)
+        rows = sequence_batches(prepared, split, 8, 10, new_user_fraction=fraction)
         return [unpack(row) for row in rows.iter_batches(batch_size=1, batch_format="numpy")]
 
     assert sum(len(batch["history"]) for batch in batches("train")) == 2  # u1 and u2 only
@@ -137,8 +143,8 @@ def test_new_users_never_train_and_are_ranked_after_each_of_their_first_events(p
 
 def test_train_since_keeps_the_users_with_a_training_target_from_then_on(prepared, recwarn):
     def training_users(since: int) -> int:
-        rows = sequence_batches(prepared, "train", 8, 10, num_negatives=2, train_since=since)
-        return sum(len(unpack(row)["history"]) for row in rows.iter_batches(batch_size=1, batch_format="numpy"))
+        return sum(len(batch["history"]) for batch in one_epoch_of_training_batches(prepared, 8, 10, num_negatives=2,
+                                                                                     train_since=since))
 
     # Each user trains on all but their last two events: u1-u3's last training target is at time 1,
     # u4 (3 events) has none after time 0.

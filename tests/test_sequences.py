@@ -17,6 +17,8 @@ from interestformer.datasets.config import DataConfig
 from interestformer.datasets.pipeline import by_history_length, catalogue_rows, sequence_batches, unpack
 from interestformer.datasets.prepare import DataQualityError, PreparedData, _fingerprint, input_paths, prepare
 
+from conftest import one_epoch_of_training_batches
+
 pytestmark = pytest.mark.slow  # real Ray Data jobs: about a minute
 
 
@@ -138,11 +140,12 @@ def test_every_row_is_used_quarantined_or_counted_as_duplicate(prepared):
 
 def test_time_split_last_for_test_one_before_for_validation(prepared):
     def rows_of(split):
-        out = []
-        for row in sequence_batches(prepared, split, batch_size=8, max_seq_len=4, text=False, image=False).iter_torch_batches(batch_size=1):
-            batch = unpack(row)
-            out += list(zip(batch["history"].tolist(), batch["targets"].tolist()))
-        return sorted(out)
+        if split == "train":
+            batches = one_epoch_of_training_batches(prepared, batch_size=8, max_seq_len=4)
+        else:
+            batches = [unpack(row) for row in sequence_batches(prepared, split, batch_size=8, max_seq_len=4)
+                       .iter_torch_batches(batch_size=1)]
+        return sorted(pair for batch in batches for pair in zip(batch["history"].tolist(), batch["targets"].tolist()))
 
     a, b, c, e = (index(i) for i in "abce")
     # u4 = a, b, c, e. u1 = b, a, c, b. u3 (2 events) trains only; u2 (1 event) nowhere.
@@ -162,9 +165,7 @@ def test_training_batches_carry_the_pixels_prepare_decoded(prepared):
         catalogue[row["item_index"]] = (row["pixels"], row["has_image"])
     assert sum(has for _, has in catalogue.values()) == 3  # a, d, e
     seen = set()
-    for row in sequence_batches(prepared, "train", batch_size=8, max_seq_len=4, num_negatives=2, text=False,
-                                image=True).iter_torch_batches(batch_size=1):
-        batch = unpack(row)
+    for batch in one_epoch_of_training_batches(prepared, batch_size=8, max_seq_len=4, num_negatives=2, image=True):
         for j, item in enumerate(batch["unique_items"].tolist()[1:], start=1):  # 0 is padding
             pixels, has_image = catalogue[item]
             assert (batch["pixels"][j].numpy() == pixels).all() and bool(batch["has_image"][j]) == has_image
@@ -176,8 +177,7 @@ def test_full_softmax_and_length_grouped_training_batches(prepared):
     """data.full_softmax: every item is a candidate of every training batch. data.group_by_length:
     the same training rows, cut from blocks sorted by history length."""
     def train_batches(**kwargs):
-        return [unpack(row) for row in sequence_batches(prepared, "train", batch_size=1, max_seq_len=4, text=False,
-                                                        image=False, **kwargs).iter_torch_batches(batch_size=1)]
+        return one_epoch_of_training_batches(prepared, batch_size=1, max_seq_len=4, **kwargs)
 
     every_item = list(range(prepared.num_items + 1))  # no item held out here; 0 is padding
     for batch in train_batches(num_negatives=None):
