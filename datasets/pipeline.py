@@ -226,7 +226,7 @@ class TrainingBatches(NumpyBatchCollateFn):
         return packer
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        # Copies: Ray Data's arrays may be read-only views of its blocks, which torch will not wrap.
+        # Copies: a zero-copy view of a Ray Data block can be read-only, on which torch.from_numpy warns.
         packed = {name: np.array(rows[name], dtype=np.int64) for name in ("history", "event_types", "targets")}
         if self.num_negatives is None:  # full softmax: every warm item, which holds every history and target
             candidates = [self.negative_pool, [0]]
