@@ -24,7 +24,7 @@ def test_asha_sweep_records_trials_writes_the_best_config_and_registers_its_mode
         f"data.prepared_dir={tiny_prepared_dir}",
         f"experiment.storage_path={tmp_path / 'runs'}",
         f"experiment.tracking_uri={uri}",
-        "train.epochs=2",
+        "train.epochs=3",
         "tune.num_samples=2",
     ]
     cfg = load_config(os.path.join(PROJECT_DIR, "configs", "sweep_tiny.yaml"), overrides)
@@ -45,9 +45,11 @@ def test_asha_sweep_records_trials_writes_the_best_config_and_registers_its_mode
         assert 0.0 <= float(child.data.params["model.dropout"]) <= 0.3
         epochs = len(client.get_metric_history(child.info.run_id, "val_ndcg_at_10"))
         if child.info.status == "KILLED":  # ASHA stopped it after its first epoch
-            assert child.data.tags["stopped_early"] == "true" and epochs == 1
+            # The stop reaches the workers a moment after the report that decided it: a fast trial
+            # may validate one more epoch first, never all of them.
+            assert child.data.tags["stopped_early"] == "true" and 1 <= epochs < cfg.train.epochs
         else:
-            assert child.info.status == "FINISHED" and epochs == 2
+            assert child.info.status == "FINISHED" and epochs == cfg.train.epochs
             assert "test_ndcg_at_10" in child.data.metrics
     assert any(c.info.status == "FINISHED" for c in children)
 
