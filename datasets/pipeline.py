@@ -2,12 +2,12 @@
 
 Training: one row per user (`training_windows`): the user's latest max_seq_len + 1 training
 events as a left-padded history and its next items, cut by Ray Data tasks. Ray Train splits the
-rows across the workers (equal shares: up to world_size - 1 users sit out each epoch, a
-different few each time, and the job counts them), and each worker batches its share on the
-way in (`training_batches`): a batch's candidates are the unique items it holds plus sampled
-negatives, and each unique item's text tokens and pixels travel once, so the collate function
-(`TrainingBatches`) packs them on the worker's formatting threads, from the catalogue's content
-held in memory (`ItemContent`).
+rows across the workers (equal shares: up to world_size - 1 users sit out each epoch, which
+ones following the epoch's random block order, and the job counts them), and each worker
+batches its share on the way in (`training_batches`): a batch's candidates are the unique items
+it holds plus sampled negatives, and each unique item's text tokens and pixels travel once, so
+the collate function (`TrainingBatches`) packs them on the worker's formatting threads, from the
+catalogue's content held in memory (`ItemContent`).
 
 Evaluation: each output row is one whole packed batch, packed by Ray Data tasks; the workers
 split these rows exactly (no user dropped or counted twice) and sum their shares' rank totals.

@@ -207,7 +207,8 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
 class WorkerShares(ray.train.DataConfig):
     """How a run's datasets reach its workers. The training rows (one a user) take Ray Train's own
     split: every worker gets as many rows as the others, so all step together, and up to
-    world_size - 1 users sit out each epoch (a different few each time; the job counts them).
+    world_size - 1 users sit out each epoch (which ones follows the epoch's random block order;
+    the job counts them).
 
     The evaluation datasets (rows of whole packed batches) are split exactly, without dropping a
     row: a dropped evaluation row would leave its users out of the metrics. Workers may then hold
