@@ -178,6 +178,16 @@ def left_pad(rows: list[np.ndarray], length: int) -> np.ndarray:
     return out
 
 
+def event_type_index(prepared: PreparedData) -> dict[str, int]:
+    """Event type -> its index, from 1 (0 is padding and unknown types)."""
+    return {t: i + 1 for i, t in enumerate(prepared.meta["event_types"])}
+
+
+def type_indices(event_types, index: dict[str, int]) -> np.ndarray:
+    """A user's event types (oldest first) -> their indices, int64."""
+    return np.array([index.get(t, 0) for t in event_types], dtype=np.int64)
+
+
 class UserWindows:
     """A batch of stored sequences -> one training row per user (see the module docstring): the
     user's last max_seq_len + 1 training events (held-out items removed), as a left-padded
@@ -186,7 +196,7 @@ class UserWindows:
     def __init__(self, prepared: PreparedData, max_seq_len: int, cold_fraction: float, train_since: int):
         self.T, self.train_since = max_seq_len, train_since
         self.is_cold = is_cold_mask(prepared.num_items, cold_fraction)
-        self.event_type_index = {t: i + 1 for i, t in enumerate(prepared.meta["event_types"])}
+        self.event_type_index = event_type_index(prepared)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         histories, types, targets = [], [], []
@@ -195,7 +205,7 @@ class UserWindows:
             items = np.asarray(items, dtype=np.int64)[:end]
             warm = ~self.is_cold[items]
             window = slice(-(self.T + 1), None)
-            types_idx = np.array([self.event_type_index.get(t, 0) for t in event_types[:end]], dtype=np.int64)
+            types_idx = type_indices(event_types[:end], self.event_type_index)
             window_items, window_types = items[warm][window], types_idx[warm][window]
             window_stamps = np.asarray(stamps, dtype=np.int64)[:end][warm][window]
             histories.append(window_items[:-1])
@@ -247,12 +257,12 @@ class PackBatches:
         self.split, self.T = split, max_seq_len
         self.is_cold = is_cold_mask(prepared.num_items, cold_fraction)
         self.never_trained = ~trained_items(prepared, cold_fraction)
-        self.event_type_index = {t: i + 1 for i, t in enumerate(prepared.meta["event_types"])}
+        self.event_type_index = event_type_index(prepared)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         histories, types, targets, history_lengths = [], [], [], []
         for items, event_types in zip(batch["items"], batch["event_types"]):
-            types_idx = np.array([self.event_type_index.get(t, 0) for t in event_types], dtype=np.int64)
+            types_idx = type_indices(event_types, self.event_type_index)
             items = np.asarray(items, dtype=np.int64)
             for end in self._target_positions(len(items)):
                 warm = ~self.is_cold[items[:end]]
