@@ -14,7 +14,7 @@ from PIL import Image
 
 from interestformer.errors import ConfigError
 from interestformer.datasets.config import DataConfig
-from interestformer.datasets.pipeline import by_history_length, catalogue_rows, sequence_batches, unpack
+from interestformer.datasets.pipeline import TrainingBatches, by_history_length, catalogue_rows, sequence_batches, unpack
 from interestformer.datasets.prepare import DataQualityError, PreparedData, _fingerprint, input_paths, prepare
 
 from conftest import one_epoch_of_training_batches
@@ -187,6 +187,25 @@ def test_full_softmax_and_length_grouped_training_batches(prepared):
 
     block = pa.table({"user_id": ["x", "y", "z", "w"], "num_events": [5, 2, 9, 2]})
     assert by_history_length(block).column("user_id").to_pylist() == ["y", "w", "x", "z"]  # stable
+
+
+def test_sampled_negatives_depend_on_the_seed_the_epoch_and_the_users_only(prepared):
+    """Sampled negatives are drawn per (train.seed, epoch, the batch's users): two workers' packers
+    (or two threads of one) draw the same for the same batch, whichever packs it; the draws change
+    with the epoch, the users and the seed."""
+    def negatives(packer, users, epoch):
+        shape = (len(users), 4)
+        rows = {"user_id": np.array(users), "history": np.zeros(shape, np.int64),
+                "event_types": np.zeros(shape, np.int64), "targets": np.full(shape, index("a"))}
+        return frozenset(packer.for_epoch(epoch)(rows)["unique_items"].tolist()) - {0, index("a")}
+
+    worker_0, worker_1, other_seed = (TrainingBatches(prepared, 1, False, False, seed, 0.0) for seed in (0, 0, 1))
+    epochs = range(16)
+    draws = [negatives(worker_0, ["u1", "u2"], epoch) for epoch in epochs]
+    assert draws == [negatives(worker_1, ["u1", "u2"], epoch) for epoch in epochs]
+    assert len(set(draws)) > 1  # another epoch, other negatives
+    assert draws != [negatives(worker_0, ["u1", "u3"], epoch) for epoch in epochs]
+    assert draws != [negatives(other_seed, ["u1", "u2"], epoch) for epoch in epochs]
 
 
 def test_batching_keys_reuse_the_prepared_data_and_shaping_keys_do_not(prepared):
