@@ -67,7 +67,8 @@ def test_a_stopped_job_resumes_from_its_checkpoint_in_the_same_mlflow_run(ray_he
     command again: the job picks up after the checkpointed epoch (not from scratch), succeeds,
     prints how to browse its run, and continues the same MLflow run."""
     address, env = ray_head
-    args = ("--set", "experiment.name=stopped", "--set", "train.epochs=3")
+    epochs = 3
+    args = ("--set", "experiment.name=stopped", "--set", f"train.epochs={epochs}")
     run = submit(address, env, job_package, tmp_path, *args, options=("--submission-id", "stop-me", "--no-wait"),
                  prepared_dir=tiny_prepared_dir)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -89,7 +90,7 @@ def test_a_stopped_job_resumes_from_its_checkpoint_in_the_same_mlflow_run(ray_he
     assert "mlflow ui --backend-store-uri sqlite:///" in output
     assert "Resumed from the checkpoint of epoch" in output, output[-5000:]
     epoch = int(output.split("Resumed from the checkpoint of epoch ")[1].split()[0])
-    assert 1 <= epoch < 3
+    assert 1 <= epoch < epochs
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("interestformer").experiment_id])
@@ -100,7 +101,7 @@ def test_a_stopped_job_resumes_from_its_checkpoint_in_the_same_mlflow_run(ray_he
     # The first attempt validated epochs 1..k; k may pass the checkpoint it resumed from, since the
     # stop lands a moment after the epochs' metrics are logged. The second validated each epoch after
     # that checkpoint once; the checkpoint's epoch and those before it never again.
-    first, second = steps[:len(steps) - (3 - epoch)], steps[len(steps) - (3 - epoch):]
+    first, second = steps[:len(steps) - (epochs - epoch)], steps[len(steps) - (epochs - epoch):]
     per_epoch = steps[0]
     assert first == [per_epoch * e for e in range(1, len(first) + 1)] and len(first) >= epoch, steps
-    assert second == [per_epoch * e for e in range(epoch + 1, 4)], steps
+    assert second == [per_epoch * e for e in range(epoch + 1, epochs + 1)], steps
