@@ -14,7 +14,7 @@ demo: setup  ## train + evaluate the demo on a local Ray, log to MLflow (mlflow.
 test: setup setup-browser  ## the whole suite (what CI runs)
 	$(PY) -m pytest tests
 
-test-multinode: setup  ## the 2-node Ray cluster test alone, over a local S3 server (a few minutes)
+test-multinode: setup  ## the 2-node Ray cluster tests alone, over a local S3 server (a few minutes)
 	$(PY) -m pytest tests -m multinode
 
 test-fast: setup  ## the tests not marked slow (no Ray, no training job), under 2 minutes

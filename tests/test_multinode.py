@@ -1,10 +1,14 @@
 """A 2-node Ray cluster on this machine, reached the way a real cluster is: two `ray start`
 processes (a head and a worker node, each with its own temp folder), an S3-compatible object store
 (moto's server) for the prepared data, the frozen encoder's features and the checkpoints, a
-`mlflow server` over HTTP, and the code sent with `ray job submit --working-dir .`. The two
+`mlflow server` over HTTP, and the code sent with `ray job submit --working-dir .` (the package in
+runtime_env `py_modules`, built with `pip install --no-deps --target` as the README says). The two
 training workers are placed STRICT_SPREAD, one per node, so nothing works only because rank 0
 shares a disk with the driver. Credentials are in the nodes' environment (as an IAM role would
-be), never in the job; this test process sets no AWS or Ray variable of its own."""
+be), never in the job; this test process sets no AWS or Ray variable of its own.
+
+On the same cluster: a job asking for more than it holds fails before taking anything, and a job
+stopped with `ray job stop` resumes from its checkpoint in object storage when submitted again."""
 
 import glob
 import json
@@ -28,9 +32,10 @@ BUCKET = "interestformer"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 
 
-@pytest.fixture
-def object_store(tmp_path):
+@pytest.fixture(scope="module")
+def object_store(tmp_path_factory):
     """moto's S3 server on 127.0.0.1 with an empty bucket; yields its endpoint."""
+    tmp_path = tmp_path_factory.mktemp("s3")
     port = free_port()
     server = subprocess.Popen([f"{BIN}/moto_server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=open(tmp_path / "s3.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -51,10 +56,11 @@ def object_store(tmp_path):
     stop_server(server)
 
 
-@pytest.fixture
-def two_nodes(object_store, tmp_path):
+@pytest.fixture(scope="module")
+def two_nodes(object_store, tmp_path_factory):
     """A head and a worker node of 2 CPUs each (the 2 workers' 1 CPU and the pipelines' 3 need 4);
     yields (job API address, CLI env, temp folders)."""
+    tmp_path = tmp_path_factory.mktemp("nodes")
     env = ray_env(AWS_ENDPOINT_URL=object_store, **CREDENTIALS)
     # Short temp folders of their own: Ray's socket paths must stay under 108 characters.
     temp_dirs = [tempfile.mkdtemp(prefix="ray-head-"), tempfile.mkdtemp(prefix="ray-node-")]
@@ -104,40 +110,93 @@ def ray_list(address: str, env: dict, what: str, *filters: str) -> list[dict]:
     return json.loads(listing.stdout)
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["train.num_workers=8"], "train.num_workers"),
+    (["train.cpus_per_worker=6"], "train.cpus_per_worker"),
+    (["train.num_workers=3", "train.placement_strategy=STRICT_SPREAD"], "train.placement_strategy")],
+    ids=["workers", "cpus_per_worker", "one_worker_a_node"])
+def test_more_than_the_cluster_holds_fails_before_training(two_nodes, job_package, tmp_path, overrides, key):
+    """The cluster has 4 CPUs on 2 nodes: 8 workers x 0.5 CPU plus the pipelines' 3 cannot all run,
+    no node holds a 6-CPU worker, and 2 nodes cannot take 3 workers one a node. Each fails at
+    once, naming the key, with nothing written."""
+    address, env, _ = two_nodes
+    run = submit_job(address, env, job_package, [
+        "--config", "configs/tiny.yaml", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--set", f"experiment.storage_path={tmp_path / 'runs'}", "--set", f"data.prepared_dir={tmp_path / 'prepared'}",
+        *[arg for override in overrides for arg in ("--set", override)]])
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, output[-5000:]
+    assert f"config key '{key}'" in output, output[-5000:]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "prepared").exists()
+
+
 def test_two_nodes_train_through_object_storage_and_an_mlflow_server(two_nodes, object_store, job_package, tmp_path):
+    """The job is stopped with `ray job stop` once its first checkpoint is registered in the bucket,
+    then the same command is submitted again: it picks up after the checkpointed epoch (not from
+    scratch), succeeds, prints how to browse its run, and continues the same MLflow run."""
     address, env, temp_dirs = two_nodes
+    store = pafs.S3FileSystem(endpoint_override=object_store, scheme="http",
+                              access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                              secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region=CREDENTIALS["AWS_REGION"])
     mlflow_port = free_port()
     server = start_server(f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow_port, artifacts=str(tmp_path / "artifacts"))
     tracking_uri = f"http://127.0.0.1:{mlflow_port}"
+    epochs = 3
+    arguments = [
+        "--config", "configs/tiny.yaml", "--tracking-uri", tracking_uri,
+        "--set", f"data.prepared_dir=s3://{BUCKET}/prepared", "--set", f"experiment.storage_path=s3://{BUCKET}/runs",
+        "--set", "experiment.name=two-nodes", "--set", f"train.epochs={epochs}",
+        "--set", "train.placement_strategy=STRICT_SPREAD", "--set", "model.text.train_mode=frozen"]
     try:
-        run = submit_job(address, env, job_package, [
-            "--config", "configs/tiny.yaml", "--tracking-uri", tracking_uri,
-            "--set", f"data.prepared_dir=s3://{BUCKET}/prepared", "--set", f"experiment.storage_path=s3://{BUCKET}/runs",
-            "--set", "experiment.name=two-nodes", "--set", "train.epochs=1",
-            "--set", "train.placement_strategy=STRICT_SPREAD", "--set", "model.text.train_mode=frozen"])
-        output = run.stdout + run.stderr
-        assert run.returncode == 0 and "succeeded" in output, output[-5000:]
+        run = submit_job(address, env, job_package, arguments, options=("--submission-id", "stop-me", "--no-wait"))
+        assert run.returncode == 0, run.stdout + run.stderr
+        deadline = time.time() + 600
+        while time.time() < deadline and not registered_checkpoints(store, f"{BUCKET}/runs/two-nodes"):
+            time.sleep(0.5)
+        assert registered_checkpoints(store, f"{BUCKET}/runs/two-nodes"), "no checkpoint before the deadline"
+        stop = subprocess.run([f"{BIN}/ray", "job", "stop", "--address", address, "stop-me"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        status = subprocess.run([f"{BIN}/ray", "job", "status", "--address", address, "stop-me"], env=env,
+                                capture_output=True, text=True, timeout=60).stdout
+        assert "was stopped" in status, status
 
-        # One worker on each node, as Ray's State API saw them.
-        workers = ray_list(address, env, "actors", "class_name=RayTrainWorker")
-        assert len(workers) == 2 and len({worker["node_id"] for worker in workers}) == 2, workers
+        resumed = submit_job(address, env, job_package, arguments)
+        output = resumed.stdout + resumed.stderr
+        assert resumed.returncode == 0 and "succeeded" in output, output[-5000:]
+        assert f"Browse the run: open {tracking_uri} in a browser" in output, output[-5000:]
+        assert "Resumed from the checkpoint of epoch" in output, output[-5000:]
+        epoch = int(output.split("Resumed from the checkpoint of epoch ")[1].split()[0])
+        assert 1 <= epoch < epochs
+
+        # Each job's two workers, one on each node, as Ray's State API saw them.
+        jobs = {}
+        for worker in ray_list(address, env, "actors", "class_name=RayTrainWorker"):
+            jobs.setdefault(worker["job_id"], []).append(worker["node_id"])
+        assert len(jobs) == 2 and all(len(nodes) == len(set(nodes)) == 2 for nodes in jobs.values()), jobs
 
         # The run, read back through the server: finished, with test metrics, the checkpoint's
         # URI and the model (whose artifacts went through the server).
         client = mlflow.MlflowClient(tracking_uri)
         runs = client.search_runs([client.get_experiment_by_name("interestformer").experiment_id])
-        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, continued
+        assert runs[0].data.tags["resumes"] == "1"
         assert "test_ndcg_at_10" in runs[0].data.metrics
         run_id = runs[0].info.run_id
+        steps = [m.step for m in sorted(client.get_metric_history(run_id, "val_ndcg_at_10"), key=lambda m: m.timestamp)]
+        # The first job validated epochs 1..k; k may pass the checkpoint it resumed from, since the
+        # stop lands a moment after the epochs' metrics are logged. The second validated each epoch
+        # after that checkpoint once; the checkpoint's epoch and those before it never again.
+        first, second = steps[:len(steps) - (epochs - epoch)], steps[len(steps) - (epochs - epoch):]
+        per_epoch = steps[0]
+        assert first == [per_epoch * e for e in range(1, len(first) + 1)] and len(first) >= epoch, steps
+        assert second == [per_epoch * e for e in range(epoch + 1, epochs + 1)], steps
         checkpoint = client.download_artifacts(run_id, "checkpoint_path.txt", str(tmp_path))
         assert open(checkpoint).read().startswith(f"s3://{BUCKET}/runs/two-nodes/checkpoint_")
         assert client.search_logged_models([runs[0].info.experiment_id])  # the model, through the server
 
         # Everything the job kept is in the bucket: prepared data, the frozen text encoder's
         # features, and checkpoints holding both ranks' DeepSpeed shards.
-        store = pafs.S3FileSystem(endpoint_override=object_store, scheme="http",
-                                  access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                                  secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region=CREDENTIALS["AWS_REGION"])
         objects = [info.path for info in store.get_file_info(pafs.FileSelector(BUCKET, recursive=True)) if info.is_file]
         assert f"{BUCKET}/prepared/meta.json" in objects
         assert any(path.startswith(f"{BUCKET}/prepared/tokenizer/") for path in objects)
@@ -160,3 +219,13 @@ def test_two_nodes_train_through_object_storage_and_an_mlflow_server(two_nodes, 
         assert shipped == temp_dirs, temp_dirs
     finally:
         stop_server(server)
+
+
+def registered_checkpoints(store: pafs.FileSystem, run_folder: str) -> list[str]:
+    """The checkpoints Ray Train has registered for the run in the bucket (each worker's part
+    uploaded): a checkpoint folder alone may still be missing the other worker's files."""
+    try:
+        with store.open_input_stream(f"{run_folder}/checkpoint_manager_snapshot.json") as f:
+            return [c["checkpoint_dir_name"] for c in json.loads(f.read())["checkpoint_results"]]
+    except (FileNotFoundError, OSError, json.JSONDecodeError):  # not written yet, or being rewritten
+        return []
