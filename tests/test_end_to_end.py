@@ -4,6 +4,7 @@
 import io
 import json
 import os
+import shutil
 
 import pandas as pd
 import pytest
@@ -164,6 +165,9 @@ def test_mlflow_run_holds_training_data_system_metrics_segments_and_report(finis
 def test_checkpoint_reloads_into_evaluate_with_the_same_metrics(finished_run):
     cfg, summary = finished_run
     folder = summary["checkpoint"]
+    run_folder = os.path.dirname(folder)  # the run kept experiment.keep_checkpoints of its 3
+    assert len([p for p in os.listdir(run_folder) if p.startswith("checkpoint_") and
+                os.path.isdir(os.path.join(run_folder, p))]) == cfg.experiment.keep_checkpoints < cfg.train.epochs
     assert os.path.isfile(os.path.join(folder, "model.safetensors"))
     assert os.path.isdir(os.path.join(folder, "deepspeed"))
     assert load_file(os.path.join(folder, "model.safetensors"))  # gathered weights, no pickle
@@ -182,6 +186,11 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
     map is a buffer, gathered and saved with the weights), the ID table's rows are split across the
     workers (saved whole in model.safetensors, and each worker's rows with their AdamW state) and
     blocks recompute their activations.
+
+    A half-written checkpoint is never picked up: Ray Train registers a checkpoint
+    (checkpoint_manager_snapshot.json) only once every worker has written its part, so a crash in
+    the middle of a save leaves an unregistered folder. One such folder, newer than the real one,
+    its weights cut in half and no state file, is planted before the resumes; both ignore it.
 
     Early stopping across the resume: no gain short of 1.0 counts (min_delta), so epoch 1 stays the
     best and the resumed run stops on patience after epoch 2 of 3, testing epoch 1's weights. A
@@ -209,9 +218,15 @@ def test_zero3_bf16_with_accumulation_trains_checkpoints_and_resumes(ray_local, 
     buckets = id_buckets(catalogue_ids(PreparedData.load(state["prepared_path"])), 32)
     assert torch.equal(weights["item_encoder.id_bucket"], torch.from_numpy(buckets))  # filled by every worker
     assert sorted(os.listdir(os.path.join(first["checkpoint"], "item_table"))) == ["rank0.safetensors", "rank1.safetensors"]
+    debris = os.path.join(os.path.dirname(first["checkpoint"]), "checkpoint_2099-01-01_00-00-00.000000")
+    shutil.copytree(first["checkpoint"], debris)
+    with open(os.path.join(debris, "model.safetensors"), "r+b") as f:
+        f.truncate(os.path.getsize(f.name) // 2)
+    os.remove(os.path.join(debris, "checkpoint.json"))
 
     # One worker instead of two, nothing left to train: the weights must come back exactly.
     resharded = train(load_config(config, overrides + ["train.epochs=1", "train.num_workers=1"]))
+    assert resharded["checkpoint"] == first["checkpoint"]
     for name, value in first["test"].items():
         assert resharded["test"][name] == pytest.approx(value, abs=1e-9), name
 
@@ -279,40 +294,6 @@ def test_frozen_and_partly_trained_encoders_with_cold_start_items(ray_local, tmp
     metrics = evaluate.main(["--checkpoint", summary["checkpoint"], "--split", "cold"])
     for name, value in summary["cold"].items():
         assert metrics[name] == pytest.approx(value, abs=1e-9), name
-
-
-def test_a_half_written_checkpoint_is_never_picked_up_and_zero2_resumes_on_one_worker(finished_run, tmp_path):
-    """Ray Train registers a checkpoint (checkpoint_manager_snapshot.json) only once every worker
-    has written its part, so a crash in the middle of a save leaves an unregistered folder. Such a
-    folder, newer than every real one, its weights cut in half and no state file, is planted in a
-    copy of the finished 2-worker ZeRO-2 run. Resumed on one worker with nothing left to train,
-    the job ignores it, loads the last registered checkpoint's consolidated weights and gives
-    exactly the same test metrics. The run kept experiment.keep_checkpoints of its 3 checkpoints."""
-    import shutil
-
-    cfg, summary = finished_run
-    original = os.path.dirname(summary["checkpoint"])
-    assert len([p for p in os.listdir(original) if p.startswith("checkpoint_") and
-                os.path.isdir(os.path.join(original, p))]) == cfg.experiment.keep_checkpoints < cfg.train.epochs
-    run_folder = tmp_path / "runs" / cfg.experiment.name
-    shutil.copytree(original, run_folder)
-    debris = run_folder / "checkpoint_2099-01-01_00-00-00.000000"
-    shutil.copytree(run_folder / os.path.basename(summary["checkpoint"]), debris)
-    weights = (debris / "model.safetensors").read_bytes()
-    (debris / "model.safetensors").write_bytes(weights[: len(weights) // 2])
-    (debris / "checkpoint.json").unlink()
-
-    resumed = train(load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
-        f"data.prepared_dir={cfg.data.prepared_dir}",
-        f"experiment.storage_path={tmp_path / 'runs'}",
-        f"experiment.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"experiment.name={cfg.experiment.name}",
-        f"train.epochs={cfg.train.epochs}",
-        "train.num_workers=1",
-    ]))
-    assert resumed["checkpoint"] == str(run_folder / os.path.basename(summary["checkpoint"]))
-    for name, value in summary["test"].items():
-        assert resumed["test"][name] == pytest.approx(value, abs=1e-9), name
 
 
 def test_a_killed_worker_is_replaced_and_the_run_finishes_in_the_same_mlflow_run(finished_run, tmp_path):

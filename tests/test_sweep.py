@@ -1,4 +1,4 @@
-"""A small ASHA sweep over the real training job (2 trials of 2 epochs, one at a time; the second
+"""A small ASHA sweep over the real training job (2 trials of 3 epochs, one at a time; the second
 stops after its first epoch if it trails the first): a child MLflow run per trial under one
 parent, the best config written out (the best trial's, key for key), the best trial's model
 registered in MLflow; the same sweep resumed afterwards finds nothing left to run and reports the
