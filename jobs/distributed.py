@@ -159,6 +159,8 @@ def setup_engine(model: InterestFormer, train, total_steps: int = 0) -> tuple[ob
             model.item_encoder.shard_id_table({"lr": train.lr, "betas": ADAM_BETAS, "weight_decay": train.weight_decay},
                                               train.grad_clip, ray.train.torch.get_device())
         train = dataclasses.replace(train, precision=training_precision(train))
+        if not train.use_gpu:
+            skip_shared_memory_kernel()
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.param_groups(train.lr),
                                                config=deepspeed_config(train, total_steps))
         if resharded:
@@ -172,6 +174,18 @@ def setup_engine(model: InterestFormer, train, total_steps: int = 0) -> tuple[ob
                 table.load_shard_state(load_file(os.path.join(folder, ITEM_TABLE_DIR, f"rank{rank}.safetensors")))
             state["resumed"] = f"Resumed from the checkpoint of epoch {state['epoch']} (step {state['step']})"
     return engine, state
+
+
+def skip_shared_memory_kernel():
+    """DeepSpeed's CPU backend builds its shared-memory all-reduce kernel as it starts: a C++
+    compile of 40-80 s the first time in each environment (needing a compiler), and a ninja check
+    at every start after. Only DeepSpeed's inference all-reduce (tensor-parallel inference) calls
+    it; ZeRO's training collectives go through the gloo process group either way. Marked
+    incompatible in DeepSpeed's table of ops, it is never built."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def sharded_table(engine) -> ShardedEmbedding | None:

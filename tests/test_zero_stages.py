@@ -1,9 +1,11 @@
 """ZeRO-3 across 2 Ray Train workers follows the same loss trajectory as plain data parallelism
 (ZeRO-0), and so does the item-ID table split by rows across the workers (train.shard_item_table):
 the same model, seeds and per-rank batches through jobs/distributed.py's DeepSpeed config,
-engine and optimizer step, on gloo."""
+engine and optimizer step, on gloo. None of them has DeepSpeed build a C++ kernel on the way."""
 
+import os
 import sys
+import tempfile
 
 import pytest
 import ray.cloudpickle
@@ -47,9 +49,16 @@ def train_fixed_batches(cfg: JobConfig) -> list[float]:
 
 
 def train_every_variant(variants: dict) -> dict:
-    """Each variant's trajectory in turn, in one worker group: its start is the slow part."""
+    """Each variant's trajectory in turn, in one worker group: its start is the slow part. And
+    the files DeepSpeed built meanwhile into a torch extensions folder of their own (torch reads
+    TORCH_EXTENSIONS_DIR at each build), where an op built in an earlier run cannot hide a build."""
     torch.set_num_threads(1)
-    return {name: train_fixed_batches(JobConfig.from_dict(config)) for name, config in variants.items()}
+    with tempfile.TemporaryDirectory() as extensions:
+        os.environ["TORCH_EXTENSIONS_DIR"] = extensions
+        trajectories = {name: train_fixed_batches(JobConfig.from_dict(config)) for name, config in variants.items()}
+        built = [os.path.relpath(os.path.join(folder, name), extensions)
+                 for folder, _, files in os.walk(extensions) for name in files]
+    return {"trajectories": trajectories, "built": built}
 
 
 def job_config(stage: int, **train) -> dict:
@@ -71,14 +80,25 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def trajectories(ray_local, tmp_path_factory) -> dict:
-    """Every variant's per-step losses on 2 Ray Train workers."""
+def worker_group_result(ray_local, tmp_path_factory) -> dict:
+    """Every variant's per-step losses on 2 Ray Train workers, and what DeepSpeed built."""
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     trainer = TorchTrainer(train_every_variant, train_loop_config=VARIANTS,
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                            run_config=ray.train.RunConfig(name="zero-stages",
                                                           storage_path=str(tmp_path_factory.mktemp("zero"))))
     return trainer.fit().return_value
+
+
+@pytest.fixture(scope="module")
+def trajectories(worker_group_result) -> dict:
+    return worker_group_result["trajectories"]
+
+
+def test_deepspeed_builds_no_kernel_on_cpu(worker_group_result):
+    """DeepSpeed's CPU backend would compile its shared-memory all-reduce (40-80 s, needing a C++
+    compiler) at every first start in an environment; training never calls it."""
+    assert worker_group_result["built"] == []
 
 
 def test_zero3_on_two_workers_follows_the_zero0_loss_trajectory(trajectories):
