@@ -48,12 +48,16 @@ def object_store(tmp_path_factory):
         except OSError:
             assert time.time() < deadline and server.poll() is None, (tmp_path / "s3.log").read_text()
             time.sleep(0.5)
-    bucket_maker = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True,
-                                     access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                                     secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region=CREDENTIALS["AWS_REGION"])
-    bucket_maker.create_dir(BUCKET)
+    bucket_store(endpoint, allow_bucket_creation=True).create_dir(BUCKET)
     yield endpoint
     stop_server(server)
+
+
+def bucket_store(endpoint: str, **options) -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem on moto's server at `endpoint`, with the nodes' credentials."""
+    return pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                             secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region=CREDENTIALS["AWS_REGION"],
+                             **options)
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +139,7 @@ def test_two_nodes_train_through_object_storage_and_an_mlflow_server(two_nodes, 
     the bucket, then the same command is submitted again: it picks up after the checkpointed epoch
     (not from scratch), succeeds, prints how to browse its run, and continues the same MLflow run."""
     address, env, temp_dirs = two_nodes
-    store = pafs.S3FileSystem(endpoint_override=object_store, scheme="http",
-                              access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                              secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region=CREDENTIALS["AWS_REGION"])
+    store = bucket_store(object_store)
     mlflow_port = free_port()
     server = start_server(f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow_port, artifacts=str(tmp_path / "artifacts"))
     tracking_uri = f"http://127.0.0.1:{mlflow_port}"
