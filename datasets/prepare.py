@@ -137,7 +137,8 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
                          reference_time=cfg.reference_time)
     _write_split(tagged, None, join(out, "quarantine", "events"))
     good = tagged.map_batches(_usable_rows, batch_format="pyarrow")
-    sequences = good.groupby("user_id", num_partitions=cfg.sequence_shards).map_groups(_user_sequence, batch_format="pandas")
+    # A sort-based groupby (datasets.storage.read_parquet) keeps as many blocks as it is given: one a shard.
+    sequences = good.repartition(cfg.sequence_shards).groupby("user_id").map_groups(_user_sequence, batch_format="pandas")
     sequences.write_parquet(join(out, "sequences"), mode="overwrite")
 
     meta = _summarise(out, len(item_ids), cfg, fingerprint, shards_aside)

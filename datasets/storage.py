@@ -21,16 +21,22 @@ import ray.data
 
 
 def read_parquet(paths, **kwargs) -> ray.data.Dataset:
-    """ray.data.read_parquet through Ray Data's first (V1) Parquet reader. Ray 2.60's default
-    reader (DataSourceV2: a ListFiles task, then ReadFiles) took 13 s to read the demo's 1,365
-    sequences here, 8 s of it listing 8 local files, where V1 took 2 s; every epoch and every
-    evaluation reads anew, so that start-up was most of a demo epoch."""
+    """ray.data.read_parquet with two of Ray 2.60's defaults changed for the dataset it returns
+    (and every dataset derived from it, which inherits its DataContext):
+    - the first (V1) Parquet reader. The default reader (DataSourceV2: a ListFiles task, then
+      ReadFiles) took 13 s to read the demo's 1,365 sequences here, 8 s of it listing 8 local
+      files, where V1 took 2 s; every epoch and every evaluation reads anew, so that start-up was
+      most of a demo epoch.
+    - sort-based shuffles for groupby (prepare's users and duplicated items). The default
+      (SHUFFLE_V2) starts hash-shuffle aggregator actors for each one: preparing the demo took
+      22-23 s with it and 17-18 s with a sort (ML-1M: 73-87 s against 52-57 s)."""
     context = ray.data.DataContext.get_current()
-    default, context.use_datasource_v2 = context.use_datasource_v2, False
+    defaults = context.use_datasource_v2, context.shuffle_strategy
+    context.use_datasource_v2, context.shuffle_strategy = False, ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
         return ray.data.read_parquet(paths, **kwargs)
     finally:
-        context.use_datasource_v2 = default
+        context.use_datasource_v2, context.shuffle_strategy = defaults
 
 
 def join(base: str, *parts: str) -> str:

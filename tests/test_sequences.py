@@ -108,6 +108,15 @@ def test_sequences_are_chronological_with_deterministic_ties(prepared):
     assert rows["u2"]["num_events"] == 1
 
 
+def test_sequences_are_written_in_sequence_shards_files_each_user_once(prepared):
+    """data.sequence_shards sets the files (the parallelism of every later read), whatever the
+    number of event files (3 here) and however Ray Data shuffles to group the users."""
+    files = sorted(f for f in os.listdir(prepared.sequences_path) if f.endswith(".parquet"))
+    assert len(files) == 2, files
+    users = [u for f in files for u in pq.read_table(os.path.join(prepared.sequences_path, f)).column("user_id").to_pylist()]
+    assert sorted(users) == ["u1", "u2", "u3", "u4"]
+
+
 def test_every_row_is_used_quarantined_or_counted_as_duplicate(prepared):
     report = prepared.report()
     events_in = sum(len(shard) for shard in SHARDS)
