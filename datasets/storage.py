@@ -29,7 +29,7 @@ def read_parquet(paths, **kwargs) -> ray.data.Dataset:
       most of a demo epoch.
     - sort-based shuffles for groupby (prepare's users and duplicated items). The default
       (SHUFFLE_V2) starts hash-shuffle aggregator actors for each one: preparing the demo took
-      22-23 s with it and 17-18 s with a sort (ML-1M: 73-87 s against 52-57 s)."""
+      22-23 s with it and 17-18 s with a sort in most runs (ML-1M: 73-87 s against 52-57 s)."""
     context = ray.data.DataContext.get_current()
     defaults = context.use_datasource_v2, context.shuffle_strategy
     context.use_datasource_v2, context.shuffle_strategy = False, ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
