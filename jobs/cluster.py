@@ -70,7 +70,10 @@ def data_cpus(cfg: JobConfig) -> int:
     epoch's starts while the workers evaluate. The training pipeline holds its windowing tasks
     (train.pipeline_workers) and a read task, which backpressure can pause with their CPUs held;
     an evaluation pipeline needs a CPU for its read task (its packing tasks take none). With
-    fewer, one pipeline can hold a CPU the other waits for, and the run hangs."""
+    fewer, one pipeline can hold a CPU the other waits for, and the run hangs. No option makes
+    these tasks CPU-free: Ray 2.60's Parquet reads start 1-CPU sampling (or listing) tasks and a
+    strict repartition takes no remote arguments, so on a machine whose cores the workers take,
+    only a local Ray told of more CPUs schedules them (docs/engineering-notes.md)."""
     return cfg.train.pipeline_workers + 2
 
 
