@@ -55,18 +55,20 @@ are never sampled as negatives, and split `cold` holds the test users whose targ
 import copy
 import hashlib
 import zlib
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.expressions import col
 
 from interestformer.datasets.prepare import PreparedData
 from interestformer.datasets.storage import read_parquet, read_table
+
+if TYPE_CHECKING:
+    import torch
 
 Split = Literal["train", "validation", "test", "cold", "new_users"]
 COLD_ITEM_SEED = 20261124  # fixed, so every config of a benchmark holds out the same items
@@ -235,7 +237,12 @@ class TrainingBatches(NumpyBatchCollateFn):
         packer.epoch = epoch
         return packer
 
-    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: dict[str, np.ndarray]) -> "dict[str, torch.Tensor]":
+        # Imported here, the one place this module needs torch: Ray Data's processes (split
+        # coordinators, pooled task workers) import the module to unpickle its packers, and torch
+        # would cost each of them about 2 s of CPU.
+        import torch
+
         # Copies: a zero-copy view of a Ray Data block can be read-only, on which torch.from_numpy warns.
         packed = {name: np.array(rows[name], dtype=np.int64) for name in ("history", "event_types", "targets")}
         if self.num_negatives is None:  # full softmax: every warm item, which holds every history and target

@@ -42,6 +42,9 @@ from interestformer.datasets.storage import (absolute, filesystem, join, local_f
                                              read_table, write_json)
 
 TEXT_CHARS_PER_TOKEN = 32  # generous: word pieces are rarely longer than a few characters
+# An item-row actor takes seconds of CPU to start (transformers, the tokenizer): one more pays for
+# itself only with a few thousand items to tokenise and decode.
+ITEMS_PER_ITEM_ACTOR = 2000
 META_VERSION = 3  # bump when the prepared layout changes: cached data is then rebuilt
 
 
@@ -125,7 +128,8 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
         ),
         batch_format="pandas",
         batch_size=256,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.available_resources().get("CPU", 1)))),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(int(ray.available_resources().get("CPU", 1)),
+                                                                           len(item_ids) // ITEMS_PER_ITEM_ACTOR))),
     )
     # Materialised once: the item rows feed two writes (kept, quarantined), and recomputing them
     # would decode every catalogue image twice.
