@@ -15,7 +15,7 @@ from PIL import Image
 from interestformer.errors import ConfigError
 from interestformer.datasets.config import DataConfig
 from interestformer.datasets.pipeline import TrainingBatches, by_history_length, catalogue_rows, sequence_batches, unpack
-from interestformer.datasets.prepare import DataQualityError, PreparedData, _fingerprint, input_paths, prepare
+from interestformer.datasets.prepare import DataQualityError, PreparedData, _fingerprint, _user_sequences, input_paths, prepare
 
 from conftest import one_epoch_of_training_batches
 
@@ -115,6 +115,27 @@ def test_sequences_are_written_in_sequence_shards_files_each_user_once(prepared)
     assert len(files) == 2, files
     users = [u for f in files for u in pq.read_table(os.path.join(prepared.sequences_path, f)).column("user_id").to_pylist()]
     assert sorted(users) == ["u1", "u2", "u3", "u4"]
+
+
+def test_a_block_of_many_users_becomes_a_sequence_per_user_in_any_row_order():
+    """Prepare builds every sequence of a block at once: users interleaved, in several chunks,
+    with duplicates, ties and re-consumption, give what one user at a time gives."""
+    events = [("u2", 3, 7, "view"), ("u1", 2, 5, "view"), ("u2", 1, 7, "view"), ("u1", 2, 5, "view"),
+              ("u1", 2, 5, "click"), ("u10", 4, 1, "view"), ("u1", 1, 9, "view"), ("u1", 2, 9, "view"),
+              ("u2", 3, 7, "view"), ("u2", 3, 7, "view")]
+    users, items, times, types = zip(*events)
+    table = pa.table({"user_id": pa.array(users), "item_index": pa.array(items, pa.int32()),
+                      "timestamp": pa.array(times, pa.int64()), "event_type": pa.array(types)})
+    rows = _user_sequences(pa.concat_tables([table.slice(0, 4), table.slice(4)])).to_pylist()
+    assert rows == [
+        {"user_id": "u1", "items": [2, 2, 1, 2], "event_types": ["click", "view", "view", "view"],
+         "timestamps": [5, 5, 9, 9], "num_events": 4, "num_duplicates": 1},
+        {"user_id": "u10", "items": [4], "event_types": ["view"], "timestamps": [1], "num_events": 1,
+         "num_duplicates": 0},
+        {"user_id": "u2", "items": [1, 3], "event_types": ["view", "view"], "timestamps": [7, 7], "num_events": 2,
+         "num_duplicates": 2},
+    ]
+    assert _user_sequences(table.slice(0, 0)).num_rows == 0
 
 
 def test_every_row_is_used_quarantined_or_counted_as_duplicate(prepared):
