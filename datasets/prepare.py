@@ -128,8 +128,8 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
         ),
         batch_format="pandas",
         batch_size=256,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(int(ray.available_resources().get("CPU", 1)),
-                                                                           len(item_ids) // ITEMS_PER_ITEM_ACTOR))),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=item_actors(len(item_ids),
+                                                                            ray.available_resources().get("CPU", 1))),
     )
     # Materialised once: the item rows feed two writes (kept, quarantined), and recomputing them
     # would decode every catalogue image twice.
@@ -152,6 +152,12 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
     _check_quality(meta["report"], cfg.max_bad_fraction)
     write_json(join(out, "meta.json"), meta)
     return PreparedData(out, meta)
+
+
+def item_actors(num_items: int, free_cpus: float) -> int:
+    """The most item-row actors prepare starts: one per ITEMS_PER_ITEM_ACTOR items, at most the
+    free CPUs, at least one."""
+    return max(1, min(int(free_cpus), num_items // ITEMS_PER_ITEM_ACTOR))
 
 
 def check_inputs(cfg: DataConfig):

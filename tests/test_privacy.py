@@ -103,3 +103,11 @@ def test_cluster_yaml_is_valid_for_ray_up_and_every_node_starts_ray_with_token_a
 def test_unreachable_tracking_server_fails_before_anything_starts():
     with pytest.raises(tracking.TrackingUnavailable, match="127.0.0.1:9.*unreachable"):
         tracking.check_reachable("http://127.0.0.1:9", timeout_s=2)  # port 9 (discard): nothing listens
+
+
+def test_prepare_starts_item_row_actors_for_the_catalogue_it_has_not_for_every_cpu():
+    from interestformer.datasets.prepare import ITEMS_PER_ITEM_ACTOR, item_actors
+
+    assert item_actors(1000, 6) == 1  # the demo's catalogue: one actor, however many CPUs are free
+    assert item_actors(3 * ITEMS_PER_ITEM_ACTOR, 6) == 3
+    assert item_actors(10**6, 6) == 6 and item_actors(10**6, 0) == 1
