@@ -17,6 +17,12 @@ from interestformer.jobs.progress import quiet_console
 
 _USER_STARTUP_CONCURRENCY = "RAY_worker_maximum_startup_concurrency" in os.environ
 
+# Ray Train's preemption watcher polls for nodes about to be reclaimed (spot instances). A local Ray
+# has one node, which goes when the job goes; the watcher would be one more Python process, about 3
+# CPU-seconds of a run's start on 2 cores. Read by the training controller, a Ray actor of the job;
+# one the user set wins.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 
 def start_ray(local_cpus: float = 0, verbose: bool = False, env_vars: dict | None = None) -> bool:
     """Where every job starts or joins Ray. Joins the cluster the job was submitted to
@@ -42,8 +48,9 @@ def start_ray(local_cpus: float = 0, verbose: bool = False, env_vars: dict | Non
     # takes its own settings; one the user set wins, one an earlier local Ray set is replaced.)
     if not _USER_STARTUP_CONCURRENCY:
         os.environ["RAY_worker_maximum_startup_concurrency"] = str(num_cpus)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", runtime_env={"env_vars": env_vars or {}}, **quiet)
+    own_settings = {name: value for name, value in LOCAL_RAY_ENV.items() if name not in os.environ}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": {**own_settings, **(env_vars or {})}}, **quiet)
     return False
 
 

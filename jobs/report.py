@@ -11,12 +11,15 @@ Everything here is made from the evaluations' rank totals, i.e. aggregates over 
 id or attribute reaches a table or the plot.
 """
 
+from typing import TYPE_CHECKING
+
 import pandas as pd
-from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter
 
 from interestformer.jobs import tracking
 from interestformer.models.ranking import RankTotals
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Evaluations = dict[str, dict[str, RankTotals]]
 """Split (test, cold, new_users) -> model name (InterestFormer, most popular) -> its rank totals."""
@@ -62,8 +65,13 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def metrics_at_k_figure(evaluations: Evaluations) -> Figure:
+def metrics_at_k_figure(evaluations: Evaluations) -> "Figure":
     """HR@K and NDCG@K against K (log scale): a colour per model, a line style per split."""
+    # Imported here: every training worker and Tune trial imports this module with jobs.train, and
+    # matplotlib would add about half a second of CPU to each one's start; only the driver plots.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter
+
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     hr_axes, ndcg_axes = figure.subplots(1, 2)
     styles = ["-", "--", ":"]

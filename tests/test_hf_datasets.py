@@ -26,11 +26,3 @@ def test_hugging_face_datasets_and_ours_import_side_by_side():
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith("ok")
 
-
-def test_the_data_pipeline_module_imports_without_torch():
-    """Ray Data's split coordinators and task workers import datasets/pipeline.py to unpickle its
-    packers; torch there would cost each of them seconds of CPU."""
-    script = "import sys, interestformer.datasets.pipeline; print('torch' in sys.modules)"
-    run = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip() == "False"
