@@ -68,7 +68,7 @@ def markdown(table: pd.DataFrame) -> str:
 def metrics_at_k_figure(evaluations: Evaluations) -> "Figure":
     """HR@K and NDCG@K against K (log scale): a colour per model, a line style per split."""
     # Imported here: every training worker and Tune trial imports this module with jobs.train, and
-    # matplotlib would add about half a second of CPU to each one's start; only the driver plots.
+    # matplotlib would add up to a second of CPU to each one's start; only the driver plots.
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter
 
