@@ -25,4 +25,3 @@ def test_hugging_face_datasets_and_ours_import_side_by_side():
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith("ok")
-
