@@ -162,15 +162,19 @@ def child_run(uri: str, parent_run_id: str, run_name: str) -> str:
     return runs[0].info.run_id
 
 
-def close_unfinished_children(uri: str, parent_run_id: str):
-    """Marks the child runs a sweep stopped (ASHA) or lost (errors) as KILLED: their trial
-    processes ended without closing them."""
+def close_unfinished_children(uri: str, parent_run_id: str, failed: set[str]):
+    """Closes the child runs a sweep's trials left open: those named in `failed` (trials Tune
+    reports as errors) as FAILED, the others as KILLED, tagged stopped_early (a scheduler such
+    as ASHA stopped them)."""
     client = _client(uri)
     experiment = client.get_run(parent_run_id).info.experiment_id
     for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
                                                 "attributes.status = 'RUNNING'"):
-        client.set_tag(run.info.run_id, "stopped_early", "true")
-        client.set_terminated(run.info.run_id, "KILLED")
+        if run.info.run_name in failed:
+            client.set_terminated(run.info.run_id, "FAILED")
+        else:
+            client.set_tag(run.info.run_id, "stopped_early", "true")
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def register_model(uri: str, run_id: str, name: str) -> str:

@@ -69,13 +69,6 @@ from interestformer.models.ranking import RankTotals, evaluate_model, item_repre
 METRIC_PREFIX = {"test": "test_", "cold": "cold_test_", "new_users": "new_user_"}  # MLflow names of each split's metrics
 
 
-def stopped_by_tune(error: BaseException) -> bool:
-    """Whether a trial's fit ended because Tune stopped the trial (an ASHA stop): Tune makes the
-    trial thread's next report call sys.exit(0). That run did not fail; its sweep closes it as
-    KILLED, tagged stopped_early (tracking.close_unfinished_children)."""
-    return isinstance(error, SystemExit) and error.code in (0, None)
-
-
 def final_splits(cfg: JobConfig) -> list[str]:
     """The splits evaluated once at the end: test, and the cold-start ones the config asks for."""
     return ["test"] + (["cold"] if cfg.data.cold_item_fraction else []) + (
@@ -530,8 +523,10 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display
         else:
             with DriverDisplay(board):
                 result = trainer.fit()
-    except BaseException as error:
-        if not stopped_by_tune(error):
+    except BaseException:
+        # A sweep's trial leaves its run to the sweep, which knows from Tune whether the trial
+        # failed or was stopped: a stopped trial's fit can end in any exception as its actor exits.
+        if not parent_run_id:
             tracking.end_run(uri, run_id, "FAILED")
         raise
     if result.return_value["unsent_metrics"]:

@@ -7,7 +7,6 @@ import torch
 from interestformer.jobs.config import load_config
 from interestformer.jobs.distributed import deepspeed_config, lr_scheduler, optimizer_steps
 from interestformer.jobs.selection import ModelSelection
-from interestformer.jobs.train import stopped_by_tune
 
 
 def selection(patience=2, min_delta=0.0) -> ModelSelection:
@@ -80,10 +79,3 @@ def test_warm_up_scales_with_the_steps_unless_given_as_a_count():
     assert warmup(["train.warmup_fraction=0.1", "train.warmup_steps=7"], 1000) == 7
     assert warmup(["train.lr_schedule=cosine", "train.warmup_fraction=0.0"], 1000) == 1
 
-
-def test_a_trial_tune_stopped_is_not_a_failed_run():
-    """Tune stops a trial by making its next report exit with status 0: its MLflow run is left for
-    the sweep to close as KILLED (stopped early), not marked FAILED. Other exits are failures."""
-    assert stopped_by_tune(SystemExit(0)) and stopped_by_tune(SystemExit())
-    assert not stopped_by_tune(SystemExit(1)) and not stopped_by_tune(SystemExit("every trial failed"))
-    assert not stopped_by_tune(KeyboardInterrupt()) and not stopped_by_tune(RuntimeError("worker died"))

@@ -2,22 +2,42 @@
 may be stopped after its first epoch if it trails the first): a child MLflow run per trial under one
 parent, the best config written out (the best trial's, key for key), the best trial's model
 registered in MLflow; the same sweep resumed afterwards finds nothing left to run and reports the
-same best trial."""
+same best trial. How a sweep closes the runs its trials left open."""
 
 import os
 
 import mlflow
 import pytest
 
+from interestformer.jobs import tracking
 from interestformer.jobs.config import load_config
 from interestformer.jobs.tracking import flatten
 from interestformer.tuning.sweep import sweep
 
 from conftest import PROJECT_DIR
 
-pytestmark = pytest.mark.slow
+
+def test_runs_left_open_are_closed_as_tune_reports_their_trials(tmp_path):
+    """A trial's run is closed by its sweep, not by the trial: a trial Tune stops (ASHA) can end
+    in any exception as its actor exits, so only Tune's results tell a stop from a failure."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, [f"experiment.tracking_uri={uri}", f"experiment.storage_path={tmp_path / 'runs'}"])
+    parent = tracking.start_parent_run(cfg, "sweep")
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_run(parent).info.experiment_id
+    runs = {name: client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": parent}).info.run_id
+            for name in ("failed", "stopped", "finished")}
+    client.set_terminated(runs["finished"], "FINISHED")
+
+    tracking.close_unfinished_children(uri, parent, failed={"failed"})
+    closed = {name: client.get_run(run_id) for name, run_id in runs.items()}
+    assert {name: run.info.status for name, run in closed.items()} == {
+        "failed": "FAILED", "stopped": "KILLED", "finished": "FINISHED"}
+    assert [name for name, run in closed.items() if run.data.tags.get("stopped_early")] == ["stopped"]
+    assert client.get_run(parent).info.status == "RUNNING"  # the sweep closes its own run after its report
 
 
+@pytest.mark.slow
 def test_asha_sweep_records_trials_writes_the_best_config_and_registers_its_model(ray_local, tmp_path, tiny_prepared_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [

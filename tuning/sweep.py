@@ -162,15 +162,17 @@ def _scheduler(cfg: JobConfig):
 def report(cfg: JobConfig, name: str, path: str, uri: str, parent_run_id: str, results: tune.ResultGrid):
     """Writes the best trial's config, registers its model, closes the MLflow runs, prints a table."""
     metric = cfg.train.select_metric
-    tracking.close_unfinished_children(uri, parent_run_id)  # trials ASHA stopped, or that failed
-    rows = []
+    rows, failed = [], set()
     for result in results:
         trial_id = result.metrics.get("trial_id", "") if result.metrics else ""
+        if result.error and trial_id:
+            failed.add(trial_run_name(name, trial_id))
         rows.append({"trial": trial_run_name(name, trial_id) if trial_id else os.path.basename(result.path),
                      **{key: result.config["values"][key] for key in sorted(result.config["values"])},
                      "epochs": (result.metrics or {}).get("training_iteration", 0),
                      metric: (result.metrics or {}).get(metric, float("nan")),
                      "error": type(result.error).__name__ if result.error else ""})
+    tracking.close_unfinished_children(uri, parent_run_id, failed)  # trials that failed, or ASHA stopped
     trials = pd.DataFrame(rows)
     tracking.log_text(uri, parent_run_id, markdown(trials), "trials.md")
     tracking.log_text(uri, parent_run_id, trials.to_csv(index=False), "trials.csv")
