@@ -165,9 +165,10 @@ def report(cfg: JobConfig, name: str, path: str, uri: str, parent_run_id: str, r
     rows, failed = [], set()
     for result in results:
         trial_id = result.metrics.get("trial_id", "") if result.metrics else ""
-        if result.error and trial_id:
-            failed.add(trial_run_name(name, trial_id))
-        rows.append({"trial": trial_run_name(name, trial_id) if trial_id else os.path.basename(result.path),
+        trial = trial_run_name(name, trial_id) if trial_id else os.path.basename(result.path)
+        if result.error:
+            failed.add(trial)
+        rows.append({"trial": trial,
                      **{key: result.config["values"][key] for key in sorted(result.config["values"])},
                      "epochs": (result.metrics or {}).get("training_iteration", 0),
                      metric: (result.metrics or {}).get(metric, float("nan")),
