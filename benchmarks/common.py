@@ -1,8 +1,10 @@
-"""What every benchmark records beside its figures: the machine, the date and the commit."""
+"""What every benchmark records beside its figures (the machine, the date and the commit), and how
+results files merge runs made at different times, seeds included."""
 
 import json
 import os
 import platform
+import statistics
 import subprocess
 from datetime import datetime, timezone
 
@@ -76,3 +78,25 @@ def save_results(path: str, results: dict):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
+
+
+def with_earlier_seeds(earlier: dict | None, runs: list[dict], overrides: list[str]) -> list[dict]:
+    """This invocation's runs (each with its "seed") plus the earlier ones in a results row with the
+    same overrides and other seeds, so that seeds can be added a run at a time (a row from before
+    seeds were recorded counts as seed 0)."""
+    if not earlier or earlier.get("overrides") != overrides:
+        return runs
+    seeds = {run["seed"] for run in runs}
+    return [run for run in earlier.get("runs", [{"seed": 0, **earlier}]) if run["seed"] not in seeds] + runs
+
+
+def across_seeds(runs: list[dict], keys) -> dict:
+    """The mean of each of `keys` over the seeds' runs (those every run has), and its sample standard
+    deviation (sd_*); with the last run's other fields, the seeds and the runs themselves."""
+    row = {}
+    for key in keys:
+        if all(key in run for run in runs):
+            values = [run[key] for run in runs]
+            row[key] = statistics.mean(values)
+            row[f"sd_{key}"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {**runs[-1], **row, "seeds": [run["seed"] for run in runs], "runs": runs}

@@ -20,10 +20,10 @@ benchmarks/results/interest.json (merged with datasets run before) and print as 
 
 import json
 import os
-import statistics
 import time
 
-from benchmarks.common import PROJECT_DIR, RESULTS_DIR, read_results, save_results, stamp
+from benchmarks.common import (PROJECT_DIR, RESULTS_DIR, across_seeds, read_results, save_results, stamp,
+                               with_earlier_seeds)
 from benchmarks.ml1m import ensure_converted
 from interestformer.jobs.config import config_parser, load_config
 from interestformer.jobs.train import train
@@ -51,25 +51,6 @@ def run_variant(dataset: str, variant: str, seed: int, overrides: list[str]) -> 
                epochs=cfg.train.epochs, short_term_events=cfg.model.short_term_events,
                max_seq_len=cfg.data.max_seq_len, seed=seed, run_id=summary["run_id"])
     return row
-
-
-def with_earlier_seeds(earlier: dict | None, runs: list[dict], overrides: list[str]) -> list[dict]:
-    """This invocation's runs plus the earlier ones in the results with the same overrides and other
-    seeds, so that seeds can be added a run at a time (a row from before --seeds was seed 0)."""
-    if not earlier or earlier.get("overrides") != overrides:
-        return runs
-    seeds = {run["seed"] for run in runs}
-    return [run for run in earlier.get("runs", [{"seed": 0, **earlier}]) if run["seed"] not in seeds] + runs
-
-
-def across_seeds(runs: list[dict]) -> dict:
-    """The mean of each figure over the seeds' runs, and its sample standard deviation (sd_*)."""
-    row = {}
-    for key in (*METRICS, "val_hr@10", "val_ndcg@10", "minutes"):
-        values = [run[key] for run in runs]
-        row[key] = statistics.mean(values)
-        row[f"sd_{key}"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {**runs[-1], **row, "seeds": [run["seed"] for run in runs], "runs": runs}
 
 
 def markdown_table(results: dict) -> str:
@@ -118,7 +99,8 @@ def main(argv=None) -> dict:
                 runs.append({**run_variant(dataset, variant, seed, args.set), **stamp()})
                 print(f"\n{dataset} {variant} seed {seed}: {json.dumps(runs[-1])}", flush=True)
             runs = with_earlier_seeds(results.get(dataset, {}).get(variant), runs, args.set)
-            results.setdefault(dataset, {})[variant] = {**across_seeds(runs), "overrides": args.set, **stamp()}
+            row = across_seeds(runs, (*METRICS, "val_hr@10", "val_ndcg@10", "minutes"))
+            results.setdefault(dataset, {})[variant] = {**row, "overrides": args.set, **stamp()}
             save_results(OUT, results)
     print("\n" + markdown_table(results))
     print(f"\nWritten to {OUT}")

@@ -13,6 +13,16 @@ Every number is the best-validation epoch's model (train.select_metric, with ear
 read once on the test split; the recipe was chosen on validation only. Most-popular is scored on the same users. Results are written to
 benchmarks/results/ml1m.json (merged with configs run before, so configs can run one at a time)
 and printed as a Markdown table beside the published numbers.
+
+With several --seeds (train.seed: initialisation, the users' order, dropout) each config runs once
+per seed, the table gives mean ± sample standard deviation, and a later run with other seeds and the
+same --set adds its runs to those already there. Whether content pays is then one command:
+
+    .venv/bin/python -m benchmarks.ml1m --configs id_only,id_text --seeds 0,1,2 --skip-cold
+
+which ends with each content config against ID-only over the seeds both ran: the mean difference in
+test NDCG@10, and whether it is at least +0.005 with the content config's lowest seed above
+ID-only's highest (the bar a gain must clear to be more than seed noise).
 """
 
 import argparse
@@ -20,7 +30,8 @@ import json
 import os
 import time
 
-from benchmarks.common import PROJECT_DIR, read_results, save_results, stamp as benchmark_stamp
+from benchmarks.common import (PROJECT_DIR, across_seeds, read_results, save_results, stamp as benchmark_stamp,
+                               with_earlier_seeds)
 from interestformer.datasets.movielens import convert_movielens
 from interestformer.jobs.config import load_config
 from interestformer.jobs.train import train
@@ -39,6 +50,9 @@ PUBLISHED = {
                    "ndcg@200": 0.2771},
 }
 DEFAULT_OUT = os.path.join(PROJECT_DIR, "benchmarks", "results", "ml1m.json")
+# Content pays when it beats ID-only by this much test NDCG@10 on the mean over seeds, with its lowest
+# seed above ID-only's highest.
+CONTENT_MARGIN = 0.005
 
 
 def ensure_converted(source: str, out_dir: str):
@@ -49,11 +63,11 @@ def ensure_converted(source: str, out_dir: str):
     print(json.dumps(convert_movielens(source, out_dir, posters if os.path.isdir(posters) else None)), flush=True)
 
 
-def run_config(name: str, overrides: list[str], cold: bool) -> dict:
+def run_config(name: str, overrides: list[str], seed: int, cold: bool) -> dict:
     """One training run of configs/ml1m_<name>.yaml; returns jobs.train's summary and the minutes."""
     extra = [f"data.cold_item_fraction={COLD_FRACTION}"] if cold else []
     cfg = load_config(os.path.join(PROJECT_DIR, "configs", f"ml1m_{name}.yaml"),
-                      ["experiment.mlflow_experiment=ml1m-benchmark", *overrides, *extra])
+                      ["experiment.mlflow_experiment=ml1m-benchmark", *overrides, f"train.seed={seed}", *extra])
     started = time.perf_counter()
     summary = train(cfg)
     summary["minutes"] = (time.perf_counter() - started) / 60
@@ -63,20 +77,63 @@ def run_config(name: str, overrides: list[str], cold: bool) -> dict:
 
 def markdown_table(results: dict) -> str:
     """The results beside the published rows, as docs/benchmarks.md shows them."""
-    head = ["model", *METRICS, "cold hr@10", "cold ndcg@10", "minutes"]
+    head = ["model", "seeds", *METRICS, "cold hr@10", "cold ndcg@10", "minutes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, published in PUBLISHED.items():
-        lines.append("| " + " | ".join([f"{name} (published)", *(f"{published.get(m, float('nan')):.4f}"
-                                                                  for m in METRICS[:-1]), "", "", "", ""]) + " |")
+        lines.append("| " + " | ".join([f"{name} (published)", "", *(f"{published.get(m, float('nan')):.4f}"
+                                                                      for m in METRICS[:-1]), "", "", "", ""]) + " |")
     for name in (*CONFIGS, "most_popular"):
         if name not in results:
             continue
         row = results[name]
-        cells = [f"{row[m]:.4f}" if m in row else "" for m in METRICS]
-        cells += [f"{row[f'cold_{m}']:.4f}" if f"cold_{m}" in row else "" for m in COLD_METRICS]
-        cells.append(f"{row['minutes']:.0f}" if "minutes" in row else "")
+        seeds = row.get("seeds", [])
+
+        def cell(key: str, digits: int = 4) -> str:
+            if key not in row:
+                return ""
+            return f"{row[key]:.{digits}f}" + (f" ± {row['sd_' + key]:.{digits}f}" if len(seeds) > 1 else "")
+
+        cells = [",".join(map(str, seeds)), *(cell(m) for m in METRICS), *(cell(f"cold_{m}") for m in COLD_METRICS),
+                 cell("minutes", 0)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def content_against_id_only(results: dict, metric: str = "ndcg@10") -> dict:
+    """Each content config against ID-only over the seeds both ran with the same --set: test `metric`
+    per seed, the mean difference, and whether content pays (CONTENT_MARGIN on the mean, the content
+    config's lowest seed above ID-only's highest)."""
+    id_only = results.get("id_only", {})
+    baseline = {run["seed"]: run[metric] for run in id_only.get("runs", []) if metric in run}
+    verdicts = {}
+    for name in CONFIGS[1:]:
+        row = results.get(name, {})
+        if row.get("overrides") != id_only.get("overrides"):
+            continue
+        content = {run["seed"]: run[metric] for run in row.get("runs", []) if metric in run}
+        seeds = sorted(set(content) & set(baseline))
+        if not seeds:
+            continue
+        ours, theirs = [content[s] for s in seeds], [baseline[s] for s in seeds]
+        mean_difference = sum(ours) / len(seeds) - sum(theirs) / len(seeds)
+        verdicts[name] = {
+            "seeds": seeds, "metric": f"test_{metric}", "id_only": theirs, name: ours,
+            "differences": [a - b for a, b in zip(ours, theirs)], "mean_difference": mean_difference,
+            "lowest_above_highest": min(ours) > max(theirs),
+            "pays": mean_difference >= CONTENT_MARGIN and min(ours) > max(theirs),
+        }
+    return verdicts
+
+
+def verdict_lines(verdicts: dict) -> list[str]:
+    lines = []
+    for name, v in verdicts.items():
+        per_seed = ", ".join(f"{d:+.4f}" for d in v["differences"])
+        lines.append(f"{name} vs id_only, seeds {v['seeds']}: {v['metric']} {v['mean_difference']:+.4f} on the mean "
+                     f"(per seed {per_seed}); lowest {name} {min(v[name]):.4f}, highest id_only {max(v['id_only']):.4f}: "
+                     + ("content pays" if v["pays"] else f"content does not pay (needs {CONTENT_MARGIN:+.3f} and the "
+                                                         f"lowest seed above the highest)"))
+    return lines
 
 
 def main(argv=None) -> dict:
@@ -91,12 +148,20 @@ def main(argv=None) -> dict:
     runs = parser.add_mutually_exclusive_group()
     runs.add_argument("--skip-cold", action="store_true", help="skip the cold-start runs")
     runs.add_argument("--cold-only", action="store_true", help="only the cold-start runs (rows with cold metrics alone)")
+    parser.add_argument("--seeds", default="0", help="comma-separated train.seed values; each config runs once per "
+                                                     "seed and the table gives mean ± standard deviation (default 0)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="results JSON (merged with what it already holds)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = sorted(set(names) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    except ValueError:
+        parser.error(f"--seeds takes integers, got {args.seeds!r}")
+    if not seeds or any(setting.split("=", 1)[0].strip() == "train.seed" for setting in args.set):
+        parser.error("give the training seeds with --seeds, not --set train.seed")
     for name in names:  # every config mistake stops here, before any training
         load_config(os.path.join(PROJECT_DIR, "configs", f"ml1m_{name}.yaml"), args.set)
 
@@ -105,28 +170,37 @@ def main(argv=None) -> dict:
     results = read_results(args.out)
     stamp = benchmark_stamp()
     for name in names:
-        row, popular = {"minutes": 0.0, "overrides": args.set, **stamp}, {}
-        if not args.cold_only:
-            standard = run_config(name, args.set, cold=False)
-            row.update({m: standard["test"][m] for m in METRICS}, users=standard["test"]["users"],
-                       minutes=standard["minutes"], max_epochs=standard["max_epochs"],
-                       best_epoch=standard["best_epoch"], stopped_epoch=standard["stopped_epoch"],
-                       run_id=standard["run_id"])
-            popular = {m: standard["most_popular"][m] for m in METRICS}
-        if not args.skip_cold:
-            cold = run_config(name, args.set, cold=True)
-            row.update({f"cold_{m}": cold["cold"][m] for m in COLD_METRICS}, cold_users=cold["cold"]["users"],
-                       cold_run_id=cold["run_id"], cold_best_epoch=cold["best_epoch"],
-                       minutes=row["minutes"] + cold["minutes"])
-            popular.update({f"cold_{m}": cold["most_popular_cold"][m] for m in COLD_METRICS},
-                           cold_users=cold["most_popular_cold"]["users"])
-        results[name] = row
-        results["most_popular"] = {**results.get("most_popular", {}), **popular, **stamp}
-        results.update(stamp, protocol="last item test, previous item validation, full ranking over every item, "
-                                       f"max_seq_len 200; cold: {COLD_FRACTION:.0%} of items held out of training")
-        save_results(args.out, results)
-        print(f"\n{name}: {json.dumps(row)}", flush=True)
+        runs = []
+        for seed in seeds:
+            row, popular = {"seed": seed, "minutes": 0.0, **stamp}, {}
+            if not args.cold_only:
+                standard = run_config(name, args.set, seed, cold=False)
+                row.update({m: standard["test"][m] for m in METRICS}, users=standard["test"]["users"],
+                           minutes=standard["minutes"], max_epochs=standard["max_epochs"],
+                           best_epoch=standard["best_epoch"], stopped_epoch=standard["stopped_epoch"],
+                           run_id=standard["run_id"])
+                popular = {m: standard["most_popular"][m] for m in METRICS}
+            if not args.skip_cold:
+                cold = run_config(name, args.set, seed, cold=True)
+                row.update({f"cold_{m}": cold["cold"][m] for m in COLD_METRICS}, cold_users=cold["cold"]["users"],
+                           cold_run_id=cold["run_id"], cold_best_epoch=cold["best_epoch"],
+                           minutes=row["minutes"] + cold["minutes"])
+                popular.update({f"cold_{m}": cold["most_popular_cold"][m] for m in COLD_METRICS},
+                               cold_users=cold["most_popular_cold"]["users"])
+            runs.append(row)
+            print(f"\n{name} seed {seed}: {json.dumps(row)}", flush=True)
+            # Most-popular does not depend on the seed: the same users and training events every time.
+            results["most_popular"] = {**results.get("most_popular", {}), **popular, **stamp}
+            runs_so_far = with_earlier_seeds(results.get(name), runs, args.set)
+            keys = (*METRICS, *(f"cold_{m}" for m in COLD_METRICS), "minutes")
+            results[name] = {**across_seeds(runs_so_far, keys), "overrides": args.set, **stamp}
+            results.update(stamp, protocol="last item test, previous item validation, full ranking over every item, "
+                                           f"max_seq_len 200; cold: {COLD_FRACTION:.0%} of items held out of training")
+            results["content_vs_id_only"] = content_against_id_only(results)
+            save_results(args.out, results)
     print("\n" + markdown_table(results))
+    for line in verdict_lines(results["content_vs_id_only"]):
+        print(line)
     print(f"\nWritten to {args.out}")
     return results
 

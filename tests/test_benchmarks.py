@@ -1,12 +1,18 @@
-"""The benchmarks' bookkeeping, which their figures rest on: how benchmarks.interest combines seeds run
-at different times, and that its command line refuses mistakes before any training."""
+"""The benchmarks' bookkeeping, which their figures rest on: how seeds run at different times combine,
+whether content beats ID-only beyond seed noise, and that the command lines refuse mistakes before
+any training."""
 
 import statistics
 
 import pytest
 
 from interestformer.errors import ConfigError
-from benchmarks.interest import across_seeds, main, markdown_table, with_earlier_seeds
+from benchmarks.common import across_seeds, with_earlier_seeds
+from benchmarks.interest import METRICS, main, markdown_table
+from benchmarks.ml1m import content_against_id_only, verdict_lines
+
+
+KEYS = (*METRICS, "val_hr@10", "val_ndcg@10", "minutes")
 
 
 def run(seed: int, ndcg: float) -> dict:
@@ -16,7 +22,7 @@ def run(seed: int, ndcg: float) -> dict:
 
 
 def test_seeds_added_later_merge_with_earlier_runs_of_the_same_overrides():
-    earlier = across_seeds([run(0, 0.10), run(1, 0.12)])
+    earlier = across_seeds([run(0, 0.10), run(1, 0.12)], KEYS)
     earlier["overrides"] = ["train.epochs=4"]
     merged = with_earlier_seeds(earlier, [run(2, 0.14)], ["train.epochs=4"])
     assert [r["seed"] for r in merged] == [0, 1, 2]
@@ -36,13 +42,13 @@ def test_a_row_from_before_seeds_counts_as_seed_0():
 
 
 def test_across_seeds_gives_the_mean_and_sample_standard_deviation():
-    row = across_seeds([run(0, 0.10), run(1, 0.12), run(2, 0.17)])
+    row = across_seeds([run(0, 0.10), run(1, 0.12), run(2, 0.17)], KEYS)
     assert row["ndcg@10"] == pytest.approx(0.13)
     assert row["sd_ndcg@10"] == pytest.approx(statistics.stdev([0.10, 0.12, 0.17]))
     assert row["seeds"] == [0, 1, 2] and len(row["runs"]) == 3
-    assert across_seeds([run(0, 0.10)])["sd_ndcg@10"] == 0.0
+    assert across_seeds([run(0, 0.10)], KEYS)["sd_ndcg@10"] == 0.0
 
-    table = markdown_table({"demo": {"gated": row, "short": across_seeds([run(0, 0.11)])}})
+    table = markdown_table({"demo": {"gated": row, "short": across_seeds([run(0, 0.11)], KEYS)}})
     assert "| demo | gated | 3 | 0.2600 ± " in table and "| demo | short | 1 | 0.2200 |" in table
 
 
@@ -112,6 +118,40 @@ def test_cold_neighbours_simulates_a_seeded_tenth_of_the_trained_items_and_keeps
     assert kept["targets"].tolist() == [8, 9] and kept["history"].tolist() == [[3, 4], [5, 6]]
     assert kept["history_length"].tolist() == [2, 2] and torch.equal(kept["unique_items"], batch["unique_items"])
     assert only_targets(batch, None) is batch
+
+
+def ml1m_row(ndcgs: dict[int, float], overrides: list[str]) -> dict:
+    return {**across_seeds([{"seed": seed, "ndcg@10": v} for seed, v in ndcgs.items()], ["ndcg@10"]),
+            "overrides": overrides}
+
+
+def test_content_pays_only_by_the_margin_on_the_mean_with_its_lowest_seed_above_id_onlys_highest():
+    id_only = ml1m_row({0: 0.160, 1: 0.162, 2: 0.161}, [])
+    results = {
+        "id_only": id_only,
+        "id_text": ml1m_row({0: 0.168, 1: 0.167, 2: 0.166}, []),  # +0.006 on the mean, every seed above
+        "id_text_image": ml1m_row({0: 0.175, 1: 0.161, 2: 0.170}, []),  # +0.008 on the mean, seed 1 below 0.162
+        "content_only": ml1m_row({0: 0.170, 1: 0.170}, ["train.epochs=10"]),  # another recipe: not compared
+    }
+    verdicts = content_against_id_only(results)
+    assert set(verdicts) == {"id_text", "id_text_image"}
+    assert verdicts["id_text"]["pays"] and verdicts["id_text"]["mean_difference"] == pytest.approx(0.006)
+    assert not verdicts["id_text_image"]["pays"] and not verdicts["id_text_image"]["lowest_above_highest"]
+
+    results["id_text"] = ml1m_row({0: 0.164, 1: 0.166, 2: 0.165, 3: 0.100}, [])  # +0.004: every seed above, too little
+    verdicts = content_against_id_only(results)
+    assert verdicts["id_text"]["seeds"] == [0, 1, 2]  # seed 3 has no ID-only run beside it
+    assert verdicts["id_text"]["lowest_above_highest"] and not verdicts["id_text"]["pays"]
+    assert "content does not pay" in verdict_lines(verdicts)[0] and "+0.0040 on the mean" in verdict_lines(verdicts)[0]
+
+
+@pytest.mark.parametrize("argv", [["--seeds", "0,one"], ["--seeds", ","], ["--set", "train.seed=3"]])
+def test_ml1m_seed_mistakes_fail_before_training(argv, capsys):
+    from benchmarks.ml1m import main as ml1m
+
+    with pytest.raises(SystemExit) as stopped:
+        ml1m(["--configs", "id_only", *argv])
+    assert stopped.value.code == 2 and "seed" in capsys.readouterr().err
 
 
 def test_ml1m_cold_only_and_skip_cold_exclude_each_other_before_training(capsys):
