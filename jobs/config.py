@@ -64,8 +64,10 @@ class TrainConfig:
     """A time budget: the run ends after the first epoch that finishes past this many minutes of
     the workers' time (a resumed run counts what came before), and tests its best epoch as after
     an early stop. 0: no limit."""
-    micro_batch_size: int = 32
-    """Users per batch on each worker."""
+    micro_batch_size: int = 64
+    """Users per batch on each worker. With live item encoders a step encodes every item its batch
+    touches (on the demo, most of its catalogue) whatever the batch size, so larger batches share
+    that cost; a log of a few hundred users wants smaller ones, for more steps (docs/data.md)."""
     grad_accum_steps: int = 1
     """Micro-batches summed before each optimizer step."""
     lr: float = 2e-3
