@@ -126,6 +126,7 @@ def content_against_id_only(results: dict, metric: str = "ndcg@10") -> dict:
 
 
 def verdict_lines(verdicts: dict) -> list[str]:
+    """content_against_id_only's verdicts, a line each, as the command prints them."""
     lines = []
     for name, v in verdicts.items():
         per_seed = ", ".join(f"{d:+.4f}" for d in v["differences"])
@@ -159,8 +160,10 @@ def main(argv=None) -> dict:
     try:
         seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
     except ValueError:
-        parser.error(f"--seeds takes integers, got {args.seeds!r}")
-    if not seeds or any(setting.split("=", 1)[0].strip() == "train.seed" for setting in args.set):
+        seeds = []
+    if not seeds:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if any(setting.split("=", 1)[0].strip() == "train.seed" for setting in args.set):
         parser.error("give the training seeds with --seeds, not --set train.seed")
     for name in names:  # every config mistake stops here, before any training
         load_config(os.path.join(PROJECT_DIR, "configs", f"ml1m_{name}.yaml"), args.set)
