@@ -80,6 +80,14 @@ def save_results(path: str, results: dict):
         json.dump(results, f, indent=1)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """A --seeds value ("0,1,2") as train.seed values; ValueError unless it names at least one integer."""
+    seeds = [int(seed) for seed in text.split(",") if seed.strip()]
+    if not seeds:
+        raise ValueError(text)
+    return seeds
+
+
 def with_earlier_seeds(earlier: dict | None, runs: list[dict], overrides: list[str]) -> list[dict]:
     """This invocation's runs (each with its "seed") plus the earlier ones in a results row with the
     same overrides and other seeds, so that seeds can be added a run at a time (a row from before

@@ -22,8 +22,8 @@ import json
 import os
 import time
 
-from benchmarks.common import (PROJECT_DIR, RESULTS_DIR, across_seeds, read_results, save_results, stamp,
-                               with_earlier_seeds)
+from benchmarks.common import (PROJECT_DIR, RESULTS_DIR, across_seeds, parse_seeds, read_results, save_results,
+                               stamp, with_earlier_seeds)
 from benchmarks.ml1m import ensure_converted
 from interestformer.jobs.config import config_parser, load_config
 from interestformer.jobs.train import train
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     if set(datasets) - set(DATASETS) or set(variants) - set(VARIANTS):
         parser.error(f"choose datasets from {list(DATASETS)} and variants from {list(VARIANTS)}")
     try:
-        seeds = [int(seed) for seed in args.seeds.split(",") if seed]
+        seeds = parse_seeds(args.seeds)
     except ValueError:
         parser.error(f"--seeds takes integers, got {args.seeds!r}")
     for dataset in datasets:  # every config mistake stops here, before any training

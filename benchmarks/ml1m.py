@@ -30,8 +30,8 @@ import json
 import os
 import time
 
-from benchmarks.common import (PROJECT_DIR, across_seeds, read_results, save_results, stamp as benchmark_stamp,
-                               with_earlier_seeds)
+from benchmarks.common import (PROJECT_DIR, across_seeds, parse_seeds, read_results, save_results,
+                               stamp as benchmark_stamp, with_earlier_seeds)
 from interestformer.datasets.movielens import convert_movielens
 from interestformer.jobs.config import load_config
 from interestformer.jobs.train import train
@@ -158,10 +158,8 @@ def main(argv=None) -> dict:
     if unknown:
         parser.error(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
     try:
-        seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+        seeds = parse_seeds(args.seeds)
     except ValueError:
-        seeds = []
-    if not seeds:
         parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     if any(setting.split("=", 1)[0].strip() == "train.seed" for setting in args.set):
         parser.error("give the training seeds with --seeds, not --set train.seed")
