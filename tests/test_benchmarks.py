@@ -52,7 +52,8 @@ def test_across_seeds_gives_the_mean_and_sample_standard_deviation():
     assert "| demo | gated | 3 | 0.2600 ± " in table and "| demo | short | 1 | 0.2200 |" in table
 
 
-@pytest.mark.parametrize("argv", [["--seeds", "0,one"], ["--datasets", "imagenet"], ["--variants", "medium"]])
+@pytest.mark.parametrize("argv", [["--seeds", "0,one"], ["--datasets", "demo", "--seeds", ","], ["--datasets", "imagenet"],
+                                  ["--variants", "medium"]])
 def test_command_line_mistakes_fail_before_training(argv):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
