@@ -42,9 +42,9 @@ from interestformer.datasets.storage import (absolute, filesystem, join, local_f
                                              read_table, write_json)
 
 TEXT_CHARS_PER_TOKEN = 32  # generous: word pieces are rarely longer than a few characters
-# An item-row actor takes seconds of CPU to start (transformers, the tokenizer): one more pays for
-# itself only with a few thousand items to tokenise and decode.
-ITEMS_PER_ITEM_ACTOR = 2000
+# A process's first item-row task takes seconds of CPU (transformers, the tokenizer, the id index):
+# one more process pays for itself only with a few thousand items to tokenise and decode.
+ITEMS_PER_ITEM_TASK = 2000
 META_VERSION = 3  # bump when the prepared layout changes: cached data is then rebuilt
 
 
@@ -121,15 +121,16 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
         _train_tokenizer(items, cfg, join(out, "tokenizer"))
     if duplicated:
         items = items.groupby("item_id").map_groups(_mark_duplicate_items, batch_format="pandas")
+    # Tasks, not an actor pool: Ray's driver logs a warning for every actor pool (its constructor
+    # lies in the object store and may be restarted), and a task that dies is retried all the same.
     processed = items.map_batches(
-        ItemRows,
-        fn_constructor_kwargs=dict(
-            item_ids=item_ids, tokenizer_uri=join(out, "tokenizer"), cfg=cfg, duplicated=bool(duplicated)
-        ),
+        item_rows,
+        fn_kwargs=dict(item_ids=ray.put(item_ids), tokenizer_uri=join(out, "tokenizer"), cfg=cfg,
+                       duplicated=bool(duplicated)),
         batch_format="pandas",
         batch_size=256,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=item_actors(len(item_ids),
-                                                                            ray.available_resources().get("CPU", 1))),
+        compute=ray.data.TaskPoolStrategy(size=item_row_tasks(len(item_ids),
+                                                              ray.available_resources().get("CPU", 1))),
     )
     # Materialised once: the item rows feed two writes (kept, quarantined), and recomputing them
     # would decode every catalogue image twice.
@@ -154,10 +155,10 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
     return PreparedData(out, meta)
 
 
-def item_actors(num_items: int, free_cpus: float) -> int:
-    """The most item-row actors prepare starts: one per ITEMS_PER_ITEM_ACTOR items, at most the
+def item_row_tasks(num_items: int, free_cpus: float) -> int:
+    """The most item-row tasks prepare runs at once: one per ITEMS_PER_ITEM_TASK items, at most the
     free CPUs, at least one."""
-    return max(1, min(int(free_cpus), num_items // ITEMS_PER_ITEM_ACTOR))
+    return max(1, min(int(free_cpus), num_items // ITEMS_PER_ITEM_TASK))
 
 
 def check_inputs(cfg: DataConfig):
@@ -182,6 +183,21 @@ def input_paths(cfg: DataConfig) -> tuple[str, str]:
     return absolute(cfg.events_path), absolute(cfg.items_path)
 
 
+def item_rows(batch: pd.DataFrame, item_ids: ray.ObjectRef, tokenizer_uri: str, cfg: DataConfig,
+              duplicated: bool) -> pa.Table:
+    """Catalogue rows -> item table rows (ItemRows), with the ItemRows this process built for the
+    catalogue whose sorted ids are `item_ids`. The ids come by reference, fetched once per process:
+    a catalogue's million ids would otherwise be copied into every task."""
+    key = item_ids.hex()
+    if key not in _ITEM_ROWS_BY_CATALOGUE:
+        _ITEM_ROWS_BY_CATALOGUE.clear()  # an earlier prepare's index is not needed again
+        _ITEM_ROWS_BY_CATALOGUE[key] = ItemRows(ray.get(item_ids), tokenizer_uri, cfg, duplicated)
+    return _ITEM_ROWS_BY_CATALOGUE[key](batch)
+
+
+_ITEM_ROWS_BY_CATALOGUE: dict[str, "ItemRows"] = {}
+
+
 class ItemRows:
     """Catalogue rows -> item table rows: index, tokens, a validated and resized image."""
 
@@ -189,7 +205,7 @@ class ItemRows:
         from transformers import AutoTokenizer
 
         self.index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
-        # The prepared data's copy: an actor may run on a node that has no other.
+        # The prepared data's copy: a task may run on a node that has no other.
         self.tokenizer = AutoTokenizer.from_pretrained(local_folder(tokenizer_uri))
         self.cfg = cfg
         self.duplicated = duplicated

@@ -105,9 +105,9 @@ def test_unreachable_tracking_server_fails_before_anything_starts():
         tracking.check_reachable("http://127.0.0.1:9", timeout_s=2)  # port 9 (discard): nothing listens
 
 
-def test_prepare_starts_item_row_actors_for_the_catalogue_it_has_not_for_every_cpu():
-    from interestformer.datasets.prepare import ITEMS_PER_ITEM_ACTOR, item_actors
+def test_prepare_runs_item_row_tasks_for_the_catalogue_it_has_not_for_every_cpu():
+    from interestformer.datasets.prepare import ITEMS_PER_ITEM_TASK, item_row_tasks
 
-    assert item_actors(1000, 6) == 1  # the demo's catalogue: one actor, however many CPUs are free
-    assert item_actors(3 * ITEMS_PER_ITEM_ACTOR, 6) == 3
-    assert item_actors(10**6, 6) == 6 and item_actors(10**6, 0) == 1
+    assert item_row_tasks(1000, 6) == 1  # the demo's catalogue: one task at a time, however many CPUs are free
+    assert item_row_tasks(3 * ITEMS_PER_ITEM_TASK, 6) == 3
+    assert item_row_tasks(10**6, 6) == 6 and item_row_tasks(10**6, 0) == 1
