@@ -115,6 +115,7 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
 
     items = read_shards(items_fs, item_files, normalise_items, "pyarrow", text_columns=cfg.text_columns)
     item_ids, duplicated = _catalogue_ids(items)
+    item_index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
     if tokenizer_path:
         _save_tokenizer(tokenizer_path, join(out, "tokenizer"))  # kept as it is when it is this folder's
     else:
@@ -125,7 +126,7 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
     # lies in the object store and may be restarted), and a task that dies is retried all the same.
     processed = items.map_batches(
         item_rows,
-        fn_kwargs=dict(item_ids=ray.put(item_ids), tokenizer_uri=join(out, "tokenizer"), cfg=cfg,
+        fn_kwargs=dict(item_index=ray.put(item_index), tokenizer_uri=join(out, "tokenizer"), cfg=cfg,
                        duplicated=bool(duplicated)),
         batch_format="pandas",
         batch_size=256,
@@ -136,7 +137,6 @@ def prepare(cfg: DataConfig, tokenizer_path: str = "") -> PreparedData:
     # would decode every catalogue image twice.
     _write_split(processed.materialize(), join(out, "items"), join(out, "quarantine", "items"), keep_reason="image_undecodable")
 
-    item_index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
     id_key = pseudonym_key() if cfg.pseudonymise_user_ids else b""
     tagged = read_shards(events_fs, event_files, tag_events, "pandas", item_index=item_index, id_key=id_key,
                          reference_time=cfg.reference_time)
@@ -183,15 +183,15 @@ def input_paths(cfg: DataConfig) -> tuple[str, str]:
     return absolute(cfg.events_path), absolute(cfg.items_path)
 
 
-def item_rows(batch: pd.DataFrame, item_ids: ray.ObjectRef, tokenizer_uri: str, cfg: DataConfig,
+def item_rows(batch: pd.DataFrame, item_index: ray.ObjectRef, tokenizer_uri: str, cfg: DataConfig,
               duplicated: bool) -> pa.Table:
     """Catalogue rows -> item table rows (ItemRows), with the ItemRows this process built for the
-    catalogue whose sorted ids are `item_ids`. The ids come by reference, fetched once per process:
-    a catalogue's million ids would otherwise be copied into every task."""
-    key = item_ids.hex()
+    catalogue whose id -> index map is `item_index`. The map comes by reference, fetched once per
+    process: a catalogue's million ids would otherwise be copied into every task."""
+    key = item_index.hex()
     if key not in _ITEM_ROWS_BY_CATALOGUE:
         _ITEM_ROWS_BY_CATALOGUE.clear()  # an earlier prepare's index is not needed again
-        _ITEM_ROWS_BY_CATALOGUE[key] = ItemRows(ray.get(item_ids), tokenizer_uri, cfg, duplicated)
+        _ITEM_ROWS_BY_CATALOGUE[key] = ItemRows(ray.get(item_index), tokenizer_uri, cfg, duplicated)
     return _ITEM_ROWS_BY_CATALOGUE[key](batch)
 
 
@@ -201,10 +201,10 @@ _ITEM_ROWS_BY_CATALOGUE: dict[str, "ItemRows"] = {}
 class ItemRows:
     """Catalogue rows -> item table rows: index, tokens, a validated and resized image."""
 
-    def __init__(self, item_ids: list[str], tokenizer_uri: str, cfg: DataConfig, duplicated: bool):
+    def __init__(self, item_index: dict[str, int], tokenizer_uri: str, cfg: DataConfig, duplicated: bool):
         from transformers import AutoTokenizer
 
-        self.index = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
+        self.index = item_index
         # The prepared data's copy: a task may run on a node that has no other.
         self.tokenizer = AutoTokenizer.from_pretrained(local_folder(tokenizer_uri))
         self.cfg = cfg
