@@ -14,7 +14,7 @@ read once on the test split; the recipe was chosen on validation only. Most-popu
 benchmarks/results/ml1m.json (merged with configs run before, so configs can run one at a time)
 and printed as a Markdown table beside the published numbers.
 
-With several --seeds (train.seed: initialisation, the users' order, dropout) each config runs once
+With several --seeds (train.seed: initialisation, dropout, negatives) each config runs once
 per seed, the table gives mean ± sample standard deviation, and a later run with other seeds and the
 same --set adds its runs to those already there. Whether content pays is then one command:
 
