@@ -75,6 +75,35 @@ def run_config(name: str, overrides: list[str], seed: int, cold: bool) -> dict:
     return summary
 
 
+STANDARD_FIELDS = (*METRICS, "users", "max_epochs", "best_epoch", "stopped_epoch", "run_id")
+COLD_FIELDS = (*(f"cold_{m}" for m in COLD_METRICS), "cold_users", "cold_run_id", "cold_best_epoch", "cold_minutes")
+
+
+def with_other_protocol(earlier: dict | None, run: dict, overrides: list[str], ran_cold: bool) -> dict:
+    """A seed's run of one protocol alone (--cold-only, or --skip-cold when ran_cold is False) with the
+    other protocol's figures from the earlier run of the same seed and overrides in the results row,
+    which would otherwise replace that run and lose them: a row can be filled a protocol at a time.
+    The kept part's commit and date stay beside it (standard_commit, standard_date or cold_commit,
+    cold_date), and minutes covers both parts where the earlier run's split of them is known."""
+    if not earlier or earlier.get("overrides") != overrides:
+        return run
+    before = next((r for r in earlier.get("runs", [{"seed": 0, **earlier}]) if r.get("seed", 0) == run["seed"]), None)
+    part, fields = ("standard", STANDARD_FIELDS) if ran_cold else ("cold", COLD_FIELDS)
+    kept = {key: before[key] for key in fields if before and key in before}
+    if not kept:
+        return run
+    merged = {**kept, **run, f"{part}_commit": before.get(f"{part}_commit", before.get("commit")),
+              f"{part}_date": before.get(f"{part}_date", before.get("date"))}
+    cold_minutes = before.get("cold_minutes") if "cold_hr@10" in before else 0.0
+    standard_minutes = before["minutes"] - cold_minutes if "minutes" in before and cold_minutes is not None else None
+    kept_minutes = standard_minutes if ran_cold else cold_minutes
+    if kept_minutes is None:  # an earlier run of both parts from before cold_minutes was recorded
+        merged.pop("minutes")
+    else:
+        merged["minutes"] = run["minutes"] + kept_minutes
+    return merged
+
+
 def markdown_table(results: dict) -> str:
     """The results beside the published rows, as docs/benchmarks.md shows them."""
     head = ["model", "seeds", *METRICS, "cold hr@10", "cold ndcg@10", "minutes"]
@@ -147,8 +176,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key in every run, e.g. --set train.epochs=2 (repeatable)")
     runs = parser.add_mutually_exclusive_group()
-    runs.add_argument("--skip-cold", action="store_true", help="skip the cold-start runs")
-    runs.add_argument("--cold-only", action="store_true", help="only the cold-start runs (rows with cold metrics alone)")
+    runs.add_argument("--skip-cold", action="store_true",
+                      help="skip the cold-start runs (a seed's cold figures already in --out are kept)")
+    runs.add_argument("--cold-only", action="store_true",
+                      help="only the cold-start runs (a seed's standard figures already in --out are kept)")
     parser.add_argument("--seeds", default="0", help="comma-separated train.seed values; each config runs once per "
                                                      "seed and the table gives mean ± standard deviation (default 0)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="results JSON (merged with what it already holds)")
@@ -185,9 +216,11 @@ def main(argv=None) -> dict:
                 cold = run_config(name, args.set, seed, cold=True)
                 row.update({f"cold_{m}": cold["cold"][m] for m in COLD_METRICS}, cold_users=cold["cold"]["users"],
                            cold_run_id=cold["run_id"], cold_best_epoch=cold["best_epoch"],
-                           minutes=row["minutes"] + cold["minutes"])
+                           cold_minutes=cold["minutes"], minutes=row["minutes"] + cold["minutes"])
                 popular.update({f"cold_{m}": cold["most_popular_cold"][m] for m in COLD_METRICS},
                                cold_users=cold["most_popular_cold"]["users"])
+            if args.cold_only or args.skip_cold:
+                row = with_other_protocol(results.get(name), row, args.set, ran_cold=args.cold_only)
             runs.append(row)
             print(f"\n{name} seed {seed}: {json.dumps(row)}", flush=True)
             # Most-popular does not depend on the seed: the same users and training events every time.

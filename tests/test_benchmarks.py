@@ -161,3 +161,30 @@ def test_ml1m_cold_only_and_skip_cold_exclude_each_other_before_training(capsys)
     with pytest.raises(SystemExit) as stopped:
         ml1m(["--configs", "id_text", "--skip-cold", "--cold-only"])
     assert stopped.value.code == 2 and "not allowed with argument --skip-cold" in capsys.readouterr().err
+
+
+def test_ml1m_a_protocol_run_alone_keeps_the_other_protocols_figures_of_its_seed():
+    """--cold-only after a standard run (or --skip-cold after a cold one) into the same file adds to
+    the seed's run rather than replacing it: the standard figures, and the content verdict on them,
+    survive."""
+    from benchmarks.ml1m import COLD_METRICS, METRICS as ML1M_METRICS, with_other_protocol
+
+    keys = (*ML1M_METRICS, *(f"cold_{m}" for m in COLD_METRICS), "minutes")
+    standard = {"seed": 0, "ndcg@10": 0.178, "hr@10": 0.314, "run_id": "a", "minutes": 30.0, "commit": "c1",
+                "date": "d1"}
+    row = {**across_seeds([standard], keys), "overrides": []}
+    cold = {"seed": 0, "cold_hr@10": 0.06, "cold_ndcg@10": 0.03, "cold_run_id": "b", "cold_minutes": 31.0,
+            "minutes": 31.0, "commit": "c2", "date": "d2"}
+    merged = with_other_protocol(row, cold, [], ran_cold=True)
+    assert merged["ndcg@10"] == 0.178 and merged["run_id"] == "a" and merged["cold_hr@10"] == 0.06
+    assert merged["minutes"] == 61.0 and merged["commit"] == "c2" and merged["standard_commit"] == "c1"
+    row = {**across_seeds(with_earlier_seeds(row, [merged], []), keys), "overrides": []}
+    assert row["ndcg@10"] == 0.178 and row["cold_hr@10"] == 0.06
+
+    rerun = {"seed": 0, "ndcg@10": 0.180, "run_id": "c", "minutes": 29.0, "commit": "c3", "date": "d3"}
+    again = with_other_protocol(row, rerun, [], ran_cold=False)  # a new standard run keeps the cold figures
+    assert again["ndcg@10"] == 0.180 and again["cold_hr@10"] == 0.06 and again["cold_commit"] == "c2"
+    assert again["minutes"] == 60.0
+
+    assert with_other_protocol(row, cold, ["train.epochs=4"], ran_cold=True) == cold  # other settings
+    assert with_other_protocol(row, {**cold, "seed": 1}, [], ran_cold=True) == {**cold, "seed": 1}  # other seed
