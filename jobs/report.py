@@ -3,8 +3,8 @@
     report/metrics.md, .csv    each model on each evaluated split (test, and cold when items are
                                held out): users, HR@K and NDCG@K at eval.ks, MRR
     report/segments.md, .csv   the same per user segment (models.ranking.user_segments): HR and
-                               NDCG at SEGMENT_K, MRR and users, by history length and by whether
-                               the target is a cold item
+                               NDCG at SEGMENT_K, MRR and users, by history length, by whether
+                               the target is a cold item and by how popular the target is
     report/hr_ndcg_at_k.png    HR@K and NDCG@K for every K from 1 to max(eval.ks)
 
 Everything here is made from the evaluations' rank totals, i.e. aggregates over users: no user

@@ -64,18 +64,35 @@ SEGMENT_K = 10
 """Cut-off of the per-segment HR and NDCG."""
 
 
-def user_segments(history_length: torch.Tensor, target_cold: torch.Tensor) -> dict[str, torch.Tensor]:
+TARGET_POPULARITY_BUCKETS = ((0, 0), (1, 9), (10, 99), (100, 999), (1000, None))
+"""Segments of users by how often their target item occurred before (the popularity counts of the
+split's most-popular ranking): from items never seen, through the long tail, to the head. Where
+content pays over IDs is expected at the low end, so these show it where the mean hides it."""
+
+
+def user_segments(history_length: torch.Tensor, target_cold: torch.Tensor,
+                  target_popularity: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Segment name -> which users (B,) bool belong to it: one history-length bucket per user
-    (history_<low>-<high>, history_<n> for one length, history_over_<low - 1>) and target_cold or
-    target_warm (batch keys)."""
-    segments = {}
-    for low, high in HISTORY_BUCKETS:
-        members = history_length >= low
-        if high is None:
-            segments[f"history_over_{low - 1}"] = members
-        else:
-            segments[f"history_{low}" if low == high else f"history_{low}-{high}"] = members & (history_length <= high)
+    (history_<low>-<high>, history_<n> for one length, history_over_<low - 1>), target_cold or
+    target_warm (batch keys), and when the targets' popularity (B,) is given one bucket of it
+    (target_popularity_<low>-<high>, named as the history buckets)."""
+    segments = bucket_segments("history", history_length, HISTORY_BUCKETS)
     segments["target_cold"], segments["target_warm"] = target_cold, ~target_cold
+    if target_popularity is not None:
+        segments.update(bucket_segments("target_popularity", target_popularity, TARGET_POPULARITY_BUCKETS))
+    return segments
+
+
+def bucket_segments(name: str, values: torch.Tensor, buckets) -> dict[str, torch.Tensor]:
+    """<name>_<low>-<high> (<name>_<n> for one value, <name>_over_<low - 1> for no upper bound) ->
+    which of values (B,) lie in that bucket of `buckets` ((low, high or None), ...)."""
+    segments = {}
+    for low, high in buckets:
+        members = values >= low
+        if high is None:
+            segments[f"{name}_over_{low - 1}"] = members
+        else:
+            segments[f"{name}_{low}" if low == high else f"{name}_{low}-{high}"] = members & (values <= high)
     return segments
 
 
@@ -103,10 +120,12 @@ class RankTotals:
     histogram: list[int] = field(default_factory=list)
     """Users per rank (rank_histogram at max(ks))."""
 
-    def add(self, ranks: torch.Tensor, history_length: torch.Tensor, target_cold: torch.Tensor):
+    def add(self, ranks: torch.Tensor, history_length: torch.Tensor, target_cold: torch.Tensor,
+            target_popularity: torch.Tensor | None = None):
         self.users += len(ranks)
         self.sums = add_sums(self.sums, metric_sums(ranks, self.ks))
-        self.segment_sums = add_sums(self.segment_sums, segment_sums(ranks, user_segments(history_length, target_cold)))
+        segments = user_segments(history_length, target_cold, target_popularity)
+        self.segment_sums = add_sums(self.segment_sums, segment_sums(ranks, segments))
         counts = rank_histogram(ranks, max(self.ks))
         self.histogram = [a + b for a, b in zip(self.histogram, counts)] if self.histogram else counts
 
@@ -283,7 +302,8 @@ def evaluate_model(
     batch it occurs in, and eval batches need no item content. Scores are cosines: dot products
     scaled by each item's inverse norm (one number an item, computed once), so no second
     catalogue-sized table is made. A user without any history event is ranked by `popularity`
-    (N+1,) item counts, as serving ranks one (the model has nothing to read)."""
+    (N+1,) item counts, as serving ranks one (the model has nothing to read); users are also
+    segmented by their target's count in it (TARGET_POPULARITY_BUCKETS)."""
     inverse_norms = 1 / representations.norm(dim=-1).clamp(min=1e-12)  # as F.normalize; row 0 scores 0
     totals = RankTotals(tuple(ks))
     for batch in eval_batches:
@@ -298,7 +318,8 @@ def evaluate_model(
 
         ranks = chunked_target_ranks(scores, len(representations), batch["targets"],
                                      history if exclude_history else None, chunk_size)
-        totals.add(ranks, batch["history_length"], batch["target_cold"])
+        totals.add(ranks, batch["history_length"], batch["target_cold"],
+                   None if popularity is None else popularity[batch["targets"]])
     return totals
 
 
@@ -312,5 +333,5 @@ def evaluate_popularity(
         targets = batch["targets"]
         scores = popularity.float().expand(len(targets), -1)
         ranks = row_ranks(scores, targets, batch["history"] if exclude_history else None)
-        totals.add(ranks, batch["history_length"], batch["target_cold"])
+        totals.add(ranks, batch["history_length"], batch["target_cold"], popularity[targets])
     return totals

@@ -207,5 +207,5 @@ def test_a_user_without_events_is_ranked_by_popularity_and_the_others_by_the_mod
     scores = users @ F.normalize(representations, dim=-1).T
     scores[0] = popularity.float()
     expected = RankTotals((1, 5))
-    expected.add(row_ranks(scores, targets, None), batch["history_length"], batch["target_cold"])
+    expected.add(row_ranks(scores, targets, None), batch["history_length"], batch["target_cold"], popularity[targets])
     assert totals.report() == pytest.approx(expected.report())

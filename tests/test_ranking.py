@@ -9,8 +9,8 @@ import torch
 import pytest
 
 from interestformer.models.ranking import (
-    RankTotals, chunked_target_ranks, chunked_top_k, histogram_metrics, metric_sums, rank_histogram, row_ranks,
-    seen_in_chunk,
+    RankTotals, chunked_target_ranks, chunked_top_k, evaluate_popularity, histogram_metrics, metric_sums,
+    rank_histogram, row_ranks, seen_in_chunk,
 )
 
 
@@ -149,6 +149,30 @@ def test_segment_metrics_match_hand_computed_values_and_add_up_over_batches():
         assert segments[f"segment/{name}/ndcg@10"] == pytest.approx(sum(map(ndcg, hits)) / users)
         assert segments[f"segment/{name}/mrr"] == pytest.approx(sum(1 / (r + 1) for r in segment_ranks) / users)
     assert whole.metrics()["users"] == 6 and whole.metrics()["hr@10"] == pytest.approx(4 / 6)
+
+
+def test_users_are_segmented_by_how_often_their_target_occurred_before():
+    ranks = torch.tensor([0, 3, 12, 1, 9, 250])
+    history_length = torch.tensor([2, 5, 6, 20, 21, 300])
+    target_popularity = torch.tensor([0, 5, 9, 10, 999, 1000])
+    totals = RankTotals((10,))
+    totals.add(ranks, history_length, torch.zeros(6, dtype=torch.bool), target_popularity)
+    segments = totals.segment_metrics()
+    expected = {"0": [0], "1-9": [3, 12], "10-99": [1], "100-999": [9], "over_999": [250]}  # bucket: its ranks
+    for bucket, bucket_ranks in expected.items():
+        assert segments[f"segment/target_popularity_{bucket}/users"] == len(bucket_ranks)
+        assert segments[f"segment/target_popularity_{bucket}/mrr"] == pytest.approx(
+            sum(1 / (r + 1) for r in bucket_ranks) / len(bucket_ranks))
+    assert segments["segment/target_popularity_1-9/hr@10"] == 0.5
+
+    # The most-popular baseline is segmented by the same counts it ranks by: the head item first.
+    popularity = torch.tensor([0, 1500, 40, 3])  # column 0 is padding
+    batch = {"targets": torch.tensor([1, 2, 3]), "history": torch.zeros(3, 1, dtype=torch.long),
+             "history_length": torch.tensor([1, 1, 1]), "target_cold": torch.zeros(3, dtype=torch.bool)}
+    baseline = evaluate_popularity(popularity, [batch], [1], exclude_history=False).segment_metrics()
+    assert baseline["segment/target_popularity_over_999/hr@10"] == 1.0
+    assert baseline["segment/target_popularity_1-9/hr@10"] == 1.0 and baseline["segment/target_popularity_1-9/mrr"] == 1 / 3
+    assert "segment/target_popularity_0/users" not in baseline
 
 
 def test_totals_of_worker_shares_merge_to_the_totals_of_all_users_even_with_an_empty_share():
