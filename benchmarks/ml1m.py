@@ -5,7 +5,8 @@
 
 For each config in configs/ml1m_<name>.yaml it runs jobs.train twice:
   1. the standard protocol: each user's last item is the test target, the one before it
-     validates, full ranking over all 3,706 items, max sequence length 200 -> hr@K, ndcg@K, mrr;
+     validates, full ranking over all 3,706 items, max sequence length 200 -> hr@K, ndcg@K, mrr,
+     and HR@10 and NDCG@10 per segment of target popularity (popularity_segments);
   2. the cold-start protocol: the same config with data.cold_item_fraction = 0.1 (10% of items
      held out of training entirely) -> cold_hr@10 and cold_ndcg@10 over test users whose target is
      one of those items.
@@ -32,6 +33,7 @@ import time
 
 from benchmarks.common import (PROJECT_DIR, across_seeds, parse_seeds, read_results, save_results,
                                stamp as benchmark_stamp, with_earlier_seeds)
+from benchmarks.popularity import segment_figures
 from interestformer.datasets.movielens import convert_movielens
 from interestformer.jobs.config import load_config
 from interestformer.jobs.train import train
@@ -75,7 +77,7 @@ def run_config(name: str, overrides: list[str], seed: int, cold: bool) -> dict:
     return summary
 
 
-STANDARD_FIELDS = (*METRICS, "users", "max_epochs", "best_epoch", "stopped_epoch", "run_id")
+STANDARD_FIELDS = (*METRICS, "users", "max_epochs", "best_epoch", "stopped_epoch", "run_id", "popularity_segments")
 COLD_FIELDS = (*(f"cold_{m}" for m in COLD_METRICS), "cold_users", "cold_run_id", "cold_best_epoch", "cold_minutes")
 
 
@@ -210,7 +212,7 @@ def main(argv=None) -> dict:
                 row.update({m: standard["test"][m] for m in METRICS}, users=standard["test"]["users"],
                            minutes=standard["minutes"], max_epochs=standard["max_epochs"],
                            best_epoch=standard["best_epoch"], stopped_epoch=standard["stopped_epoch"],
-                           run_id=standard["run_id"])
+                           run_id=standard["run_id"], popularity_segments=segment_figures(standard["test"]))
                 popular = {m: standard["most_popular"][m] for m in METRICS}
             if not args.skip_cold:
                 cold = run_config(name, args.set, seed, cold=True)

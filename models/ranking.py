@@ -84,16 +84,14 @@ def user_segments(history_length: torch.Tensor, target_cold: torch.Tensor,
 
 
 def bucket_segments(name: str, values: torch.Tensor, buckets) -> dict[str, torch.Tensor]:
-    """<name>_<low>-<high> (<name>_<n> for one value, <name>_over_<low - 1> for no upper bound) ->
-    which of values (B,) lie in that bucket of `buckets` ((low, high or None), ...)."""
-    segments = {}
-    for low, high in buckets:
-        members = values >= low
-        if high is None:
-            segments[f"{name}_over_{low - 1}"] = members
-        else:
-            segments[f"{name}_{low}" if low == high else f"{name}_{low}-{high}"] = members & (values <= high)
-    return segments
+    """bucket_name -> which of values (B,) lie in that bucket of `buckets` ((low, high or None), ...)."""
+    return {bucket_name(name, low, high): (values >= low) if high is None else (values >= low) & (values <= high)
+            for low, high in buckets}
+
+
+def bucket_name(name: str, low: int, high: int | None) -> str:
+    """<name>_<low>-<high>; <name>_<n> for one value; <name>_over_<low - 1> without an upper bound."""
+    return f"{name}_over_{low - 1}" if high is None else f"{name}_{low}" if low == high else f"{name}_{low}-{high}"
 
 
 def segment_sums(ranks: torch.Tensor, segments: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -188,3 +188,39 @@ def test_ml1m_a_protocol_run_alone_keeps_the_other_protocols_figures_of_its_seed
 
     assert with_other_protocol(row, cold, ["train.epochs=4"], ran_cold=True) == cold  # other settings
     assert with_other_protocol(row, {**cold, "seed": 1}, [], ran_cold=True) == {**cold, "seed": 1}  # other seed
+
+
+@pytest.mark.slow  # three test-split evaluations of a tiny checkpoint through jobs.evaluate
+def test_popularity_segments_of_checkpoints_are_their_evaluations_and_average_per_label(ray_local, tiny_prepared_dir,
+                                                                                      tmp_path):
+    import json
+    import os
+
+    from benchmarks.common import PROJECT_DIR
+    from benchmarks.popularity import main as popularity
+    from conftest import fresh_checkpoint
+    from interestformer.jobs.config import load_config
+    from interestformer.jobs.evaluate import main as evaluate
+
+    cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [f"data.prepared_dir={tiny_prepared_dir}"])
+    _, checkpoint = fresh_checkpoint(cfg, str(tmp_path))
+    report = evaluate(["--checkpoint", checkpoint, "--split", "test"])
+    out = str(tmp_path / "popularity.json")
+    means = popularity(["--run", f"seeded={checkpoint}", "--run", f"seeded={checkpoint}", "--out", out])
+
+    segments = means["seeded"]["segments"]
+    assert means["seeded"]["runs"] == 2 and means["seeded"]["ndcg@10"] == pytest.approx(report["ndcg@10"])
+    assert sum(figures["users"] for figures in segments.values()) == report["users"]  # every user in one segment
+    for segment, figures in segments.items():
+        assert figures["ndcg@10"] == pytest.approx(report[f"segment/{segment}/ndcg@10"])
+    with open(out) as f:
+        written = json.load(f)
+    assert len(written["runs"]) == 2 and written["commit"] and written["machine"]
+
+
+def test_popularity_refuses_a_run_without_a_label_before_evaluating(capsys):
+    from benchmarks.popularity import main as popularity
+
+    with pytest.raises(SystemExit) as stopped:
+        popularity(["--run", "runs/some/checkpoint"])
+    assert stopped.value.code == 2 and "LABEL=CHECKPOINT" in capsys.readouterr().err
