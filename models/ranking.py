@@ -298,24 +298,44 @@ def evaluate_model(
     (N+1, d) from item_representations, scored `chunk_size` items at a time. Users read their
     histories' rows of the table, so each item is encoded once per evaluation, not once per
     batch it occurs in, and eval batches need no item content. Scores are cosines: dot products
-    scaled by each item's inverse norm (one number an item, computed once), so no second
-    catalogue-sized table is made. A user without any history event is ranked by `popularity`
-    (N+1,) item counts, as serving ranks one (the model has nothing to read); users are also
-    segmented by their target's count in it (TARGET_POPULARITY_BUCKETS)."""
-    inverse_norms = 1 / representations.norm(dim=-1).clamp(min=1e-12)  # as F.normalize; row 0 scores 0
+    scaled by each item's inverse norm (one number an item, computed once) and the user's, so no
+    second catalogue-sized table is made. A user without any history event is ranked by
+    `popularity` (N+1,) item counts, as serving ranks one (the model has nothing to read); users
+    are also segmented by their target's count in it (TARGET_POPULARITY_BUCKETS)."""
+    return evaluate_ensemble([(model, representations)], eval_batches, ks, exclude_history, chunk_size, popularity)
+
+
+@torch.no_grad()
+def evaluate_ensemble(
+    members: list[tuple[InterestFormer, torch.Tensor]],
+    eval_batches: Iterable[dict],
+    ks: Iterable[int],
+    exclude_history: bool,
+    chunk_size: int = 65536,
+    popularity: torch.Tensor | None = None,
+) -> RankTotals:
+    """evaluate_model for models of one catalogue ranking together, each with its item
+    representations: an item's score is the sum of its cosines under every model, i.e. the
+    product of their softmaxes at one temperature."""
+    inverse_norms = [1 / table.norm(dim=-1).clamp(min=1e-12) for _, table in members]  # as F.normalize; row 0 scores 0
+    num_columns = len(members[0][1])
     totals = RankTotals(tuple(ks))
     for batch in eval_batches:
         keep = trailing_real_columns(batch["history"])  # all-padding columns change nothing
         history = batch["history"][:, keep]
-        user = model.encode_users(representations[history], history, batch["event_types"][:, keep])[:, -1]  # (B, d)
+        users = []
+        for model, table in members:
+            user = model.encode_users(table[history], history, batch["event_types"][:, keep])[:, -1]  # (B, d)
+            users.append(user / user.norm(dim=-1, keepdim=True).clamp(min=1e-12))
         empty = ~(history > 0).any(dim=1, keepdim=True)  # (B, 1)
 
-        def scores(a: int, b: int) -> torch.Tensor:  # cosines; the temperature does not change the order
-            cosines = (user @ representations[a:b].T) * inverse_norms[a:b]
+        def scores(a: int, b: int) -> torch.Tensor:
+            cosines = sum((user @ table[a:b].T) * norms[a:b]
+                          for user, (_, table), norms in zip(users, members, inverse_norms))
             return cosines if popularity is None else torch.where(empty, popularity[a:b].float(), cosines)
 
-        ranks = chunked_target_ranks(scores, len(representations), batch["targets"],
-                                     history if exclude_history else None, chunk_size)
+        ranks = chunked_target_ranks(scores, num_columns, batch["targets"], history if exclude_history else None,
+                                     chunk_size)
         totals.add(ranks, batch["history_length"], batch["target_cold"],
                    None if popularity is None else popularity[batch["targets"]])
     return totals

@@ -13,7 +13,7 @@ from interestformer.jobs.config import JobConfig
 from interestformer.jobs.distributed import check_start_from, start_from, write_weights_and_state
 from interestformer.models.encoders import ImageEncoderConfig, TextEncoderConfig
 from interestformer.models.interest_former import DataSpec, InterestFormer, ModelConfig
-from interestformer.models.ranking import RankTotals, evaluate_model, row_ranks
+from interestformer.models.ranking import RankTotals, evaluate_ensemble, evaluate_model, row_ranks
 
 SPEC = DataSpec(num_items=32, num_event_types=1, max_seq_len=12, text_vocab_size=60, text_max_tokens=6, image_size=16)
 SMALL = dict(d_model=16, n_layers=1, n_heads=2, dropout=0.0,
@@ -209,3 +209,22 @@ def test_a_user_without_events_is_ranked_by_popularity_and_the_others_by_the_mod
     expected = RankTotals((1, 5))
     expected.add(row_ranks(scores, targets, None), batch["history_length"], batch["target_cold"], popularity[targets])
     assert totals.report() == pytest.approx(expected.report())
+
+
+def test_an_ensemble_ranks_by_the_sum_of_its_members_cosines():
+    members = [(model_of(seed=seed, text=TextEncoderConfig(enabled=False), image=ImageEncoderConfig(enabled=False)),
+                torch.randn(SPEC.num_items + 1, 16)) for seed in (0, 1)]
+    history = torch.zeros(4, SPEC.max_seq_len, dtype=torch.long)
+    history[:, -3:] = torch.randint(1, SPEC.num_items + 1, (4, 3))
+    targets = torch.tensor([5, 6, 7, 8])
+    batch = {"history": history, "event_types": (history > 0).long(), "targets": targets,
+             "history_length": (history > 0).sum(1), "target_cold": torch.zeros(4, dtype=torch.bool)}
+    totals = evaluate_ensemble(members, [batch], [1, 5, 20], True, 8)
+    with torch.no_grad():
+        scores = sum(F.normalize(model.encode_users(table[history], history, batch["event_types"])[:, -1], dim=-1)
+                     @ F.normalize(table, dim=-1).T for model, table in members)
+    expected = RankTotals((1, 5, 20))
+    expected.add(row_ranks(scores, targets, history), batch["history_length"], batch["target_cold"], None)
+    assert totals.report() == pytest.approx(expected.report())
+    alone = [evaluate_model(model, table, [batch], [1, 5, 20], True, 8).report() for model, table in members]
+    assert all(report != pytest.approx(totals.report()) for report in alone)  # both members count
