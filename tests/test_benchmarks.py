@@ -224,3 +224,41 @@ def test_popularity_refuses_a_run_without_a_label_before_evaluating(capsys):
     with pytest.raises(SystemExit) as stopped:
         popularity(["--run", "runs/some/checkpoint"])
     assert stopped.value.code == 2 and "LABEL=CHECKPOINT" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a test-split evaluation of a tiny checkpoint through jobs.evaluate, and the benchmark's
+def test_ensembles_rank_each_checkpoint_as_its_evaluation_and_a_model_with_itself_alike(ray_local, tiny_prepared_dir,
+                                                                                       tmp_path):
+    import json
+    import os
+
+    from benchmarks.common import PROJECT_DIR
+    from benchmarks.ensembles import main as ensembles
+    from conftest import fresh_checkpoint
+    from interestformer.jobs.config import load_config
+    from interestformer.jobs.evaluate import main as evaluate
+
+    cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [f"data.prepared_dir={tiny_prepared_dir}"])
+    _, checkpoint = fresh_checkpoint(cfg, str(tmp_path))
+    report = evaluate(["--checkpoint", checkpoint, "--split", "test"])
+    out = str(tmp_path / "ensembles.json")
+    rankings = ensembles(["--run", f"a={checkpoint}", "--run", f"b={checkpoint}", "--ensemble", "a+b", "--out", out])
+
+    assert rankings["a"]["ndcg@10"] == pytest.approx(report["ndcg@10"]) and rankings["a"]["users"] == report["users"]
+    assert rankings["a+b"] == pytest.approx(rankings["a"])  # twice one model's cosines rank as the model
+    with open(out) as f:
+        written = json.load(f)
+    assert set(written["rankings"]) == {"a", "b", "a+b"} and written["commit"] and written["machine"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--run", "a=x", "--run", "a=y"], "labels must differ"),
+    (["--run", "a=x", "--run", "b=y", "--ensemble", "a+c"], "a+c"),
+    (["--run", "a=x", "--ensemble", "a"], "two or more"),
+])
+def test_ensembles_refuse_unknown_or_single_members_before_loading(argv, message, capsys):
+    from benchmarks.ensembles import main as ensembles
+
+    with pytest.raises(SystemExit) as stopped:
+        ensembles(argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
