@@ -190,21 +190,29 @@ def test_ml1m_a_protocol_run_alone_keeps_the_other_protocols_figures_of_its_seed
     assert with_other_protocol(row, {**cold, "seed": 1}, [], ran_cold=True) == {**cold, "seed": 1}  # other seed
 
 
-@pytest.mark.slow  # three test-split evaluations of a tiny checkpoint through jobs.evaluate
-def test_popularity_segments_of_checkpoints_are_their_evaluations_and_average_per_label(ray_local, tiny_prepared_dir,
-                                                                                      tmp_path):
-    import json
+@pytest.fixture(scope="module")
+def tiny_checkpoint(ray_local, tiny_prepared_dir, tmp_path_factory) -> tuple[str, dict]:
+    """A tiny run's checkpoint and its test report through jobs.evaluate: what the benchmarks that
+    re-rank checkpoints must reproduce."""
     import os
 
     from benchmarks.common import PROJECT_DIR
-    from benchmarks.popularity import main as popularity
     from conftest import fresh_checkpoint
     from interestformer.jobs.config import load_config
     from interestformer.jobs.evaluate import main as evaluate
 
     cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [f"data.prepared_dir={tiny_prepared_dir}"])
-    _, checkpoint = fresh_checkpoint(cfg, str(tmp_path))
-    report = evaluate(["--checkpoint", checkpoint, "--split", "test"])
+    _, checkpoint = fresh_checkpoint(cfg, str(tmp_path_factory.mktemp("tiny_checkpoint")))
+    return checkpoint, evaluate(["--checkpoint", checkpoint, "--split", "test"])
+
+
+@pytest.mark.slow  # two test-split evaluations of a tiny checkpoint through jobs.evaluate
+def test_popularity_segments_of_checkpoints_are_their_evaluations_and_average_per_label(tiny_checkpoint, tmp_path):
+    import json
+
+    from benchmarks.popularity import main as popularity
+
+    checkpoint, report = tiny_checkpoint
     out = str(tmp_path / "popularity.json")
     means = popularity(["--run", f"seeded={checkpoint}", "--run", f"seeded={checkpoint}", "--out", out])
 
@@ -226,21 +234,13 @@ def test_popularity_refuses_a_run_without_a_label_before_evaluating(capsys):
     assert stopped.value.code == 2 and "LABEL=CHECKPOINT" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # a test-split evaluation of a tiny checkpoint through jobs.evaluate, and the benchmark's
-def test_ensembles_rank_each_checkpoint_as_its_evaluation_and_a_model_with_itself_alike(ray_local, tiny_prepared_dir,
-                                                                                       tmp_path):
+@pytest.mark.slow  # the benchmark ranks a tiny checkpoint's test split twice
+def test_ensembles_rank_each_checkpoint_as_its_evaluation_and_a_model_with_itself_alike(tiny_checkpoint, tmp_path):
     import json
-    import os
 
-    from benchmarks.common import PROJECT_DIR
     from benchmarks.ensembles import main as ensembles
-    from conftest import fresh_checkpoint
-    from interestformer.jobs.config import load_config
-    from interestformer.jobs.evaluate import main as evaluate
 
-    cfg = load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [f"data.prepared_dir={tiny_prepared_dir}"])
-    _, checkpoint = fresh_checkpoint(cfg, str(tmp_path))
-    report = evaluate(["--checkpoint", checkpoint, "--split", "test"])
+    checkpoint, report = tiny_checkpoint
     out = str(tmp_path / "ensembles.json")
     rankings = ensembles(["--run", f"a={checkpoint}", "--run", f"b={checkpoint}", "--ensemble", "a+b", "--out", out])
 
