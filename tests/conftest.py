@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -110,19 +111,28 @@ def start_server(store: str, port: int, artifacts: str = "") -> subprocess.Popen
     """`mlflow server` (the venv's) on 127.0.0.1, in a process group of its own; returns once it answers.
     Artifacts go through it to `artifacts` (default: mlartifacts/ in the current folder)."""
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    log = tempfile.NamedTemporaryFile("w+", prefix="mlflow-server-", suffix=".log", delete=False)
     server = subprocess.Popen([mlflow, "server", "--backend-store-uri", store, "--host", "127.0.0.1",
                                "--port", str(port), "--workers", "1",
                                *(["--artifacts-destination", artifacts] if artifacts else [])],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while time.time() < deadline and server.poll() is None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
                 return server
         except OSError:
             time.sleep(0.5)
+    exited = server.poll()
     stop_server(server)
-    raise RuntimeError("mlflow server did not start")
+    raise RuntimeError(f"mlflow server did not start ({'exit status ' + str(exited) if exited is not None else 'running'},"
+                       f" port {port}); its output, {log.name}:\n{server_output(log.name)}")
+
+
+def server_output(path: str, chars: int = 3000) -> str:
+    """The end of a server's console log, for a failure's message: what a silent start-up hid."""
+    with open(path, errors="replace") as f:
+        return f.read()[-chars:]
 
 
 def stop_server(server: subprocess.Popen):

@@ -15,7 +15,7 @@ import urllib.request
 import mlflow
 import pytest
 
-from conftest import PROJECT_DIR
+from conftest import PROJECT_DIR, server_output
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def test_demo_beats_most_popular_on_the_test_split(tmp_path):
     for noise in ("RayTrainWorker", "Warning", "deprecated", "Progress bars", "Started a local Ray", "INFO",
                   "worker processes have been started", "core_worker.cc"):
         assert noise not in output, (noise, output[-5000:])
-    check_printed_ui_command(output, uri)
+    check_printed_ui_command(output, uri, tmp_path)
 
     client = mlflow.MlflowClient(uri)
     [result] = client.search_runs([client.get_experiment_by_name("interestformer").experiment_id])
@@ -66,7 +66,7 @@ def check_explanations_find_the_planted_topics(checkpoint: str, tmp_path):
     assert shipped["top_reason_is_newest"] < raw["top_reason_is_newest"], figures
 
 
-def check_printed_ui_command(output: str, uri: str):
+def check_printed_ui_command(output: str, uri: str, tmp_path):
     """Runs the exact command the job printed (on a free port) and finds the run through it."""
     command = re.search(r"Browse the run: (.*)", output).group(1)
     assert f"ui --backend-store-uri {uri} --host 127.0.0.1" in command
@@ -74,8 +74,9 @@ def check_printed_ui_command(output: str, uri: str):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = shlex.split(command.replace("--port 5000", f"--port {port}"))
-    server = subprocess.Popen(args, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    log = tmp_path / "mlflow-ui.log"
+    with open(log, "w") as console:
+        server = subprocess.Popen(args, cwd=PROJECT_DIR, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300  # mlflow ui starts slowly on a loaded machine
         while True:
@@ -85,7 +86,8 @@ def check_printed_ui_command(output: str, uri: str):
                 body = json.loads(urllib.request.urlopen(request, timeout=5).read())
                 break
             except OSError:
-                assert time.time() < deadline and server.poll() is None, "the printed MLflow UI command did not serve"
+                assert time.time() < deadline and server.poll() is None, \
+                    f"the printed MLflow UI command did not serve on port {port}:\n{server_output(str(log))}"
                 time.sleep(1)
         assert body["experiment"]["name"] == "interestformer"
     finally:
