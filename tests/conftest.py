@@ -111,11 +111,12 @@ def start_server(store: str, port: int, artifacts: str = "") -> subprocess.Popen
     """`mlflow server` (the venv's) on 127.0.0.1, in a process group of its own; returns once it answers.
     Artifacts go through it to `artifacts` (default: mlartifacts/ in the current folder)."""
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    log = tempfile.NamedTemporaryFile("w+", prefix="mlflow-server-", suffix=".log", delete=False)
+    log, log_path = tempfile.mkstemp(prefix="mlflow-server-", suffix=".log")
     server = subprocess.Popen([mlflow, "server", "--backend-store-uri", store, "--host", "127.0.0.1",
                                "--port", str(port), "--workers", "1",
                                *(["--artifacts-destination", artifacts] if artifacts else [])],
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    os.close(log)  # the server writes to its own copy
     deadline = time.time() + 120
     while time.time() < deadline and server.poll() is None:
         try:
@@ -124,9 +125,10 @@ def start_server(store: str, port: int, artifacts: str = "") -> subprocess.Popen
         except OSError:
             time.sleep(0.5)
     exited = server.poll()
-    stop_server(server)
+    with contextlib.suppress(ProcessLookupError):  # an exited server's group may be gone
+        stop_server(server)
     raise RuntimeError(f"mlflow server did not start ({'exit status ' + str(exited) if exited is not None else 'running'},"
-                       f" port {port}); its output, {log.name}:\n{server_output(log.name)}")
+                       f" port {port}); its output, {log_path}:\n{server_output(log_path)}")
 
 
 def server_output(path: str, chars: int = 3000) -> str:
