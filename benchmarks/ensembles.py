@@ -20,6 +20,7 @@ import os
 import torch
 
 from benchmarks.common import RESULTS_DIR, save_results, stamp
+from interestformer.datasets.pipeline import item_batches
 from interestformer.datasets.prepare import PreparedData
 from interestformer.jobs.config import JobConfig
 from interestformer.jobs.evaluate import device_batches, eval_datasets, popularity_counts
@@ -71,8 +72,9 @@ def main(argv=None) -> dict:
     prepared = PreparedData.load(prepared_paths.pop())
     cfg = JobConfig.from_dict(next(iter(models.values()))[1]["config"])
     tables = {}
-    for label, (model, state) in models.items():  # each config's item rows carry the content its model reads
-        items, _ = eval_datasets(prepared, JobConfig.from_dict(state["config"]), "test")
+    for label, (model, state) in models.items():  # each config's item rows carry the content its live encoders read
+        text, image = JobConfig.from_dict(state["config"]).model.live_content()
+        items = item_batches(prepared, cfg.eval.batch_size, text=text, image=image)
         tables[label] = item_representations(model, device_batches(items.iter_torch_batches(batch_size=1), device),
                                              prepared.num_items)
     _, users = eval_datasets(prepared, cfg, "test")
