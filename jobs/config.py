@@ -122,6 +122,17 @@ class TrainConfig:
     from their content until they train. Optimizer state and learning-rate warm-up start afresh.
     The model section must match that run's. A rerun that has a checkpoint of its own resumes
     from that instead."""
+    teachers: list[str] = field(default_factory=list)
+    """Distillation: checkpoints of earlier runs on this catalogue (folders or URIs, as
+    init_from) that score every training batch's candidates together, by the mean of their
+    logits: an ensemble's ranking, which beats each of its members (docs/benchmarks.md). The loss
+    is then (1 - distill_weight) x the cross-entropy
+    to the next item + distill_weight x the cross-entropy to the teachers' softmax, and one model
+    learns what they agree on at one model's serving cost. Training pays a forward pass of every
+    teacher a batch. A teacher may have its own model section; the item content its encoders read
+    must be content this config's batches carry."""
+    distill_weight: float = 0.5
+    """Distillation: the teachers' share of the loss (0-1); used only with teachers."""
     seed: int = 0
     """Seeds model initialisation, dropout and negative sampling. The users' order in an epoch and
     which worker reads which of them are Ray Data's and not seeded, so two runs of one seed differ
@@ -151,6 +162,8 @@ class TrainConfig:
             raise ConfigError("warmup_fraction", f"must be within [0, 1), got {self.warmup_fraction}")
         if self.warmup_steps < 0:
             raise ConfigError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ConfigError("distill_weight", f"must be between 0 and 1, got {self.distill_weight}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError("min_lr_ratio", f"must be within [0, 1], got {self.min_lr_ratio}")
         if self.lr <= 0 or self.cpus_per_worker <= 0:
@@ -357,14 +370,18 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
     cfg = JobConfig.from_dict(data)
     for section, key in (("data", "prepared_dir"), ("data", "events_path"), ("data", "items_path"),
                          ("experiment", "storage_path"), ("train", "init_from")):
-        value = getattr(getattr(cfg, section), key)
-        if value and "://" not in value and not os.path.isabs(value):
-            setattr(getattr(cfg, section), key, os.path.abspath(value))
+        setattr(getattr(cfg, section), key, _absolute(getattr(getattr(cfg, section), key)))
+    cfg.train.teachers = [_absolute(teacher) for teacher in cfg.train.teachers]
     for encoder in ("text", "image"):
         encoder_cfg = getattr(cfg.model, encoder)
         if encoder_cfg.pretrained_path:
             encoder_cfg.pretrained_path = _local_path(encoder_cfg.pretrained_path, f"model.{encoder}.pretrained_path")
     return cfg
+
+
+def _absolute(path: str) -> str:
+    """A path made absolute from the current directory; URIs and empty values as they are."""
+    return os.path.abspath(path) if path and "://" not in path and not os.path.isabs(path) else path
 
 
 def set_key(data: dict, key: str, value: Any):

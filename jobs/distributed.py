@@ -388,6 +388,46 @@ def check_pickles(folder: str):
                 raise UnsafeCheckpointError(f"{path} would unpickle {sorted(unsafe)}; refusing to load it")
 
 
+def check_teachers(cfg):
+    """Fails, naming train.teachers, when a teacher's checkpoint is missing or its encoders read
+    item content this config's batches do not carry: before any cluster resource is taken."""
+    from interestformer.jobs.config import JobConfig
+
+    text, image = cfg.model.live_content()
+    for folder in cfg.train.teachers:
+        state = read_json(join(folder, STATE_FILE))
+        if state is None or read_json(join(folder, ITEM_IDS_FILE)) is None:
+            raise ConfigError("train.teachers", f"no checkpoint written by jobs.train at {folder} "
+                                                f"({STATE_FILE} or {ITEM_IDS_FILE} missing)")
+        teacher_text, teacher_image = JobConfig.from_dict(state["config"]).model.live_content()
+        if (teacher_text and not text) or (teacher_image and not image):
+            raise ConfigError("train.teachers", f"the model at {folder} encodes item "
+                                                f"{'text' if teacher_text and not text else 'images'} as it ranks, "
+                                                "which this config's batches do not carry")
+
+
+def check_teacher_catalogues(cfg, catalogue: list[str]):
+    """Fails, naming train.teachers, when a teacher was trained on another catalogue: its item
+    indices must be this run's."""
+    for folder in cfg.train.teachers:
+        if read_json(join(folder, ITEM_IDS_FILE)) != catalogue:
+            raise ConfigError("train.teachers", f"the model at {folder} was trained on another catalogue than "
+                                                f"this run's {len(catalogue)} items: a teacher must rank the same items")
+
+
+class Teachers:
+    """Distillation's teachers (train.teachers) in a worker: frozen models of earlier runs, in the
+    precision the run trains in, that score a training batch's candidates together."""
+
+    def __init__(self, folders: list[str], device, dtype: torch.dtype):
+        self.models = [load_model(folder, device)[0].to(dtype) for folder in folders]
+
+    @torch.no_grad()
+    def logits(self, batch: dict) -> torch.Tensor:
+        """The mean of the teachers' candidate_logits on `batch`: (M, U - 1)."""
+        return torch.stack([model.candidate_logits(batch)[0] for model in self.models]).mean(dim=0)
+
+
 def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[InterestFormer, dict]:
     """A plain fp32 model from a checkpoint folder's gathered weights, and its saved state. The
     folder may be in object storage (checkpoint_uri); DeepSpeed's shards are not read."""

@@ -45,6 +45,8 @@ from interestformer.jobs.embed_items import feature_store, load_features
 from interestformer.jobs.distributed import (
     best_checkpoint_weights,
     check_start_from,
+    check_teacher_catalogues,
+    check_teachers,
     checkpoint_uri,
     deepspeed_config,
     fetch_ahead,
@@ -56,6 +58,7 @@ from interestformer.jobs.distributed import (
     save_and_report,
     setup_engine,
     start_from,
+    Teachers,
     timed_batches,
     WorkerShares,
 )
@@ -125,6 +128,8 @@ class TrainingWorker:
         self.selection = ModelSelection.for_run(cfg.train, self.state.get("selection"))
         self.best_weights = best_checkpoint_weights() if self.selection.best_epoch else None  # a resumed run's best
         self.precision = "bf16" if self.engine.bfloat16_enabled() else "fp32"
+        self.teachers = (Teachers(cfg.train.teachers, self.device, torch.bfloat16 if self.precision == "bf16" else torch.float32)
+                         if cfg.train.teachers else None)
         notes = [f"Started from {init_from}: {carried}" if carried else "", self.state.pop("resumed", ""),
                  f"train.precision auto: {self.precision} on this hardware" if cfg.train.precision == "auto" else ""]
         self.progress = WorkerProgress(loop_config["progress_board"], self.rank, cfg.train.epochs * steps_per_epoch,
@@ -161,7 +166,7 @@ class TrainingWorker:
         self.epoch_loss = [0.0, 0]  # rank 0's loss sum and batches, for the epoch's line on the console
         started, waits = time.perf_counter(), []
         for batch, wait in timed_batches(self.rows or self._epoch_rows(epoch), self.device):
-            loss = engine(batch)
+            loss = engine(batch, self.teachers.logits(batch), self.cfg.train.distill_weight) if self.teachers else engine(batch)
             engine.backward(loss)
             optimizer_step(engine)
             waits.append(wait)
@@ -454,9 +459,12 @@ def train(cfg: JobConfig, parent_run_id: str = "", callbacks: list = (), display
     tracking.check_reachable(uri)
     if cfg.train.init_from:
         check_start_from(cfg)
+    check_teachers(cfg)
     store = tracking.open_store(uri)  # while Ray starts and the data is prepared
     ensure_ray(cfg)
     prepared = prepare(cfg.data, tokenizer_path=tokenizer_path(cfg))
+    if cfg.train.teachers:
+        check_teacher_catalogues(cfg, catalogue_ids(prepared))
     features_uri, spec, _ = feature_store(prepared, cfg, data_spec(prepared, cfg))
     report = prepared.report()
     # Users with a training target: every user with two events, less held-out new users, or those

@@ -446,9 +446,22 @@ class InterestFormer(nn.Module):
                 x = block(x, attn_mask)
         return self.ln_f(x)
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict, teacher_logits: torch.Tensor | None = None,
+                teacher_weight: float = 0.0) -> torch.Tensor:
         """Softmax next-item loss of a training batch (see datasets/pipeline.py for keys) over its
-        candidates: sampled, or the whole catalogue (data.full_softmax)."""
+        candidates: sampled, or the whole catalogue (data.full_softmax). Distillation: with
+        teacher_logits (other models' candidate_logits on the same batch), (1 - teacher_weight) x
+        that loss + teacher_weight x the cross-entropy to the teachers' softmax."""
+        logits, labels = self.candidate_logits(batch)
+        loss = F.cross_entropy(logits.float(), labels)
+        if teacher_logits is None:
+            return loss
+        to_teachers = F.cross_entropy(logits.float(), F.softmax(teacher_logits.float(), dim=-1))
+        return (1.0 - teacher_weight) * loss + teacher_weight * to_teachers
+
+    def candidate_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, U - 1) scores, over model.temperature, of every history position with a target
+        against the batch's candidates, and (M,) each target's column."""
         items = batch["unique_items"]  # (U,) sorted, items[0] == 0 (padding); the batch's candidates
         vectors = self.encode_items(items, batch)  # (U, d)
         # Columns that are padding in every row change nothing (positions count from the newest
@@ -460,7 +473,7 @@ class InterestFormer(nn.Module):
         # Padding (items[0]) is never a candidate: scored against items[1:] only.
         logits = users[has_target] @ F.normalize(vectors[1:], dim=-1).T / self.cfg.temperature  # (M, U - 1)
         labels = torch.searchsorted(items, targets[has_target]) - 1  # (M,)
-        return F.cross_entropy(logits.float(), labels)
+        return logits, labels
 
     def user_vectors(self, batch: dict) -> torch.Tensor:
         """Interest after the last event of each history: (B, d), for ranking."""

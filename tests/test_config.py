@@ -65,6 +65,7 @@ def test_an_empty_value_of_a_text_key_is_empty_text():
     (["model.dropout=1.5"], "model.dropout", "[0, 1)"),
     (["model.d_model=-4"], "model.d_model", ">= 1"),  # its own key, not n_heads
     (["train.warmup_fraction=1.5"], "train.warmup_fraction", "[0, 1)"),
+    (["train.distill_weight=1.5"], "train.distill_weight", "between 0 and 1"),
     (["data.reference_time=-1"], "data.reference_time", ">= 0"),
     (["model.n_heads=3"], "model.n_heads", "divide d_model"),
     (["model.item_id_buckets=-1"], "model.item_id_buckets", ">= 0"),

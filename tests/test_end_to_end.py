@@ -408,3 +408,22 @@ def test_a_run_continues_from_another_runs_checkpoint_on_a_newer_window(finished
     for name, value in summary["test"].items():
         assert metrics[name] == pytest.approx(value, abs=1e-6), name
     assert 0.0 <= metrics["ndcg@5"] <= metrics["hr@5"] <= metrics["hr@10"]
+
+
+def test_a_run_distilled_from_a_checkpoint_loads_its_teacher_on_the_workers_and_records_it(finished_run, tmp_path):
+    """train.teachers: the finished run's model scores every batch of a 1-epoch run, in the
+    precision the workers train in; the run logs its teacher among its params."""
+    cfg, summary = finished_run
+    distilled = train(load_config(os.path.join(PROJECT_DIR, "configs", "tiny.yaml"), [
+        f"data.prepared_dir={cfg.data.prepared_dir}",
+        f"experiment.storage_path={tmp_path / 'runs'}",
+        f"experiment.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"train.teachers=[{summary['checkpoint']}]",
+        "train.distill_weight=0.7",
+        "train.precision=auto",
+        "train.epochs=1",
+        "train.num_workers=1",
+    ]))
+    assert distilled["test"]["users"] == summary["test"]["users"]
+    params = tracking.run_data(distilled["tracking_uri"], distilled["run_id"]).params
+    assert summary["checkpoint"] in params["train.teachers"] and params["train.distill_weight"] == "0.7"

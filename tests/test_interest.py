@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from interestformer.errors import ConfigError
 from interestformer.jobs.config import JobConfig
-from interestformer.jobs.distributed import check_start_from, start_from, write_weights_and_state
+from interestformer.jobs.distributed import (check_start_from, check_teacher_catalogues, check_teachers, start_from,
+                                             write_weights_and_state)
 from interestformer.models.encoders import ImageEncoderConfig, TextEncoderConfig
 from interestformer.models.interest_former import DataSpec, InterestFormer, ModelConfig
 from interestformer.models.ranking import RankTotals, evaluate_ensemble, evaluate_model, row_ranks
@@ -124,6 +125,28 @@ def test_a_checkpoint_of_another_model_fails_before_anything_starts(tmp_path):
     same = job_config()
     same.train.init_from = str(tmp_path / "checkpoint")
     check_start_from(same)  # the same model section fits
+
+
+def test_teachers_missing_reading_content_the_batches_lack_or_of_another_catalogue_fail_naming_the_key(tmp_path):
+    text = {"enabled": True, "hidden_size": 16, "num_layers": 1, "num_heads": 2}
+    save_checkpoint(tmp_path / "id_only", model_of(text=TextEncoderConfig(enabled=False),
+                                                   image=ImageEncoderConfig(enabled=False)), catalogue(32), job_config())
+    save_checkpoint(tmp_path / "with_text", model_of(image=ImageEncoderConfig(enabled=False)), catalogue(32),
+                    job_config(text=text))
+    student = job_config()
+    student.train.teachers = [str(tmp_path / "id_only"), str(tmp_path / "missing")]
+    with pytest.raises(ConfigError, match="train.teachers.*no checkpoint"):
+        check_teachers(student)
+    student.train.teachers = [str(tmp_path / "id_only"), str(tmp_path / "with_text")]
+    with pytest.raises(ConfigError, match="train.teachers.*encodes item text"):
+        check_teachers(student)  # an ID-only student's batches carry no tokens
+    reading_text = job_config(text=text)
+    reading_text.train.teachers = student.train.teachers
+    check_teachers(reading_text)  # its batches carry what both teachers read
+
+    check_teacher_catalogues(reading_text, catalogue(32))
+    with pytest.raises(ConfigError, match="train.teachers.*another catalogue"):
+        check_teacher_catalogues(reading_text, catalogue(33))
 
 
 def test_a_continued_run_reuses_the_earlier_runs_tokenizer_and_fails_when_it_is_gone(tmp_path):

@@ -104,6 +104,32 @@ def test_loss_falls_when_overfitting_a_batch(overrides):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("teacher_weight, follows", [(1.0, "teacher"), (0.0, "targets")])
+def test_a_distilled_student_learns_its_teachers_ranking_in_proportion_to_their_weight(teacher_weight, follows):
+    """With the whole loss on the teachers, a student overfitting a batch ranks each position's
+    candidates as the teachers do, not by the batch's targets; with none on them, by the targets."""
+    batch = batch_of([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19, 20, 21]])
+    teachers = [tiny_model(**ID_ONLY, d_model=8), tiny_model(**ID_ONLY, d_model=16)]
+    for seed, teacher in enumerate(teachers):
+        torch.manual_seed(seed + 1)
+        teacher.item_encoder.id_embedding.weight.data.normal_(0.0, 1.0)  # rankings far from the targets
+    with torch.no_grad():
+        teacher_logits = torch.stack([teacher.candidate_logits(batch)[0] for teacher in teachers]).mean(dim=0)
+    student = tiny_model(**ID_ONLY).train()
+    _, labels = student.candidate_logits(batch)
+    assert (teacher_logits.argmax(dim=1) != labels).float().mean() > 0.8
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = student(batch, teacher_logits, teacher_weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        choice = student.eval().candidate_logits(batch)[0].argmax(dim=1)
+    wanted = teacher_logits.argmax(dim=1) if follows == "teacher" else labels
+    assert (choice == wanted).float().mean() > 0.8
+
+
 def test_config_needs_at_least_one_item_input():
     from interestformer.errors import ConfigError
 
