@@ -126,11 +126,11 @@ class TrainConfig:
     """Distillation: checkpoints of earlier runs on this catalogue (folders or URIs, as
     init_from) that score every training batch's candidates together, by the mean of their
     logits: an ensemble's ranking, which beats each of its members (docs/benchmarks.md). The loss
-    is then (1 - distill_weight) x the cross-entropy
-    to the next item + distill_weight x the cross-entropy to the teachers' softmax, and one model
-    learns what they agree on at one model's serving cost. Training pays a forward pass of every
-    teacher a batch. A teacher may have its own model section; the item content its encoders read
-    must be content this config's batches carry."""
+    is then (1 - distill_weight) x the cross-entropy to the next item + distill_weight x the
+    cross-entropy to the teachers' softmax, and one model learns what they agree on at one
+    model's serving cost. Training pays a forward pass of every teacher a batch. A teacher may
+    have its own model section; the item content its encoders read must be content this config's
+    batches carry."""
     distill_weight: float = 0.5
     """Distillation: the teachers' share of the loss (0-1); used only with teachers."""
     seed: int = 0

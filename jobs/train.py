@@ -128,8 +128,8 @@ class TrainingWorker:
         self.selection = ModelSelection.for_run(cfg.train, self.state.get("selection"))
         self.best_weights = best_checkpoint_weights() if self.selection.best_epoch else None  # a resumed run's best
         self.precision = "bf16" if self.engine.bfloat16_enabled() else "fp32"
-        self.teachers = (Teachers(cfg.train.teachers, self.device, torch.bfloat16 if self.precision == "bf16" else torch.float32)
-                         if cfg.train.teachers else None)
+        teacher_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.teachers = Teachers(cfg.train.teachers, self.device, teacher_dtype) if cfg.train.teachers else None
         notes = [f"Started from {init_from}: {carried}" if carried else "", self.state.pop("resumed", ""),
                  f"train.precision auto: {self.precision} on this hardware" if cfg.train.precision == "auto" else ""]
         self.progress = WorkerProgress(loop_config["progress_board"], self.rank, cfg.train.epochs * steps_per_epoch,
@@ -166,7 +166,10 @@ class TrainingWorker:
         self.epoch_loss = [0.0, 0]  # rank 0's loss sum and batches, for the epoch's line on the console
         started, waits = time.perf_counter(), []
         for batch, wait in timed_batches(self.rows or self._epoch_rows(epoch), self.device):
-            loss = engine(batch, self.teachers.logits(batch), self.cfg.train.distill_weight) if self.teachers else engine(batch)
+            if self.teachers:
+                loss = engine(batch, self.teachers.logits(batch), self.cfg.train.distill_weight)
+            else:
+                loss = engine(batch)
             engine.backward(loss)
             optimizer_step(engine)
             waits.append(wait)
