@@ -318,6 +318,15 @@ def write_weights_and_state(folder: str, weights: dict[str, torch.Tensor], state
         json.dump(item_ids, f)
 
 
+def checkpoint_state(folder: str, key: str) -> dict:
+    """A checkpoint folder's saved state; fails naming config `key` when the folder holds no
+    checkpoint written by jobs.train."""
+    state = read_json(join(folder, STATE_FILE))
+    if state is None or read_json(join(folder, ITEM_IDS_FILE)) is None:
+        raise ConfigError(key, f"no checkpoint written by jobs.train at {folder} ({STATE_FILE} or {ITEM_IDS_FILE} missing)")
+    return state
+
+
 def check_start_from(cfg):
     """Fails, naming train.init_from, when that checkpoint is missing or its model cannot start
     this config's (other sizes, layers or encoders): before any cluster resource is taken. The
@@ -327,10 +336,7 @@ def check_start_from(cfg):
     from interestformer.jobs.config import JobConfig
 
     path = cfg.train.init_from
-    state = read_json(join(path, STATE_FILE))
-    if state is None or read_json(join(path, ITEM_IDS_FILE)) is None:
-        raise ConfigError("train.init_from", f"no checkpoint written by jobs.train at {path} "
-                                             f"({STATE_FILE} or {ITEM_IDS_FILE} missing)")
+    state = checkpoint_state(path, "train.init_from")
     tokenizer = join(state["prepared_path"], "tokenizer")  # jobs.train.tokenizer_path reads it
     if cfg.model.text.enabled and not cfg.model.text.pretrained_path and read_json(
             join(tokenizer, "tokenizer_config.json")) is None:
@@ -395,10 +401,7 @@ def check_teachers(cfg):
 
     text, image = cfg.model.live_content()
     for folder in cfg.train.teachers:
-        state = read_json(join(folder, STATE_FILE))
-        if state is None or read_json(join(folder, ITEM_IDS_FILE)) is None:
-            raise ConfigError("train.teachers", f"no checkpoint written by jobs.train at {folder} "
-                                                f"({STATE_FILE} or {ITEM_IDS_FILE} missing)")
+        state = checkpoint_state(folder, "train.teachers")
         teacher_text, teacher_image = JobConfig.from_dict(state["config"]).model.live_content()
         if (teacher_text and not text) or (teacher_image and not image):
             raise ConfigError("train.teachers", f"the model at {folder} encodes item "

@@ -181,3 +181,10 @@ def test_a_config_builds_on_its_base_section_by_section(tmp_path):
     (tmp_path / "child.yaml").write_text("base: base.yaml\nmodel:\n  text: {num_layers: 3}\n")
     cfg = load_config(str(tmp_path / "child.yaml"))
     assert (cfg.model.d_model, cfg.model.text.hidden_size, cfg.model.text.num_layers) == (48, 16, 3)
+
+
+def test_checkpoint_paths_are_made_absolute_from_the_current_folder_and_uris_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["train.init_from=runs/a/checkpoint", "train.teachers=[runs/b/checkpoint, s3://bucket/c]"])
+    assert cfg.train.init_from == str(tmp_path / "runs" / "a" / "checkpoint")
+    assert cfg.train.teachers == [str(tmp_path / "runs" / "b" / "checkpoint"), "s3://bucket/c"]
