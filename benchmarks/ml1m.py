@@ -24,6 +24,12 @@ same --set adds its runs to those already there. Whether content pays is then on
 which ends with each content config against ID-only over the seeds both ran: the mean difference in
 test NDCG@10, and whether it is at least +0.005 with the content config's lowest seed above
 ID-only's highest (the bar a gain must clear to be more than seed noise).
+
+With --distill, each seed then trains once more as a student of the other seeds' best checkpoints
+(train.teachers, distillation), under the protocol's standard split, into the row
+<config>_distilled: one model against several ranked together, over the same seeds.
+
+    .venv/bin/python -m benchmarks.ml1m --configs id_only --seeds 0,1,2 --skip-cold --distill
 """
 
 import argparse
@@ -77,8 +83,22 @@ def run_config(name: str, overrides: list[str], seed: int, cold: bool) -> dict:
     return summary
 
 
-STANDARD_FIELDS = (*METRICS, "users", "max_epochs", "best_epoch", "stopped_epoch", "run_id", "popularity_segments")
+STANDARD_FIELDS = (*METRICS, "users", "max_epochs", "best_epoch", "stopped_epoch", "run_id", "checkpoint",
+                   "popularity_segments")
 COLD_FIELDS = (*(f"cold_{m}" for m in COLD_METRICS), "cold_users", "cold_run_id", "cold_best_epoch", "cold_minutes")
+
+
+def standard_figures(summary: dict) -> dict:
+    """A standard-protocol run's row fields from run_config's summary."""
+    return {**{m: summary["test"][m] for m in METRICS}, "users": summary["test"]["users"],
+            "minutes": summary["minutes"], "max_epochs": summary["max_epochs"], "best_epoch": summary["best_epoch"],
+            "stopped_epoch": summary["stopped_epoch"], "run_id": summary["run_id"],
+            "checkpoint": summary["checkpoint"], "popularity_segments": segment_figures(summary["test"])}
+
+
+def teachers_of(seed: int, runs: list[dict]) -> list[str]:
+    """Distillation's teachers for `seed`: the best checkpoints of the other seeds' runs."""
+    return [run["checkpoint"] for run in runs if run["seed"] != seed and "checkpoint" in run]
 
 
 def with_other_protocol(earlier: dict | None, run: dict, overrides: list[str], ran_cold: bool) -> dict:
@@ -113,7 +133,7 @@ def markdown_table(results: dict) -> str:
     for name, published in PUBLISHED.items():
         lines.append("| " + " | ".join([f"{name} (published)", "", *(f"{published.get(m, float('nan')):.4f}"
                                                                       for m in METRICS[:-1]), "", "", "", ""]) + " |")
-    for name in (*CONFIGS, "most_popular"):
+    for name in (*(row for name in CONFIGS for row in (name, f"{name}_distilled")), "most_popular"):
         if name not in results:
             continue
         row = results[name]
@@ -168,6 +188,17 @@ def verdict_lines(verdicts: dict) -> list[str]:
     return lines
 
 
+def record(results: dict, name: str, runs: list[dict], overrides: list[str], stamp: dict):
+    """Puts a config's runs so far (with the earlier seeds of the same overrides) into the results,
+    as their mean and spread over seeds, and brings the content verdict up to date."""
+    runs_so_far = with_earlier_seeds(results.get(name), runs, overrides)
+    keys = (*METRICS, *(f"cold_{m}" for m in COLD_METRICS), "minutes")
+    results[name] = {**across_seeds(runs_so_far, keys), "overrides": overrides, **stamp}
+    results.update(stamp, protocol="last item test, previous item validation, full ranking over every item, "
+                                   f"max_seq_len 200; cold: {COLD_FRACTION:.0%} of items held out of training")
+    results["content_vs_id_only"] = content_against_id_only(results)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ml1m", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,6 +215,9 @@ def main(argv=None) -> dict:
                       help="only the cold-start runs (a seed's standard figures already in --out are kept)")
     parser.add_argument("--seeds", default="0", help="comma-separated train.seed values; each config runs once per "
                                                      "seed and the table gives mean ± standard deviation (default 0)")
+    parser.add_argument("--distill", action="store_true",
+                        help="then train each seed again, distilled from the other seeds' best checkpoints, as the row "
+                             "<config>_distilled (standard protocol; two seeds or more)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="results JSON (merged with what it already holds)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -196,6 +230,9 @@ def main(argv=None) -> dict:
         parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     if any(setting.split("=", 1)[0].strip() == "train.seed" for setting in args.set):
         parser.error("give the training seeds with --seeds, not --set train.seed")
+    if args.distill and (len(seeds) < 2 or args.cold_only):
+        parser.error("--distill trains each seed from the others' standard runs: it needs two --seeds or more, "
+                     "without --cold-only")
     for name in names:  # every config mistake stops here, before any training
         load_config(os.path.join(PROJECT_DIR, "configs", f"ml1m_{name}.yaml"), args.set)
 
@@ -209,10 +246,7 @@ def main(argv=None) -> dict:
             row, popular = {"seed": seed, "minutes": 0.0, **stamp}, {}
             if not args.cold_only:
                 standard = run_config(name, args.set, seed, cold=False)
-                row.update({m: standard["test"][m] for m in METRICS}, users=standard["test"]["users"],
-                           minutes=standard["minutes"], max_epochs=standard["max_epochs"],
-                           best_epoch=standard["best_epoch"], stopped_epoch=standard["stopped_epoch"],
-                           run_id=standard["run_id"], popularity_segments=segment_figures(standard["test"]))
+                row.update(standard_figures(standard))
                 popular = {m: standard["most_popular"][m] for m in METRICS}
             if not args.skip_cold:
                 cold = run_config(name, args.set, seed, cold=True)
@@ -227,12 +261,15 @@ def main(argv=None) -> dict:
             print(f"\n{name} seed {seed}: {json.dumps(row)}", flush=True)
             # Most-popular does not depend on the seed: the same users and training events every time.
             results["most_popular"] = {**results.get("most_popular", {}), **popular, **stamp}
-            runs_so_far = with_earlier_seeds(results.get(name), runs, args.set)
-            keys = (*METRICS, *(f"cold_{m}" for m in COLD_METRICS), "minutes")
-            results[name] = {**across_seeds(runs_so_far, keys), "overrides": args.set, **stamp}
-            results.update(stamp, protocol="last item test, previous item validation, full ranking over every item, "
-                                           f"max_seq_len 200; cold: {COLD_FRACTION:.0%} of items held out of training")
-            results["content_vs_id_only"] = content_against_id_only(results)
+            record(results, name, runs, args.set, stamp)
+            save_results(args.out, results)
+        students = []
+        for seed in seeds if args.distill else ():
+            teachers = teachers_of(seed, runs)
+            student = run_config(name, [*args.set, f"train.teachers=[{','.join(teachers)}]"], seed, cold=False)
+            students.append({"seed": seed, **standard_figures(student), "teachers": teachers, **stamp})
+            print(f"\n{name} seed {seed} distilled: {json.dumps(students[-1])}", flush=True)
+            record(results, f"{name}_distilled", students, args.set, stamp)
             save_results(args.out, results)
     print("\n" + markdown_table(results))
     for line in verdict_lines(results["content_vs_id_only"]):

@@ -163,6 +163,27 @@ def test_ml1m_cold_only_and_skip_cold_exclude_each_other_before_training(capsys)
     assert stopped.value.code == 2 and "not allowed with argument --skip-cold" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["--seeds", "0"], ["--seeds", "0,1", "--cold-only"]])
+def test_ml1m_distill_needs_two_seeds_standard_runs_before_training(argv, capsys):
+    from benchmarks.ml1m import main as ml1m
+
+    with pytest.raises(SystemExit) as stopped:
+        ml1m(["--configs", "id_only", "--distill", *argv])
+    assert stopped.value.code == 2 and "--distill" in capsys.readouterr().err
+
+
+def test_ml1m_each_seed_is_distilled_from_the_other_seeds_and_tabled_beside_its_config():
+    from benchmarks.ml1m import markdown_table, teachers_of
+
+    runs = [{"seed": seed, "ndcg@10": 0.17 + seed / 100, "checkpoint": f"runs/seed{seed}"} for seed in (0, 1, 2)]
+    assert teachers_of(1, runs) == ["runs/seed0", "runs/seed2"]
+    results = {"id_only": across_seeds(runs, ["ndcg@10"]),
+               "id_only_distilled": across_seeds([{"seed": 0, "ndcg@10": 0.1834}], ["ndcg@10"])}
+    lines = markdown_table(results).splitlines()
+    assert [line.split(" | ")[0] for line in lines[-2:]] == ["| id_only", "| id_only_distilled"]
+    assert "0.1834" in lines[-1]
+
+
 def test_ml1m_a_protocol_run_alone_keeps_the_other_protocols_figures_of_its_seed():
     """--cold-only after a standard run (or --skip-cold after a cold one) into the same file adds to
     the seed's run rather than replacing it: the standard figures, and the content verdict on them,
