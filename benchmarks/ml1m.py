@@ -199,6 +199,19 @@ def record(results: dict, name: str, runs: list[dict], overrides: list[str], sta
     results["content_vs_id_only"] = content_against_id_only(results)
 
 
+def distill_seeds(name: str, seeds: list[int], runs: list[dict], args, results: dict, stamp: dict):
+    """--distill: each seed trained again with the other seeds' best checkpoints as teachers, into
+    the row <name>_distilled, saved after each student."""
+    students = []
+    for seed in seeds:
+        teachers = teachers_of(seed, runs)
+        student = run_config(name, [*args.set, f"train.teachers=[{','.join(teachers)}]"], seed, cold=False)
+        students.append({"seed": seed, **standard_figures(student), "teachers": teachers, **stamp})
+        print(f"\n{name} seed {seed} distilled: {json.dumps(students[-1])}", flush=True)
+        record(results, f"{name}_distilled", students, args.set, stamp)
+        save_results(args.out, results)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ml1m", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -263,14 +276,8 @@ def main(argv=None) -> dict:
             results["most_popular"] = {**results.get("most_popular", {}), **popular, **stamp}
             record(results, name, runs, args.set, stamp)
             save_results(args.out, results)
-        students = []
-        for seed in seeds if args.distill else ():
-            teachers = teachers_of(seed, runs)
-            student = run_config(name, [*args.set, f"train.teachers=[{','.join(teachers)}]"], seed, cold=False)
-            students.append({"seed": seed, **standard_figures(student), "teachers": teachers, **stamp})
-            print(f"\n{name} seed {seed} distilled: {json.dumps(students[-1])}", flush=True)
-            record(results, f"{name}_distilled", students, args.set, stamp)
-            save_results(args.out, results)
+        if args.distill:
+            distill_seeds(name, seeds, runs, args, results, stamp)
     print("\n" + markdown_table(results))
     for line in verdict_lines(results["content_vs_id_only"]):
         print(line)
